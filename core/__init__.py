@@ -1,0 +1,1 @@
+"""Filestore core: rules, transactions and events. Never imports pyfuse3."""

@@ -1,0 +1,176 @@
+"""Registering, listing and removing backends; importing an existing tree as nodes."""
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from executors.base import Stat
+from executors.local import LocalExecutor
+
+from . import store
+from .db import Database
+from .errors import ConfigError
+from .model import Backend, Principal
+
+_IMPORT_BATCH = 2000
+
+
+def make_executor(backend: Backend):
+    if backend.kind == "local":
+        return LocalExecutor(backend.root)
+    raise ConfigError(f"backend {backend.name}: kind {backend.kind!r} is not supported yet")
+
+
+def list_backends(db: Database) -> list[Backend]:
+    return store.load_backends(db)
+
+
+def add(db: Database, name: str, root: str, *, read_only: bool = False, who: Principal | None = None,
+        progress: Callable[[int], None] | None = None) -> Backend:
+    """Register a local directory and import what it already holds, as one journaled command."""
+    who = who or Principal.current_process()
+    if root.startswith("s3://"):
+        raise ConfigError("S3 backends are not supported yet")
+    path = Path(root).expanduser().absolute()
+    if not path.is_dir():
+        raise ConfigError(f"backend root {path} is not a directory")
+    if db.query("SELECT 1 FROM filestore.backend_mounts WHERE name = %s AND state = 'active'", (name,)):
+        raise ConfigError(f"backend {name!r} already exists")
+    executor = LocalExecutor(str(path))
+    try:
+        return _register(db, name, str(path), read_only, executor, who, progress)
+    finally:
+        executor.close()
+
+
+def _register(db, name, root, read_only, executor, who, progress) -> Backend:
+    root_stat = executor.stat(b"")
+    with db.pool.connection() as conn, conn.transaction():
+        backend_id = conn.execute(
+            "INSERT INTO filestore.backend_mounts (name, kind, root, read_only) VALUES (%s, 'local', %s, %s)"
+            " RETURNING id", (name, root, read_only)).fetchone()[0]
+        root_id = _insert_tree(conn, backend_id, executor, root_stat, progress)
+        conn.execute("UPDATE filestore.backend_mounts SET root_node_id = %s WHERE id = %s", (root_id, backend_id))
+        counts = conn.execute(
+            "SELECT count(*) FILTER (WHERE kind <> 'dir'), count(*) FILTER (WHERE kind = 'dir') - 1,"
+            " coalesce(sum(size) FILTER (WHERE kind = 'file'), 0) FROM filestore.nodes WHERE backend_id = %s",
+            (backend_id,)).fetchone()
+        sql, params = store.journal(
+            "backend.add", "committed", who, uuid.uuid4(), backend_id=backend_id, node_id=root_id, path="",
+            args={"name": name, "root": root, "read_only": read_only},
+            result={"imported_entries": counts[0], "imported_dirs": counts[1], "imported_bytes": int(counts[2])})
+        conn.execute(sql, params)
+    return Backend(backend_id, name, "local", root, read_only, root_id)
+
+
+def _insert_tree(conn, backend_id: int, executor, root_stat: Stat, progress) -> int:
+    """Breadth-first import of the tree, in batches of set-based inserts; returns the root id."""
+    def new_ids(n: int) -> list[int]:
+        return [r[0] for r in conn.execute(
+            "SELECT nextval('filestore.node_ids') FROM generate_series(1, %s)", (n,)).fetchall()]
+
+    root_id = new_ids(1)[0]
+    node_rows = [_node_row(root_id, backend_id, root_stat)]
+    entry_rows: list[tuple] = []
+    pending: list[tuple[int, bytes]] = [(root_id, b"")]
+    seen_inodes: dict[int, int] = {}
+    total = 0
+    while pending:
+        dir_id, rel = pending.pop()
+        children = executor.listdir(rel)
+        ids = new_ids(len(children)) if children else []
+        for (name, st), node_id in zip(children, ids):
+            child_rel = rel + b"/" + name if rel else name
+            if st.kind != "dir" and st.nlink > 1:
+                existing = seen_inodes.get(st.ino)  # hard links become one node with several names
+                if existing is not None:
+                    entry_rows.append((dir_id, name, existing))
+                    continue
+                seen_inodes[st.ino] = node_id
+            node_rows.append(_node_row(node_id, backend_id, st))
+            entry_rows.append((dir_id, name, node_id))
+            if st.kind == "dir":
+                pending.append((node_id, child_rel))
+        total += len(children)
+        if len(node_rows) >= _IMPORT_BATCH:
+            _flush(conn, node_rows, entry_rows)
+            if progress:
+                progress(total)
+    _flush(conn, node_rows, entry_rows)
+    if progress:
+        progress(total)
+    return root_id
+
+
+def _node_row(node_id: int, backend_id: int, st: Stat) -> tuple:
+    return (node_id, backend_id, st.kind, st.size if st.kind != "dir" else 0, st.mode, st.uid, st.gid,
+            st.rdev, st.atime_ns, st.mtime_ns, st.ctime_ns, st.target)
+
+
+def _flush(conn, node_rows: list, entry_rows: list) -> None:
+    with conn.cursor() as cur:
+        if node_rows:
+            cur.executemany(
+                "INSERT INTO filestore.nodes (id, backend_id, kind, size, mode, uid, gid, rdev, atime_ns,"
+                " mtime_ns, ctime_ns, symlink_target) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                node_rows)
+        if entry_rows:
+            cur.executemany("INSERT INTO filestore.entries (parent_id, name, node_id) VALUES (%s, %s, %s)",
+                            entry_rows)
+    node_rows.clear()
+    entry_rows.clear()
+
+
+def remove(db: Database, name: str, who: Principal | None = None) -> None:
+    """Stop tracking a backend. Its files stay on disk; its nodes and journal stay for history."""
+    who = who or Principal.current_process()
+    rows = db.query("SELECT id, root_node_id FROM filestore.backend_mounts WHERE name = %s AND state = 'active'",
+                    (name,))
+    if not rows:
+        raise ConfigError(f"no backend named {name!r}")
+    backend_id, root_id = rows[0]
+    with db.pool.connection() as conn, conn.transaction():
+        # The name is freed for a new backend; the removed one keeps a unique, recognisable name.
+        conn.execute("UPDATE filestore.backend_mounts SET state = 'removed', name = left(name, 40) || '.removed-' || id"
+                     " WHERE id = %s", (backend_id,))
+        sql, params = store.journal("backend.remove", "committed", who, uuid.uuid4(), backend_id=backend_id,
+                                    node_id=root_id, path="", args={"name": name})
+        conn.execute(sql, params)
+
+
+def load_config_file(path: Path) -> list[dict]:
+    """FILESTORE_BACKENDS_PATH: a YAML or JSON list of {name, path, read_only}, or {backends: [...]}."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read FILESTORE_BACKENDS_PATH {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not valid YAML or JSON: {exc}") from exc
+    if isinstance(data, dict):
+        data = data.get("backends", [])
+    if not isinstance(data, list) or not all(isinstance(b, dict) and "name" in b for b in data):
+        raise ConfigError(f"{path}: expected a list of backends, each with a name and a path")
+    return data
+
+
+def apply_config_file(db: Database, path: Path) -> list[str]:
+    """Add the declared backends that are not registered yet; returns the names added."""
+    added = []
+    existing = {b.name for b in list_backends(db)}
+    for spec in load_config_file(path):
+        if spec["name"] in existing:
+            continue
+        root = spec.get("path") or spec.get("root")
+        if not root:
+            raise ConfigError(f"{path}: backend {spec['name']!r} has no path")
+        add(db, spec["name"], str(root), read_only=bool(spec.get("read_only", False)),
+            who=Principal.current_process("config"))
+        added.append(spec["name"])
+    return added
+

@@ -1,0 +1,55 @@
+"""Configuration from the environment, with defaults that need nothing installed."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _default_home() -> Path:
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(data) / "filestore"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    database_url: str | None  # None: the embedded server in home/pg
+    redis_url: str  # "inline": in-process maps and queues, no Redis
+    backends_path: Path | None
+    event_channel: str
+    log_json: bool
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.home / "staging"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def pgdata(self) -> Path:
+        return self.home / "pg"
+
+    @property
+    def intents_path(self) -> Path:
+        return self.home / "intents.log"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.home, self.staging_dir, self.logs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def load(env: dict[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    home = Path(env.get("FILESTORE_HOME") or _default_home()).expanduser().absolute()
+    backends = env.get("FILESTORE_BACKENDS_PATH")
+    return Settings(
+        home=home,
+        database_url=env.get("DATABASE_URL") or None,
+        redis_url=env.get("REDIS_URL") or "inline",
+        backends_path=Path(backends) if backends else None,
+        event_channel=env.get("FILESTORE_EVENT_CHANNEL") or "apphub:filestore",
+        log_json=(env.get("FILESTORE_LOG_FORMAT", "").lower() == "json"),
+    )

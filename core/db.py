@@ -1,0 +1,172 @@
+"""Database access: connections, the one transaction helper, and id batches.
+
+Every command's transaction goes through `Database.transaction`: the statements are sent in
+one pipeline (one network round trip for the whole transaction), retried on serialization
+failures and deadlocks by exception class, and an optimistic-version conflict raised by
+`filestore.expect_rows` (SQLSTATE FS409) surfaces as `Conflict`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool
+
+from . import metrics
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Statement = tuple[str, Sequence[Any] | dict[str, Any] | None]
+
+RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+MAX_ATTEMPTS = 5
+
+
+class Conflict(Exception):
+    """An optimistic version check failed: someone else changed the row first."""
+
+
+def connect(url: str, *, autocommit: bool = True, fast_commit: bool = False) -> psycopg.Connection:
+    try:
+        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise ConfigError(f"cannot connect to PostgreSQL: {_first_line(exc)}") from exc
+    if fast_commit:
+        # Commits stay atomic; a database crash may lose the last fraction of a second of
+        # them. fsync on a file waits for the WAL (Database.flush_wal), see docs/architecture.md.
+        conn.execute("SET synchronous_commit = off")
+    return conn
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__
+
+
+class Database:
+    """A connection pool for general work plus one dedicated connection for commands."""
+
+    def __init__(self, url: str, *, pool_size: int = 4):
+        self.url = url
+        self._pool: ConnectionPool | None = None
+        self._pool_size = pool_size
+        self._command_conn: psycopg.Connection | None = None
+        self._command_lock = threading.Lock()
+
+    # -- connections -------------------------------------------------------------------
+    @property
+    def pool(self) -> ConnectionPool:
+        if self._pool is None:
+            self._pool = ConnectionPool(
+                self.url, min_size=1, max_size=self._pool_size, open=True,
+                kwargs={"autocommit": True}, timeout=30,
+            )
+        return self._pool
+
+    def command_connection(self) -> psycopg.Connection:
+        if self._command_conn is None or self._command_conn.closed:
+            self._command_conn = connect(self.url, fast_commit=True)
+        return self._command_conn
+
+    def close(self) -> None:
+        if self._command_conn is not None:
+            self._command_conn.close()
+        if self._pool is not None:
+            self._pool.close()
+
+    # -- queries -----------------------------------------------------------------------
+    def query(self, sql: str, params: Any = None) -> list[tuple]:
+        with self.pool.connection() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def query_dicts(self, sql: str, params: Any = None) -> list[dict]:
+        with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+            return cur.execute(sql, params).fetchall()
+
+    # -- the transaction helper --------------------------------------------------------
+    def transaction(self, statements: Sequence[Statement] | Callable[[], Sequence[Statement]],
+                    *, label: str = "command") -> list[list[tuple]]:
+        """Run statements atomically on the command connection and return each one's rows.
+
+        `statements` may be a callable, re-evaluated on every attempt. Retries on
+        serialization failures and deadlocks; raises Conflict on an optimistic-version
+        conflict and lets every other database error through.
+        """
+        with self._command_lock:
+            conn = self.command_connection()
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                steps = statements() if callable(statements) else statements
+                started = time.perf_counter()
+                try:
+                    return _run_pipelined(conn, steps)
+                except RETRYABLE:
+                    metrics.TXN_RESTARTS.labels(label).inc()
+                    if attempt == MAX_ATTEMPTS:
+                        raise
+                    time.sleep(0.002 * 2 ** attempt)
+                except pg_errors.RaiseException as exc:
+                    if exc.sqlstate == "FS409":
+                        raise Conflict(_first_line(exc)) from exc
+                    raise
+                except psycopg.errors.DatabaseError as exc:
+                    if getattr(exc, "sqlstate", None) == "FS409":
+                        raise Conflict(_first_line(exc)) from exc
+                    raise
+                except psycopg.OperationalError:
+                    # The connection broke (server restart): reconnect once and retry.
+                    self._command_conn = None
+                    if attempt == MAX_ATTEMPTS:
+                        raise
+                    time.sleep(0.05 * attempt)
+                    conn = self.command_connection()
+                finally:
+                    metrics.TXN_SECONDS.labels(label).observe(time.perf_counter() - started)
+            raise AssertionError("unreachable")
+
+    def flush_wal(self) -> None:
+        """Wait until every commit made so far is durable (the fsync rule)."""
+        with self._command_lock:
+            conn = self.command_connection()
+            with conn.transaction():
+                conn.execute("SET LOCAL synchronous_commit = on")
+                # An xid forces a commit record, whose synchronous flush covers all earlier WAL.
+                conn.execute("SELECT pg_current_xact_id()")
+
+
+def _run_pipelined(conn: psycopg.Connection, steps: Sequence[Statement]) -> list[list[tuple]]:
+    results: list[list[tuple]] = []
+    with conn.pipeline():
+        with conn.transaction():
+            cursors = []
+            for sql, params in steps:
+                cur = conn.cursor()
+                cur.execute(sql, params)
+                cursors.append(cur)
+        for cur in cursors:
+            results.append(cur.fetchall() if cur.description is not None else [])
+    return results
+
+
+class IdPool:
+    """Node ids (inode numbers) taken from the database sequence in batches."""
+
+    def __init__(self, db: Database, batch: int = 64):
+        self._db = db
+        self._batch = batch
+        self._ids: list[int] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            if not self._ids:
+                rows = self._db.query(
+                    "SELECT nextval('filestore.node_ids') FROM generate_series(1, %s)", (self._batch,))
+                self._ids = [r[0] for r in reversed(rows)]
+            return self._ids.pop()

@@ -1,0 +1,256 @@
+"""Open files: content I/O between open and close, committed as one write command.
+
+All handles of one node in this process share one `OpenFile`, so every reader through the
+mount sees the bytes written so far (as on a native filesystem), while readers of the
+backend itself see the old content until the write command lands (close-to-open).
+
+Where the bytes go (DESIGN.md section 4 cost model):
+- a new file, or a rewrite opened with O_TRUNC, is written to a staging file and renamed
+  over the final name when the write command commits: nobody sees it half-written;
+- an existing file opened without O_TRUNC (appends, page writes) is written in place; an
+  intent is logged before the first byte changes and the command records the byte ranges.
+A file with several hard links is always written in place (a rename would split it).
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from executors.base import ExecutorError, Stat
+from executors.local import stat_from
+
+from .errors import FsError, errno_for
+from .model import Backend, Principal
+from .namespace import Namespace
+from .orchestrator import Orchestrator
+
+
+@dataclass
+class OpenFile:
+    node_id: int
+    backend: Backend
+    fd: int | None = None  # None until first needed (a new empty file needs no descriptor)
+    writable: bool = False
+    staging_id: str | None = None  # set while the content lives in a staging file
+    request_id: uuid.UUID | None = None  # the pending write command, once something changed
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    handles: int = 0
+    fresh: bool = False  # created by this process and still empty on the backend
+    sync_writes: bool = False
+    who: Principal | None = None  # the last writer to open it: the principal of its write command
+
+    @property
+    def dirty(self) -> bool:
+        return self.request_id is not None
+
+
+class FileTable:
+    def __init__(self, orchestrator: Orchestrator, ns: Namespace):
+        self.orch = orchestrator
+        self.ns = ns
+        self._by_node: dict[int, OpenFile] = {}
+        self._handles: dict[int, OpenFile] = {}
+        self._next = itertools.count(1)
+        self._lock = threading.RLock()
+
+    # -- opening ----------------------------------------------------------------------
+    def create(self, who: Principal, parent_id: int, name: bytes, mode: int, flags: int) -> tuple[int, object]:
+        node = self.orch.create(who, parent_id, name, mode)
+        of = OpenFile(node.id, self.ns.backend_of(node), writable=True, fresh=True,
+                      sync_writes=bool(flags & (os.O_SYNC | os.O_DSYNC)), who=who)
+        with self._lock:
+            self._by_node[node.id] = of
+            return self._new_handle(of), node
+
+    def open(self, who: Principal, node_id: int, flags: int) -> int:
+        node = self.ns.node(node_id)
+        if node.kind != "file":
+            raise FsError(errno.EISDIR if node.is_dir else errno.EINVAL)
+        backend = self.ns.backend_of(node)
+        wants_write = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+        if wants_write and backend.read_only:
+            raise FsError(errno.EROFS)
+        with self._lock:
+            of = self._by_node.get(node_id)
+            if of is None:
+                of = OpenFile(node_id, backend, writable=not backend.read_only)
+                self._by_node[node_id] = of
+            if flags & (os.O_SYNC | os.O_DSYNC):
+                of.sync_writes = True
+            if wants_write:
+                of.who = who
+            handle = self._new_handle(of)
+            try:
+                if wants_write and flags & os.O_TRUNC:
+                    self._truncate(of, 0)
+            except BaseException:
+                self.release(handle)
+                raise
+            return handle
+
+    def _new_handle(self, of: OpenFile) -> int:
+        handle = next(self._next)
+        of.handles += 1
+        self._handles[handle] = of
+        return handle
+
+    def _get(self, handle: int) -> OpenFile:
+        try:
+            return self._handles[handle]
+        except KeyError:
+            raise FsError(errno.EBADF) from None
+
+    def _descriptor(self, of: OpenFile) -> int:
+        if of.fd is None:
+            backend, rel = self.ns.path_of(of.node_id)
+            try:
+                of.fd = backend.executor.open_file(rel, write=of.writable)
+            except ExecutorError as exc:
+                if of.writable and errno_for(exc) == errno.EACCES:
+                    of.writable = False
+                    of.fd = backend.executor.open_file(rel, write=False)
+                else:
+                    raise FsError(errno_for(exc), str(exc)) from exc
+        return of.fd
+
+    # -- content ----------------------------------------------------------------------
+    def read(self, handle: int, offset: int, size: int) -> bytes:
+        of = self._get(handle)
+        if of.fresh and of.fd is None:
+            return b""
+        return os.pread(self._descriptor(of), size, offset)
+
+    def write(self, handle: int, offset: int, data: bytes) -> int:
+        of = self._get(handle)
+        with self._lock:
+            self._begin_change(of)
+            written = os.pwrite(of.fd, data, offset)
+            of.ranges.append((offset, written))
+        if of.sync_writes:
+            self._commit(of, durable=True)
+        return written
+
+    def _begin_change(self, of: OpenFile) -> None:
+        """Before the first byte of a change: stage (new file) or log the in-place intent."""
+        if not of.writable:
+            raise FsError(errno.EBADF)
+        if of.dirty:
+            return
+        if of.fresh and of.fd is None:
+            self._stage(of)
+            return
+        fd = self._descriptor(of)
+        if not of.writable:
+            raise FsError(errno.EACCES)
+        of.request_id = uuid.uuid4()
+        backend, rel = self.ns.path_of(of.node_id)
+        self.orch.record_intent(of.request_id, "write", backend, (rel,))
+        del fd
+
+    def _stage(self, of: OpenFile) -> None:
+        of.request_id = uuid.uuid4()
+        of.staging_id = f"{os.getpid()}.{of.request_id}"
+        of.fd = of.backend.executor.stage(of.staging_id)
+
+    def _truncate(self, of: OpenFile, size: int) -> None:
+        node = self.ns.node(of.node_id)
+        if size == 0 and not of.dirty and of.fd is None and node.nlink <= 1:
+            if of.fresh:
+                return  # already empty
+            self._stage(of)  # a whole rewrite: staged, landed atomically at close
+            return
+        self._begin_change(of)
+        os.ftruncate(of.fd, size)
+        of.ranges.append((size, 0))
+
+    def truncate_open(self, node_id: int, size: int) -> bool:
+        """Apply a size change to the open content of a node, if this process has it open."""
+        with self._lock:
+            of = self._by_node.get(node_id)
+            if of is None or not (of.dirty or of.fresh):
+                return False
+            self._truncate(of, size)
+            return True
+
+    def live_stat(self, node_id: int) -> Stat | None:
+        """Size and times of content written but not yet committed."""
+        of = self._by_node.get(node_id)
+        if of is None or not of.dirty or of.fd is None:
+            return None
+        return stat_from(os.fstat(of.fd))
+
+    # -- committing -------------------------------------------------------------------
+    def flush(self, handle: int) -> None:
+        of = self._get(handle)
+        with self._lock:
+            if of.dirty:
+                self._commit(of, durable=False)
+
+    def fsync(self, handle: int, datasync: bool) -> None:
+        of = self._get(handle)
+        with self._lock:
+            if of.dirty:
+                self._commit(of, durable=True)
+                return
+            if of.fd is not None:
+                (os.fdatasync if datasync else os.fsync)(of.fd)
+        self.orch.db.flush_wal()
+
+    def _commit(self, of: OpenFile, *, durable: bool) -> None:
+        link = self.ns.parent_of(of.node_id)
+        if link is None:  # unlinked while open: the content dies with the last handle
+            return
+        backend, rel = self.ns.path_of(of.node_id)
+        parent_rel, _, name = rel.rpartition(b"/")
+        node = self.ns.node(of.node_id)
+        staged = of.staging_id is not None
+        executor = backend.executor
+
+        def land() -> Stat:
+            if staged:
+                return executor.land(of.staging_id, parent_rel, name, mode=node.mode, uid=node.uid,
+                                     gid=node.gid, times_ns=None, durable=durable)
+            if durable:
+                os.fsync(of.fd)
+            return stat_from(os.fstat(of.fd))
+
+        try:
+            self.orch.write(of.who or Principal.system("fuse"), of.node_id, land=land, ranges=of.ranges, request_id=of.request_id,
+                            staged=staged, paths=(rel,), durable=durable)
+        except BaseException:
+            if staged:  # the staged content could not land: it is dropped with the error
+                executor.discard(of.staging_id)
+                os.close(of.fd)
+                of.fd = None
+            raise
+        finally:
+            # Landed (or dropped): the descriptor, if any, now refers to the file at its name.
+            of.staging_id = None
+            of.request_id = None
+            of.ranges = []
+            of.fresh = False
+
+    def release(self, handle: int) -> None:
+        with self._lock:
+            of = self._handles.pop(handle, None)
+            if of is None:
+                return
+            of.handles -= 1
+            if of.handles > 0:
+                return
+            try:
+                if of.dirty:
+                    self._commit(of, durable=False)
+            finally:
+                if of.staging_id is not None:
+                    of.backend.executor.discard(of.staging_id)
+                if of.fd is not None:
+                    os.close(of.fd)
+                self._by_node.pop(of.node_id, None)
+
+    def open_nodes(self) -> list[int]:
+        return list(self._by_node)

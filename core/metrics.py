@@ -1,0 +1,16 @@
+"""Prometheus metrics, defined in one place so every layer labels them the same way."""
+from prometheus_client import Counter, Histogram
+
+COMMAND_SECONDS = Histogram(
+    "filestore_command_seconds", "Latency of orchestrator commands", ["command", "backend", "outcome"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+)
+TXN_SECONDS = Histogram(
+    "filestore_transaction_seconds", "Latency of database transactions", ["label"],
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1),
+)
+TXN_RESTARTS = Counter("filestore_transaction_restarts_total", "Transactions retried", ["label"])
+EXECUTOR_OUTCOMES = Counter(
+    "filestore_executor_outcomes_total", "Physical operations by outcome", ["backend", "operation", "outcome"])
+BYTES_WRITTEN = Counter("filestore_bytes_written_total", "Bytes committed by write commands", ["backend"])
+FUSE_ERRORS = Counter("filestore_fuse_unexpected_errors_total", "Handler exceptions answered with EIO", ["op"])

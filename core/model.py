@@ -1,0 +1,95 @@
+"""The domain objects core hands around."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from executors.base import TYPE_BITS
+
+ROOT_INODE = 1  # the mount root: a virtual directory listing the backends
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who asked for a change: a process through the mount, the CLI, recovery or the reconciler."""
+    uid: int | None
+    gid: int | None
+    pid: int | None
+    actor: str = "fuse"
+
+    @classmethod
+    def current_process(cls, actor: str = "cli") -> "Principal":
+        return cls(os.getuid(), os.getgid(), os.getpid(), actor)
+
+    @classmethod
+    def system(cls, actor: str) -> "Principal":
+        return cls(None, None, None, actor)
+
+
+@dataclass
+class Node:
+    id: int
+    backend_id: int
+    kind: str
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    version: int = 1
+    state: str = "ACTIVE"
+    target: bytes | None = None
+    checksum: str | None = None
+    nlink: int = 1
+
+    @property
+    def st_mode(self) -> int:
+        return TYPE_BITS[self.kind] | self.mode
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+    def changed(self, **fields: Any) -> "Node":
+        return replace(self, **fields)
+
+    def snapshot(self, **extra: Any) -> dict[str, Any]:
+        data = {
+            "kind": self.kind, "size": self.size, "mode": self.mode, "uid": self.uid, "gid": self.gid,
+            "rdev": self.rdev, "atime_ns": self.atime_ns, "mtime_ns": self.mtime_ns,
+            "ctime_ns": self.ctime_ns, "state": self.state, "checksum": self.checksum,
+            "nlink": self.nlink,
+        }
+        if self.target is not None:
+            data["target"] = display_name(self.target)
+        data.update(extra)
+        return data
+
+
+@dataclass
+class Backend:
+    id: int
+    name: str
+    kind: str
+    root: str
+    read_only: bool
+    root_node_id: int
+    options: dict = field(default_factory=dict)
+    executor: Any = None
+
+
+def display_name(raw: bytes) -> str:
+    """Bytes as text for journals and output: undecodable bytes appear as \\xNN escapes."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def name_arg(raw: bytes) -> str | dict[str, str]:
+    """A name as a JSON value that loses nothing: text when it is UTF-8, else its hex."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"hex": raw.hex()}

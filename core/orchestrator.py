@@ -1,0 +1,490 @@
+"""The orchestrator: every change to a tracked tree is one command run through one template.
+
+    validate (names, existence, emptiness, read-only backend, subtree rules) -> record intent
+    -> executor (physical change) -> one transaction (node, entries, snapshot, journal)
+    -> after commit only: in-process cache, intent resolved, metrics
+
+A command is written as its validate part (plain checks before `_run`), its `execute`
+closure (physical I/O, returns what the executor saw) and its `record` closure (statements
+for the transaction, plus what to apply to the in-process view once they committed). `record`
+is re-run after an optimistic-version conflict, against freshly loaded rows.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from executors.base import ExecutorError, Stat
+from executors.local import STAGING_NAME
+
+from . import metrics, store
+from .db import Conflict, Database, IdPool, Statement
+from .errors import FsError, errno_for
+from .intents import Intent, IntentLog
+from .model import ROOT_INODE, Backend, Node, Principal, display_name, name_arg
+from .namespace import Namespace
+
+log = logging.getLogger(__name__)
+
+S_ISGID = 0o2000
+MAX_CONFLICT_RETRIES = 3
+
+Apply = Callable[[list[list[tuple]]], Any]
+
+
+@dataclass
+class Command:
+    name: str
+    who: Principal
+    backend: Backend | None
+    node_id: int | None = None
+    path: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    paths: tuple[bytes, ...] = ()  # backend-relative paths the physical change touches
+    idempotency_key: str | None = None
+    request_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+class Orchestrator:
+    def __init__(self, db: Database, ns: Namespace, intents: IntentLog):
+        self.db = db
+        self.ns = ns
+        self.intents = intents
+        self.ids = IdPool(db)
+
+    # == the template ==================================================================
+    def _run(self, cmd: Command, execute: Callable[[], Any],
+             record: Callable[[Any], tuple[list[Statement], list[tuple[int, int, dict]], Apply]]) -> Any:
+        if cmd.idempotency_key:
+            prior = store.find_by_idempotency_key(self.db, cmd.idempotency_key)
+            if prior is not None:
+                return self._replay(prior)
+        backend_label = cmd.backend.name if cmd.backend else "-"
+        started = time.perf_counter()
+        if cmd.backend is not None:
+            self.intents.record(Intent(cmd.request_id, cmd.name, cmd.backend.id, cmd.paths))
+        try:
+            outcome = execute()
+        except ExecutorError as exc:
+            code = errno_for(exc)
+            metrics.EXECUTOR_OUTCOMES.labels(backend_label, cmd.name, "error").inc()
+            self._journal_failure(cmd, code, str(exc))
+            self.intents.resolved(cmd.request_id)
+            metrics.COMMAND_SECONDS.labels(cmd.name, backend_label, "failed").observe(
+                time.perf_counter() - started)
+            raise FsError(code, str(exc)) from exc
+        metrics.EXECUTOR_OUTCOMES.labels(backend_label, cmd.name, "ok").inc()
+
+        for attempt in range(MAX_CONFLICT_RETRIES + 1):
+            statements, snapshots, apply = record(outcome)
+            journal = store.journal(
+                cmd.name, "committed", cmd.who, cmd.request_id, backend_id=cmd.backend and cmd.backend.id,
+                node_id=cmd.node_id, path=cmd.path, args=cmd.args, result=_result_of(outcome),
+                idempotency_key=cmd.idempotency_key, snapshots=snapshots)
+            try:
+                results = self.db.transaction([*statements, journal], label=cmd.name)
+                break
+            except Conflict:
+                if attempt == MAX_CONFLICT_RETRIES:
+                    raise FsError(errno.EIO, f"{cmd.name}: conflicting changes kept winning") from None
+                self._reload(snapshots)
+            except psycopg.Error as exc:
+                # The physical change happened but could not be recorded: the intent stays in
+                # the log, and recovery adopts the disk state at the next start.
+                log.error("%s %s: change made but not recorded (%s); left for recovery",
+                          cmd.name, cmd.path, exc)
+                raise FsError(errno.EIO, "database unavailable") from exc
+        self.intents.resolved(cmd.request_id)
+        value = apply(results)
+        metrics.COMMAND_SECONDS.labels(cmd.name, backend_label, "committed").observe(
+            time.perf_counter() - started)
+        return value
+
+    def refuse(self, cmd: Command, code: int, message: str = "") -> FsError:
+        """Journal a command refused by validation and return the error to raise."""
+        self._journal_failure(cmd, code, message)
+        return FsError(code, message)
+
+    def _journal_failure(self, cmd: Command, code: int, message: str) -> None:
+        try:
+            self.db.transaction([store.journal(
+                cmd.name, "failed", cmd.who, cmd.request_id, backend_id=cmd.backend and cmd.backend.id,
+                node_id=cmd.node_id, path=cmd.path, args=cmd.args, error=message or errno.errorcode.get(code),
+                errno=code, idempotency_key=cmd.idempotency_key)], label=f"{cmd.name}.failed")
+        except (psycopg.Error, Conflict) as exc:
+            log.warning("could not journal failed %s: %s", cmd.name, exc)
+
+    def _replay(self, prior: dict) -> Any:
+        """A retried command: answer what the first attempt answered, change nothing."""
+        if prior["status"] == "failed":
+            raise FsError(prior["errno"] or errno.EIO, prior["error"] or "")
+        return self.ns.node(prior["node_id"]) if prior["node_id"] else None
+
+    def _reload(self, snapshots: list[tuple[int, int, dict]]) -> None:
+        for node_id, _, _ in snapshots:
+            fresh = store.load_node(self.db, node_id)
+            if fresh is not None:
+                self.ns.put(fresh)
+
+    # == validation helpers ============================================================
+    def _parent(self, cmd_name: str, who: Principal, parent_id: int, name: bytes) -> tuple[Node, Backend]:
+        """The directory a new name goes into, checked for every command that adds one."""
+        if parent_id == ROOT_INODE:
+            raise FsError(errno.EPERM, "the mount root lists backends; add one with `filestore backend add`")
+        parent = self.ns.dir(parent_id)
+        backend = self.ns.backend_of(parent)
+        check_name(name)
+        if parent_id == backend.root_node_id and name == STAGING_NAME:
+            raise FsError(errno.EINVAL, "name reserved for the executor's staging area")
+        if backend.read_only:
+            raise FsError(errno.EROFS)
+        return parent, backend
+
+    def _path(self, node_id: int) -> tuple[Backend, bytes]:
+        return self.ns.path_of(node_id)
+
+    @staticmethod
+    def _join(parent_rel: bytes, name: bytes) -> bytes:
+        return parent_rel + b"/" + name if parent_rel else name
+
+    def _new_owner(self, who: Principal, parent: Node, kind: str, mode: int) -> tuple[int, int, int]:
+        """Owner of a new entry: the caller, with the group of a setgid directory."""
+        uid = who.uid if who.uid is not None else 0
+        gid = who.gid if who.gid is not None else 0
+        if parent.mode & S_ISGID:
+            gid = parent.gid
+            if kind == "dir":
+                mode |= S_ISGID
+        return uid, gid, mode
+
+    # == commands that add a name ======================================================
+    def mkdir(self, who: Principal, parent_id: int, name: bytes, mode: int, *,
+              idempotency_key: str | None = None) -> Node:
+        return self._add_name("mkdir", who, parent_id, name, mode, idempotency_key=idempotency_key)
+
+    def create(self, who: Principal, parent_id: int, name: bytes, mode: int, *,
+               idempotency_key: str | None = None) -> Node:
+        return self._add_name("create", who, parent_id, name, mode, idempotency_key=idempotency_key)
+
+    def symlink(self, who: Principal, parent_id: int, name: bytes, target: bytes, *,
+                idempotency_key: str | None = None) -> Node:
+        return self._add_name("symlink", who, parent_id, name, 0o777, target=target,
+                              idempotency_key=idempotency_key)
+
+    def _add_name(self, command: str, who: Principal, parent_id: int, name: bytes, mode: int, *,
+                  target: bytes | None = None, idempotency_key: str | None = None) -> Node:
+        parent, backend = self._parent(command, who, parent_id, name)
+        _, parent_rel = self._path(parent_id)
+        rel = self._join(parent_rel, name)
+        kind = {"mkdir": "dir", "create": "file", "symlink": "symlink"}[command]
+        uid, gid, mode = self._new_owner(who, parent, kind, mode & 0o7777)
+        args: dict[str, Any] = {"parent_id": parent_id, "name": name_arg(name), "mode": mode}
+        if target is not None:
+            args["target"] = name_arg(target)
+        cmd = Command(command, who, backend, path=display_name(rel), args=args, paths=(rel,),
+                      idempotency_key=idempotency_key)
+        if self.ns.child(parent_id, name) is not None:
+            raise self.refuse(cmd, errno.EEXIST)
+        node_id = self.ids.take()
+        cmd.node_id = node_id
+        executor = backend.executor
+
+        def execute() -> Stat:
+            if kind == "dir":
+                return executor.mkdir(parent_rel, name, mode, uid, gid)
+            if kind == "file":
+                return executor.create_file(parent_rel, name, mode, uid, gid)
+            return executor.symlink(parent_rel, name, target, uid, gid)
+
+        def record(st: Stat):
+            node = Node(node_id, backend.id, kind, st.size if kind != "dir" else 0, mode, uid, gid, 0,
+                        st.atime_ns, st.mtime_ns, st.ctime_ns, target=target,
+                        nlink=2 if kind == "dir" else 1)
+            statements = [store.insert_node(node), store.insert_entry(parent_id, name, node_id),
+                          store.touch_dir(parent_id, st.ctime_ns, st.ctime_ns)]
+            snapshots = [(node_id, 1, node.snapshot(parent_id=parent_id, name=name_arg(name)))]
+
+            def apply(results):
+                self.ns.link(parent_id, name, results[1][0][0], node)
+                _touch_cached(parent, st.ctime_ns)
+                if kind == "dir":
+                    parent.nlink += 1
+                return node
+            return statements, snapshots, apply
+
+        return self._run(cmd, execute, record)
+
+    # == commands that remove a name ===================================================
+    def unlink(self, who: Principal, parent_id: int, name: bytes, *, idempotency_key: str | None = None) -> None:
+        self._remove_name("unlink", who, parent_id, name, idempotency_key)
+
+    def rmdir(self, who: Principal, parent_id: int, name: bytes, *, idempotency_key: str | None = None) -> None:
+        self._remove_name("rmdir", who, parent_id, name, idempotency_key)
+
+    def _remove_name(self, command: str, who: Principal, parent_id: int, name: bytes,
+                     idempotency_key: str | None) -> None:
+        parent, backend = self._parent(command, who, parent_id, name)
+        _, parent_rel = self._path(parent_id)
+        rel = self._join(parent_rel, name)
+        cmd = Command(command, who, backend, path=display_name(rel),
+                      args={"parent_id": parent_id, "name": name_arg(name)}, paths=(rel,),
+                      idempotency_key=idempotency_key)
+        node = self.ns.child(parent_id, name)
+        if node is None:
+            raise self.refuse(cmd, errno.ENOENT)
+        cmd.node_id = node.id
+        if command == "unlink" and node.is_dir:
+            raise self.refuse(cmd, errno.EISDIR)
+        if command == "rmdir":
+            if not node.is_dir:
+                raise self.refuse(cmd, errno.ENOTDIR)
+            if self.ns.listing(node.id).by_name:
+                raise self.refuse(cmd, errno.ENOTEMPTY)
+        executor = backend.executor
+
+        def execute() -> None:
+            (executor.rmdir if command == "rmdir" else executor.unlink)(parent_rel, name)
+
+        def record(_):
+            now = time.time_ns()
+            current = self.ns.node(node.id)
+            links = 0 if current.is_dir else current.nlink - 1
+            after = current.changed(nlink=max(links, 0), ctime_ns=now, version=current.version + 1,
+                                    state="DELETED" if links <= 0 else current.state)
+            statements = [store.delete_entry(parent_id, name, node.id),
+                          store.update_node(after, current.version), store.touch_dir(parent_id, now, now)]
+            snapshots = [(node.id, after.version, after.snapshot(parent_id=parent_id, name=name_arg(name),
+                                                                  removed_entry=True))]
+
+            def apply(_results):
+                self.ns.unlink(parent_id, name, node.id)
+                self.ns.put(after)
+                _touch_cached(parent, now)
+                if current.is_dir:
+                    parent.nlink -= 1
+                    self.ns.forget_listing(node.id)
+            return statements, snapshots, apply
+
+        self._run(cmd, execute, record)
+
+    # == rename ========================================================================
+    def rename(self, who: Principal, old_parent_id: int, old_name: bytes, new_parent_id: int,
+               new_name: bytes, *, noreplace: bool = False, exchange: bool = False,
+               idempotency_key: str | None = None) -> None:
+        if ROOT_INODE in (old_parent_id, new_parent_id):
+            raise FsError(errno.EPERM, "backends are renamed with the CLI, not through the mount")
+        old_parent = self.ns.dir(old_parent_id)
+        new_parent = self.ns.dir(new_parent_id)
+        src_backend = self.ns.backend_of(old_parent)
+        backend = self.ns.backend_of(new_parent)
+        _, old_rel_parent = self._path(old_parent_id)
+        _, new_rel_parent = self._path(new_parent_id)
+        old_rel = self._join(old_rel_parent, old_name)
+        new_rel = self._join(new_rel_parent, new_name)
+        cmd = Command("rename", who, src_backend, path=display_name(old_rel),
+                      args={"from": display_name(old_rel), "to": display_name(new_rel),
+                            "old_parent_id": old_parent_id, "old_name": name_arg(old_name),
+                            "new_parent_id": new_parent_id, "new_name": name_arg(new_name),
+                            "noreplace": noreplace, "exchange": exchange},
+                      paths=(old_rel, new_rel), idempotency_key=idempotency_key)
+        if src_backend.id != backend.id:
+            raise self.refuse(cmd, errno.EXDEV, "rename across backends")
+        check_name(new_name)
+        if backend.read_only:
+            raise self.refuse(cmd, errno.EROFS)
+        if exchange:
+            raise self.refuse(cmd, errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        if new_parent_id == backend.root_node_id and new_name == STAGING_NAME:
+            raise self.refuse(cmd, errno.EINVAL, "name reserved for the executor's staging area")
+        src = self.ns.child(old_parent_id, old_name)
+        if src is None:
+            raise self.refuse(cmd, errno.ENOENT)
+        cmd.node_id = src.id
+        dst = self.ns.child(new_parent_id, new_name)
+        if src.is_dir and self._is_within(new_parent_id, src.id):
+            raise self.refuse(cmd, errno.EINVAL, "cannot move a directory into itself")
+        if dst is not None:
+            if noreplace:
+                raise self.refuse(cmd, errno.EEXIST)
+            if dst.id == src.id:
+                return  # two names of one file, or the same name: POSIX says do nothing
+            if src.is_dir and not dst.is_dir:
+                raise self.refuse(cmd, errno.ENOTDIR)
+            if not src.is_dir and dst.is_dir:
+                raise self.refuse(cmd, errno.EISDIR)
+            if dst.is_dir and self.ns.listing(dst.id).by_name:
+                raise self.refuse(cmd, errno.ENOTEMPTY)
+        executor = backend.executor
+
+        def execute() -> None:
+            executor.rename(old_rel_parent, old_name, new_rel_parent, new_name, noreplace=noreplace)
+
+        def record(_):
+            now = time.time_ns()
+            moved = self.ns.node(src.id)
+            moved_after = moved.changed(ctime_ns=now, version=moved.version + 1)
+            statements: list[Statement] = [store.delete_entry(old_parent_id, old_name, src.id)]
+            snapshots = [(src.id, moved_after.version, moved_after.snapshot(
+                parent_id=new_parent_id, name=name_arg(new_name), from_parent_id=old_parent_id,
+                from_name=name_arg(old_name)))]
+            replaced_after = None
+            if dst is not None:
+                replaced = self.ns.node(dst.id)
+                links = 0 if replaced.is_dir else replaced.nlink - 1
+                replaced_after = replaced.changed(
+                    nlink=max(links, 0), ctime_ns=now, version=replaced.version + 1,
+                    state="DELETED" if links <= 0 else replaced.state)
+                statements += [store.delete_entry(new_parent_id, new_name, dst.id),
+                               store.update_node(replaced_after, replaced.version)]
+                snapshots.append((dst.id, replaced_after.version, replaced_after.snapshot(
+                    parent_id=new_parent_id, name=name_arg(new_name), removed_entry=True)))
+            insert_at = len(statements)
+            statements += [store.insert_entry(new_parent_id, new_name, src.id),
+                           store.update_node(moved_after, moved.version),
+                           store.touch_dir(old_parent_id, now, now)]
+            if new_parent_id != old_parent_id:
+                statements.append(store.touch_dir(new_parent_id, now, now))
+
+            def apply(results):
+                self.ns.unlink(old_parent_id, old_name, src.id)
+                if replaced_after is not None:
+                    self.ns.unlink(new_parent_id, new_name, dst.id)
+                    self.ns.put(replaced_after)
+                    if replaced_after.is_dir:
+                        new_parent.nlink -= 1
+                        self.ns.forget_listing(dst.id)
+                if moved_after.is_dir:
+                    self.ns.parents[src.id] = (new_parent_id, new_name)
+                    old_parent.nlink -= 1
+                    new_parent.nlink += 1
+                self.ns.link(new_parent_id, new_name, results[insert_at][0][0], moved_after)
+                _touch_cached(old_parent, now)
+                _touch_cached(new_parent, now)
+            return statements, snapshots, apply
+
+        self._run(cmd, execute, record)
+
+    def _is_within(self, node_id: int, ancestor_id: int) -> bool:
+        current = node_id
+        while current is not None:
+            if current == ancestor_id:
+                return True
+            if current in self.ns.backend_roots:
+                return False
+            link = self.ns.parent_of(current)
+            current = link[0] if link else None
+        return False
+
+    # == setattr =======================================================================
+    def setattr(self, who: Principal, node_id: int, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, idempotency_key: str | None = None) -> Node:
+        if node_id == ROOT_INODE:
+            raise FsError(errno.EPERM)
+        node = self.ns.node(node_id)
+        backend, rel = self._path(node_id)
+        changes = {k: v for k, v in (("mode", mode), ("uid", uid), ("gid", gid), ("size", size),
+                                      ("atime_ns", atime_ns), ("mtime_ns", mtime_ns)) if v is not None}
+        cmd = Command("setattr", who, backend, node_id=node_id, path=display_name(rel), args=changes,
+                      paths=(rel,), idempotency_key=idempotency_key)
+        if backend.read_only:
+            raise self.refuse(cmd, errno.EROFS)
+        if size is not None and node.kind != "file":
+            raise self.refuse(cmd, errno.EISDIR if node.is_dir else errno.EINVAL)
+        times = None
+        if atime_ns is not None or mtime_ns is not None:
+            times = (node.atime_ns if atime_ns is None else atime_ns,
+                     node.mtime_ns if mtime_ns is None else mtime_ns)
+        executor = backend.executor
+
+        def execute() -> Stat:
+            return executor.set_attrs(rel, mode=mode & 0o7777 if mode is not None else None, uid=uid,
+                                      gid=gid, size=size, times_ns=times)
+
+        def record(st: Stat):
+            current = self.ns.node(node_id)
+            after = current.changed(
+                mode=(mode & 0o7777) if mode is not None else current.mode,
+                uid=current.uid if uid is None else uid, gid=current.gid if gid is None else gid,
+                size=st.size if current.kind == "file" else current.size,
+                atime_ns=st.atime_ns if times else current.atime_ns,
+                mtime_ns=st.mtime_ns if (times or size is not None) else current.mtime_ns,
+                ctime_ns=st.ctime_ns, version=current.version + 1)
+            statements = [store.update_node(after, current.version)]
+            snapshots = [(node_id, after.version, after.snapshot())]
+
+            def apply(_results):
+                self.ns.put(after)
+                return after
+            return statements, snapshots, apply
+
+        return self._run(cmd, execute, record)
+
+    # == write (commit of file content) ================================================
+    def write(self, who: Principal, node_id: int, *, land: Callable[[], Stat],
+              ranges: Sequence[tuple[int, int]], request_id: uuid.UUID, staged: bool,
+              paths: tuple[bytes, ...], durable: bool) -> Node:
+        """Commit content already written to the backend (in place) or staged (landed by `land`)."""
+        node = self.ns.node(node_id)
+        backend = self.ns.backend_of(node)
+        written = sum(length for _, length in ranges)
+        cmd = Command("write", who, backend, node_id=node_id,
+                      path=display_name(paths[0]) if paths else None,
+                      args={"ranges": [list(r) for r in _merge(ranges)][:64], "bytes": written,
+                            "mode": "staged" if staged else "in_place", "durable": durable},
+                      paths=paths, request_id=request_id)
+
+        def record(st: Stat):
+            current = self.ns.node(node_id)
+            after = current.changed(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
+                                    version=current.version + 1)
+            statements = [store.update_node(after, current.version)]
+            snapshots = [(node_id, after.version, after.snapshot())]
+
+            def apply(_results):
+                self.ns.put(after)
+                metrics.BYTES_WRITTEN.labels(backend.name).inc(written)
+                return after
+            return statements, snapshots, apply
+
+        result = self._run(cmd, land, record)
+        if durable:
+            self.db.flush_wal()
+        return result
+
+    def record_intent(self, request_id: uuid.UUID, command: str, backend: Backend, paths: tuple[bytes, ...]) -> None:
+        self.intents.record(Intent(request_id, command, backend.id, paths))
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > 255:
+        raise FsError(errno.ENAMETOOLONG)
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL, f"invalid name {name!r}")
+
+
+def _touch_cached(directory: Node, when_ns: int) -> None:
+    directory.mtime_ns = directory.ctime_ns = when_ns
+
+
+def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[list[int]] = []
+    for off, length in sorted(ranges):
+        if merged and off <= merged[-1][0] + merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], off + length - merged[-1][0])
+        else:
+            merged.append([off, length])
+    return [(a, b) for a, b in merged]
+
+
+def _result_of(outcome: Any) -> dict[str, Any] | None:
+    if isinstance(outcome, Stat):
+        return {"size": outcome.size, "mtime_ns": outcome.mtime_ns, "mode": outcome.mode}
+    return None

@@ -1,0 +1,249 @@
+"""Recovery: resolve every command this host left unfinished, before serving again.
+
+Run at every mount start. Three sources of unfinished work:
+1. intents (core.intents) with no journal row of the same request id: the physical change
+   may or may not have happened, so the paths they name are re-examined and the database
+   is made to match the disk (one `recover` command per intent, actor `recovery`, carrying
+   the intent's request id so that it is resolved exactly once);
+2. staging files of dead processes: content whose write command never committed; deleted;
+3. after an unclean stop, files whose write or create committed since the last clean stop
+   are compared with their journaled size (a power loss can lose data the database kept).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+from executors.base import NotFound, Stat
+
+from . import store
+from .db import Statement
+from .intents import Intent
+from .model import Backend, Node, Principal, display_name, name_arg
+
+log = logging.getLogger(__name__)
+
+RECOVERY = Principal.system("recovery")
+
+
+@dataclass
+class Report:
+    intents_resolved: int = 0
+    paths_changed: int = 0
+    staging_removed: int = 0
+    files_verified: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.intents_resolved + self.staging_removed + self.paths_changed
+
+    def __str__(self) -> str:
+        return (f"{self.intents_resolved} unfinished commands resolved, {self.paths_changed} paths "
+                f"adopted from disk, {self.staging_removed} staging files removed, "
+                f"{self.files_verified} files verified after an unclean stop")
+
+
+def run(fs) -> Report:
+    report = Report()
+    clean_marker = fs.settings.home / "clean-stop"
+    was_clean = clean_marker.exists()
+    checkpoint = _read_checkpoint(clean_marker)
+
+    intents = fs.intents.read()
+    if intents:
+        ids = [i.request_id for i in intents]
+        finished = {row[0] for row in fs.db.query(
+            "SELECT request_id FROM filestore.journal_entries WHERE request_id = ANY(%s)", (ids,))}
+        for intent in intents:
+            if intent.request_id in finished:
+                continue
+            backend = fs.ns.backends.get(intent.backend_id)
+            if backend is None:
+                log.warning("intent %s names an unavailable backend; kept", intent.request_id)
+                continue
+            report.paths_changed += resolve(fs, backend, intent)
+            report.intents_resolved += 1
+
+    for backend in fs.ns.backends.values():
+        for staged in backend.executor.staged():
+            pid = staged.split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue  # another live process on this host is writing it
+            backend.executor.discard(staged)
+            report.staging_removed += 1
+
+    if not was_clean and checkpoint is not None:
+        report.files_verified, changed = _verify_since(fs, checkpoint)
+        report.paths_changed += changed
+    fs.intents.reset()
+    try:
+        clean_marker.unlink()
+    except FileNotFoundError:
+        pass
+    return report
+
+
+def mark_clean(fs) -> None:
+    """A clean stop: everything on disk; remember the journal position for the next start."""
+    for backend in fs.ns.backends.values():
+        backend.executor.syncfs()
+    fs.db.flush_wal()
+    last = fs.db.query("SELECT coalesce(max(id), 0) FROM filestore.journal_entries")[0][0]
+    (fs.settings.home / "clean-stop").write_text(f"{last}\n")
+
+
+def _read_checkpoint(marker) -> int | None:
+    try:
+        return int(marker.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        # Never stopped cleanly here: the whole journal of this home is the window.
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _verify_since(fs, checkpoint: int) -> tuple[int, int]:
+    rows = fs.db.query(
+        "SELECT DISTINCT j.node_id FROM filestore.journal_entries j JOIN filestore.nodes n ON n.id = j.node_id"
+        " WHERE j.id > %s AND j.status = 'committed' AND j.command IN ('create', 'write', 'setattr')"
+        " AND n.kind = 'file' AND n.state <> 'DELETED'", (checkpoint,))
+    verified = changed = 0
+    for (node_id,) in rows:
+        try:
+            backend, rel = fs.ns.path_of(node_id)
+        except Exception:
+            continue
+        verified += 1
+        node = fs.ns.node(node_id)
+        try:
+            st = backend.executor.stat(rel)
+        except NotFound:
+            st = None
+        if st is None or st.size != node.size or st.mtime_ns != node.mtime_ns:
+            changed += resolve(fs, backend, Intent(uuid.uuid4(), "verify", backend.id, (rel,)))
+    return verified, changed
+
+
+def resolve(fs, backend: Backend, intent: Intent) -> int:
+    """Make the database match the disk for the paths of one intent; journal it. Returns paths changed."""
+    ns = fs.ns
+    statements: list[Statement] = []
+    snapshots: list[tuple[int, int, dict]] = []
+    after_commit = []
+    now = time.time_ns()
+    changed = 0
+    paths = list(intent.paths)
+
+    # A rename that happened on disk: move the node instead of deleting and re-creating it.
+    if intent.command == "rename" and len(paths) == 2:
+        src, dst = paths
+        src_parent, src_name = _locate(fs, backend, src)
+        dst_parent, dst_name = _locate(fs, backend, dst)
+        moved = ns.child(src_parent.id, src_name) if src_parent else None
+        if moved is not None and dst_parent is not None and _stat(backend, src) is None \
+                and _stat(backend, dst) is not None:
+            replaced = ns.child(dst_parent.id, dst_name)
+            if replaced is not None:
+                statements += _drop(replaced, dst_parent.id, dst_name, now, snapshots)
+            statements.append(store.delete_entry(src_parent.id, src_name, moved.id))
+            statements.append(store.insert_entry(dst_parent.id, dst_name, moved.id))
+            after = moved.changed(ctime_ns=now, version=moved.version + 1)
+            statements.append(store.update_node(after, moved.version))
+            snapshots.append((moved.id, after.version, after.snapshot(parent_id=dst_parent.id,
+                                                                    name=name_arg(dst_name))))
+            paths = []
+            changed = 1
+
+    for rel in paths:
+        parent, name = _locate(fs, backend, rel)
+        if parent is None:
+            continue
+        st = _stat(backend, rel)
+        node = ns.child(parent.id, name)
+        if st is None and node is None:
+            continue
+        if st is None:
+            statements += _drop(node, parent.id, name, now, snapshots)
+        elif node is None or node.kind != st.kind:
+            if node is not None:
+                statements += _drop(node, parent.id, name, now, snapshots)
+            fresh = _node_from(fs, backend, st)
+            statements += [store.insert_node(fresh), store.insert_entry(parent.id, name, fresh.id)]
+            snapshots.append((fresh.id, 1, fresh.snapshot(parent_id=parent.id, name=name_arg(name))))
+        else:
+            after = node.changed(size=st.size if st.kind != "dir" else node.size, mode=st.mode,
+                                 mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns, atime_ns=st.atime_ns,
+                                 version=node.version + 1, state="ACTIVE")
+            if after == node.changed(version=node.version + 1):
+                continue
+            statements.append(store.update_node(after, node.version))
+            snapshots.append((node.id, after.version, after.snapshot()))
+        after_commit.append(parent.id)
+        changed += 1
+
+    statements.append(store.journal(
+        "recover", "committed", RECOVERY, intent.request_id if intent.command != "verify" else uuid.uuid4(),
+        backend_id=backend.id, node_id=snapshots[0][0] if snapshots else None,
+        path=display_name(intent.paths[0]) if intent.paths else None,
+        args={"intent": intent.command, "intent_id": str(intent.request_id),
+              "paths": [display_name(p) for p in intent.paths]},
+        result={"paths_changed": changed}, snapshots=snapshots))
+    fs.db.transaction(statements, label="recover")
+    # The view of the directories touched is rebuilt from the database on next use.
+    for dir_id in after_commit:
+        ns.forget_listing(dir_id)
+    for node_id, _, _ in snapshots:
+        ns.nodes.pop(node_id, None)
+        ns.parents.pop(node_id, None)
+    if changed:
+        log.info("recovered %s %s: %d path(s) adopted from disk", intent.command,
+                 [display_name(p) for p in intent.paths], changed)
+    return changed
+
+
+def _locate(fs, backend: Backend, rel: bytes) -> tuple[Node | None, bytes]:
+    parent_rel, _, name = rel.rpartition(b"/")
+    current = fs.ns.node(backend.root_node_id)
+    for part in filter(None, parent_rel.split(b"/")):
+        current = fs.ns.child(current.id, part)
+        if current is None or not current.is_dir:
+            return None, name
+    return current, name
+
+
+def _stat(backend: Backend, rel: bytes) -> Stat | None:
+    try:
+        return backend.executor.stat(rel)
+    except NotFound:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def _drop(node: Node, parent_id: int, name: bytes, now: int, snapshots: list) -> list[Statement]:
+    links = 0 if node.is_dir else node.nlink - 1
+    after = node.changed(nlink=max(links, 0), ctime_ns=now, version=node.version + 1,
+                         state="DELETED" if links <= 0 else node.state)
+    snapshots.append((node.id, after.version, after.snapshot(parent_id=parent_id, name=name_arg(name),
+                                                             removed_entry=True)))
+    return [store.delete_entry(parent_id, name, node.id), store.update_node(after, node.version)]
+
+
+def _node_from(fs, backend: Backend, st: Stat) -> Node:
+    return Node(fs.orch.ids.take(), backend.id, st.kind, st.size if st.kind != "dir" else 0, st.mode,
+                st.uid, st.gid, st.rdev, st.atime_ns, st.mtime_ns, st.ctime_ns, target=st.target,
+                nlink=2 if st.kind == "dir" else 1)

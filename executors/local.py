@@ -1,0 +1,342 @@
+"""The local-disk executor.
+
+Safety: every path is resolved beneath the backend root in the kernel with openat2
+(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), so neither `..` nor a symlink planted in the tree can
+lead an operation outside the root; the last component is always acted on through its
+parent's descriptor without following symlinks. Where openat2 is missing, the same walk is
+done one component at a time with O_NOFOLLOW.
+
+Staging: new files and whole rewrites are written to `<root>/.filestore.staging/<command id>`
+(same filesystem, so landing is one atomic rename) and renamed over the final name when the
+write command commits. Appends and in-place writes go to the file itself.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat as stat_mod
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .base import (AlreadyExists, ExecutorError, InvalidArgument, NotFound, Stat, from_os_error,
+                   kind_of, validate_name)
+
+STAGING_NAME = b".filestore.staging"
+
+_SYS_OPENAT2 = 437  # x86_64 and aarch64 share it
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_have_openat2 = True
+
+
+def _openat2(dir_fd: int, path: bytes, flags: int) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(_SYS_OPENAT2, dir_fd, path, ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return fd
+
+
+def _renameat2(src_fd: int, src: bytes, dst_fd: int, dst: bytes, flags: int) -> None:
+    if _libc.renameat2(src_fd, src, dst_fd, dst, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), src)
+
+
+@contextmanager
+def _os_errors() -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise from_os_error(exc) from exc
+
+
+def stat_from(st: os.stat_result, target: bytes | None = None) -> Stat:
+    return Stat(
+        kind=kind_of(st.st_mode), size=st.st_size, mode=stat_mod.S_IMODE(st.st_mode),
+        uid=st.st_uid, gid=st.st_gid, rdev=st.st_rdev, atime_ns=st.st_atime_ns,
+        mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, nlink=st.st_nlink, target=target,
+        ino=st.st_ino,
+    )
+
+
+class LocalExecutor:
+    kind = "local"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = os.fsencode(os.path.abspath(root))
+        try:
+            self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise from_os_error(exc) from exc
+        self.owns_files = os.geteuid() == 0  # only root can give files to their callers
+        with _os_errors():
+            try:
+                os.mkdir(STAGING_NAME, 0o700, dir_fd=self._root_fd)
+            except FileExistsError:
+                pass
+            self._staging_fd = _openat2(self._root_fd, STAGING_NAME, os.O_PATH | os.O_DIRECTORY)
+
+    def close(self) -> None:
+        for fd in (self._staging_fd, self._root_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- path resolution ---------------------------------------------------------------
+    @contextmanager
+    def _dir(self, rel: bytes) -> Iterator[int]:
+        """An O_PATH descriptor of directory `rel` (b'' is the root), resolved beneath the root."""
+        fd = self._resolve(rel, os.O_PATH | os.O_DIRECTORY)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _resolve(self, rel: bytes, flags: int) -> int:
+        global _have_openat2
+        rel = rel.strip(b"/")
+        if not rel:
+            return os.open(b".", flags | os.O_CLOEXEC, dir_fd=self._root_fd)
+        if any(part in (b"..", b".", b"") for part in rel.split(b"/")):
+            raise InvalidArgument(f"path component not allowed: {rel!r}")
+        if rel.split(b"/", 1)[0] == STAGING_NAME:
+            raise NotFound("staging area")
+        with _os_errors():
+            if _have_openat2:
+                try:
+                    return _openat2(self._root_fd, rel, flags)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSYS:
+                        raise
+                    _have_openat2 = False
+            return self._walk(rel, flags)
+
+    def _walk(self, rel: bytes, flags: int) -> int:
+        fd = os.open(b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._root_fd)
+        parts = rel.split(b"/")
+        try:
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                want = (flags if last else os.O_PATH | os.O_DIRECTORY) | os.O_NOFOLLOW | os.O_CLOEXEC
+                nxt = os.open(part, want, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def _split(rel: bytes) -> tuple[bytes, bytes]:
+        rel = rel.strip(b"/")
+        parent, _, name = rel.rpartition(b"/")
+        return parent, name
+
+    # -- reading ----------------------------------------------------------------------
+    def stat(self, rel: bytes) -> Stat:
+        rel = rel.strip(b"/")
+        if not rel:
+            with _os_errors():
+                return stat_from(os.stat(self._root_fd))
+        parent, name = self._split(rel)
+        with self._dir(parent) as pfd, _os_errors():
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            target = os.readlink(name, dir_fd=pfd) if stat_mod.S_ISLNK(st.st_mode) else None
+            return stat_from(st, target)
+
+    def listdir(self, rel: bytes) -> list[tuple[bytes, Stat]]:
+        out = []
+        with self._dir(rel) as pfd, _os_errors():
+            dfd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                names = os.listdir(dfd)
+            finally:
+                os.close(dfd)
+            for name in names:
+                name = os.fsencode(name)
+                if not rel.strip(b"/") and name == STAGING_NAME:
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                target = os.readlink(name, dir_fd=pfd) if stat_mod.S_ISLNK(st.st_mode) else None
+                out.append((name, stat_from(st, target)))
+        return out
+
+    def readlink(self, rel: bytes) -> bytes:
+        parent, name = self._split(rel)
+        with self._dir(parent) as pfd, _os_errors():
+            return os.readlink(name, dir_fd=pfd)
+
+    def open_file(self, rel: bytes, *, write: bool) -> int:
+        """A descriptor for reading (and writing) an existing regular file, never a symlink."""
+        flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW
+        parent, name = self._split(rel)
+        with self._dir(parent) as pfd, _os_errors():
+            fd = os.open(name, flags | os.O_CLOEXEC, dir_fd=pfd)
+        if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidArgument(f"not a regular file: {rel!r}")
+        return fd
+
+    def statfs(self) -> os.statvfs_result:
+        with _os_errors():
+            return os.statvfs(self._root_fd)
+
+    # -- changing ---------------------------------------------------------------------
+    def _own(self, name: bytes, dir_fd: int, uid: int, gid: int) -> None:
+        if self.owns_files:
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+    def mkdir(self, parent: bytes, name: bytes, mode: int, uid: int, gid: int) -> Stat:
+        validate_name(name)
+        with self._dir(parent) as pfd, _os_errors():
+            os.mkdir(name, mode, dir_fd=pfd)
+            os.chmod(name, mode, dir_fd=pfd)  # not filtered by the daemon's umask
+            self._own(name, pfd, uid, gid)
+            return stat_from(os.stat(name, dir_fd=pfd, follow_symlinks=False))
+
+    def create_file(self, parent: bytes, name: bytes, mode: int, uid: int, gid: int) -> Stat:
+        """Create an empty regular file; fails with AlreadyExists if the name is taken."""
+        validate_name(name)
+        with self._dir(parent) as pfd, _os_errors():
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                         dir_fd=pfd)
+            try:
+                os.fchmod(fd, mode)
+                if self.owns_files:
+                    os.fchown(fd, uid, gid)
+                return stat_from(os.fstat(fd))
+            finally:
+                os.close(fd)
+
+    def symlink(self, parent: bytes, name: bytes, target: bytes, uid: int, gid: int) -> Stat:
+        validate_name(name)
+        with self._dir(parent) as pfd, _os_errors():
+            os.symlink(target, name, dir_fd=pfd)
+            self._own(name, pfd, uid, gid)
+            return stat_from(os.stat(name, dir_fd=pfd, follow_symlinks=False), target)
+
+    def unlink(self, parent: bytes, name: bytes) -> None:
+        with self._dir(parent) as pfd, _os_errors():
+            os.unlink(name, dir_fd=pfd)
+
+    def rmdir(self, parent: bytes, name: bytes) -> None:
+        with self._dir(parent) as pfd, _os_errors():
+            os.rmdir(name, dir_fd=pfd)
+
+    def rename(self, src_parent: bytes, src_name: bytes, dst_parent: bytes, dst_name: bytes,
+               *, noreplace: bool = False, exchange: bool = False) -> None:
+        validate_name(dst_name)
+        flags = (_RENAME_NOREPLACE if noreplace else 0) | (_RENAME_EXCHANGE if exchange else 0)
+        with self._dir(src_parent) as sfd, self._dir(dst_parent) as dfd, _os_errors():
+            if flags:
+                _renameat2(sfd, src_name, dfd, dst_name, flags)
+            else:
+                os.rename(src_name, dst_name, src_dir_fd=sfd, dst_dir_fd=dfd)
+
+    def set_attrs(self, rel: bytes, *, mode: int | None = None, uid: int | None = None,
+                  gid: int | None = None, size: int | None = None,
+                  times_ns: tuple[int, int] | None = None) -> Stat:
+        parent, name = self._split(rel)
+        if not name:  # the backend root itself, reached through its trusted absolute path
+            parent, name = b"", self.root
+        with self._dir(parent) as pfd, _os_errors():
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            is_link = stat_mod.S_ISLNK(st.st_mode)
+            if size is not None:
+                fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+            if (uid is not None or gid is not None) and self.owns_files:
+                os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
+                         dir_fd=pfd, follow_symlinks=False)
+            if mode is not None and not is_link:
+                os.chmod(name, mode, dir_fd=pfd)
+            if times_ns is not None:
+                os.utime(name, ns=times_ns, dir_fd=pfd, follow_symlinks=False)
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            return stat_from(st, os.readlink(name, dir_fd=pfd) if is_link else None)
+
+    # -- staging ----------------------------------------------------------------------
+    def stage(self, staging_id: str) -> int:
+        """A new, empty staging file opened read-write; `staging_id` names it."""
+        with _os_errors():
+            return os.open(staging_id.encode(), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                           dir_fd=self._staging_fd)
+
+    def land(self, staging_id: str, parent: bytes, name: bytes, *, mode: int, uid: int, gid: int,
+             times_ns: tuple[int, int] | None, durable: bool) -> Stat:
+        """Atomically replace `parent/name` with the staged file, with the node's metadata."""
+        with self._dir(parent) as pfd, _os_errors():
+            sname = staging_id.encode()
+            os.chmod(sname, mode, dir_fd=self._staging_fd)
+            if self.owns_files:
+                os.chown(sname, uid, gid, dir_fd=self._staging_fd)
+            if times_ns is not None:
+                os.utime(sname, ns=times_ns, dir_fd=self._staging_fd)
+            if durable:
+                fd = os.open(sname, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._staging_fd)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.rename(sname, name, src_dir_fd=self._staging_fd, dst_dir_fd=pfd)
+            if durable:
+                self._fsync_dir(pfd)
+            return stat_from(os.stat(name, dir_fd=pfd, follow_symlinks=False))
+
+    def discard(self, staging_id: str) -> None:
+        try:
+            os.unlink(staging_id.encode(), dir_fd=self._staging_fd)
+        except FileNotFoundError:
+            pass
+
+    def staged(self) -> list[str]:
+        with _os_errors():
+            dfd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._staging_fd)
+            try:
+                return [os.fsdecode(n) for n in os.listdir(dfd)]
+            finally:
+                os.close(dfd)
+
+    def sync_dir(self, rel: bytes) -> None:
+        with self._dir(rel) as pfd, _os_errors():
+            self._fsync_dir(pfd)
+
+    @staticmethod
+    def _fsync_dir(pfd: int) -> None:
+        dfd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def syncfs(self) -> None:
+        with _os_errors():
+            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._root_fd)
+            try:
+                _libc.syncfs(fd)
+            finally:
+                os.close(fd)
+
+
+__all__ = ["LocalExecutor", "STAGING_NAME", "AlreadyExists", "ExecutorError", "NotFound"]

@@ -1,0 +1,1 @@
+"""The user-facing front: the pyfuse3 mount and the `filestore` CLI. Thin: no business rules."""

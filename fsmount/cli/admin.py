@@ -1,0 +1,101 @@
+"""`filestore init`, `history`, `journal`, `db stop`."""
+from __future__ import annotations
+
+import os
+
+import click
+
+from core import embedded_pg, journal as journal_queries, schema
+from core.db import connect
+from core.service import database_url, open_database
+
+from . import emit_json, main, one_line_errors, settings
+from ..mount import filestore_mounts
+
+
+@main.command()
+@one_line_errors
+def init() -> None:
+    """Create or upgrade the database schema (also done automatically at start).
+
+    Example: DATABASE_URL=postgresql://db/filestore filestore init
+    """
+    conf = settings()
+    conf.ensure_dirs()
+    with connect(database_url(conf)) as conn:
+        version = schema.apply(conn)
+    click.echo(f"schema at version {version}")
+
+
+def _row_text(row: dict) -> str:
+    who = row["actor"] if row["uid"] is None else f"{row['actor']} uid={row['uid']} gid={row['gid']} pid={row['pid']}"
+    detail = ""
+    if row["status"] == "failed":
+        detail = f"  [{row['error']}]"
+    elif row["command"] == "write":
+        detail = f"  {row['args'].get('bytes', 0)} bytes ({row['args'].get('mode')})"
+    elif row["command"] == "rename":
+        detail = f"  -> {row['args'].get('to')}"
+    when = row["created_at"].strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return f"{row['id']:>8}  {when}  {row['command']:<10} {row['status']:<9} {row['path'] or '':<40} {who}{detail}"
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@one_line_errors
+def history(path: str, as_json: bool) -> None:
+    """The journal of one node: PATH inside a mount, or BACKEND:/PATH.
+
+    Example: filestore history /mnt/filestore/projects/report.txt
+    """
+    db = open_database(settings())
+    backend, rel = journal_queries.split_target(path, filestore_mounts())
+    node_id = journal_queries.resolve(db, backend, rel)
+    rows = journal_queries.history(db, node_id)
+    if as_json:
+        emit_json({"node_id": node_id, "backend": backend, "path": os.fsdecode(rel), "entries": rows})
+        return
+    click.echo(f"node {node_id} ({backend}:/{os.fsdecode(rel)})")
+    for row in rows:
+        click.echo(_row_text(row))
+
+
+@main.command()
+@click.option("--since", type=int, default=None, help="Entries after this journal id.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@one_line_errors
+def journal(since: int | None, limit: int, as_json: bool) -> None:
+    """The journal: the most recent entries, or those after --since.
+
+    Example: filestore journal --since 1200 --limit 100 --json
+    """
+    db = open_database(settings())
+    rows = journal_queries.recent(db, since, limit)
+    if as_json:
+        emit_json(rows)
+        return
+    for row in rows:
+        click.echo(_row_text(row))
+
+
+@main.group()
+def db() -> None:
+    """The embedded PostgreSQL (used when DATABASE_URL is unset)."""
+
+
+@db.command("stop")
+@one_line_errors
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL of this FILESTORE_HOME.
+
+    Example: FILESTORE_HOME=~/fs filestore db stop
+    """
+    conf = settings()
+    if conf.database_url:
+        click.echo("DATABASE_URL is set: there is no embedded server to stop")
+        return
+    stopped = embedded_pg.stop(conf.pgdata)
+    click.echo("stopped the embedded PostgreSQL" if stopped else "the embedded PostgreSQL was not running")
+

@@ -1,0 +1,42 @@
+"""`filestore mount|umount`."""
+from __future__ import annotations
+
+import click
+
+from core.service import open_database
+
+from . import main, one_line_errors, settings
+from .. import mount as mounting
+
+
+@main.command("mount")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--foreground", "-f", is_flag=True, help="Serve in this process instead of detaching.")
+@one_line_errors
+def mount(mountpoint: str, foreground: bool) -> None:
+    """Mount every backend under MOUNTPOINT (/MOUNTPOINT/NAME/...).
+
+    Detaches and returns once the mount is ready, like other FUSE tools.
+
+    Example: filestore mount /mnt/filestore
+    """
+    conf = settings()
+    if foreground:
+        mounting.serve(conf, mountpoint)
+        return
+    mounting.check_mountpoint(mountpoint)
+    open_database(conf).close()  # fail here, in one line, if the database is unreachable
+    pid = mounting.launch_detached(conf, mountpoint)
+    click.echo(f"mounted {mountpoint} (pid {pid})")
+
+
+@main.command("umount")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@one_line_errors
+def umount(mountpoint: str) -> None:
+    """Unmount MOUNTPOINT; data committed on close is already safe.
+
+    Example: filestore umount /mnt/filestore
+    """
+    mounting.unmount(mountpoint, settings())
+    click.echo(f"unmounted {mountpoint}")

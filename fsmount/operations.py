@@ -1,0 +1,282 @@
+"""The pyfuse3 Operations: every handler makes one call into core and translates the answer.
+
+Handlers run on the trio thread and call core synchronously: core's statements are short
+and a thread hop costs more than most of them (DESIGN.md section 11). Nothing may escape a
+handler: `FsError` becomes its errno, anything else is logged with its traceback, counted
+and answered with EIO.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import stat as stat_mod
+import time
+from collections import Counter
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from core import metrics
+from core.errors import FsError
+from core.model import ROOT_INODE, Node, Principal
+from core.service import Filestore
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 1.0
+RENAME_NOREPLACE = getattr(pyfuse3, "RENAME_NOREPLACE", 1)
+RENAME_EXCHANGE = getattr(pyfuse3, "RENAME_EXCHANGE", 2)
+
+
+def handler(fn):
+    op = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except FUSEError:
+            raise
+        except FsError as exc:
+            raise FUSEError(exc.errno) from None
+        except OSError as exc:
+            # A descriptor-level failure (pread/pwrite on the backend file): report it as is.
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected failure in %s", op)
+            metrics.FUSE_ERRORS.labels(op).inc()
+            raise FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def principal(ctx) -> Principal:
+    return Principal(ctx.uid, ctx.gid, ctx.pid, "fuse")
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, fs: Filestore):
+        super().__init__()
+        self.fs = fs
+        self.ns = fs.ns
+        self.files = fs.files
+        self.lookups: Counter[int] = Counter()
+        self._started_ns = time.time_ns()
+
+    # -- attributes -------------------------------------------------------------------
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.id
+        attr.generation = 0
+        attr.entry_timeout = ATTR_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_mode = node.st_mode
+        attr.st_nlink = node.nlink
+        attr.st_uid = node.uid
+        attr.st_gid = node.gid
+        attr.st_rdev = node.rdev
+        size, mtime, ctime = node.size, node.mtime_ns, node.ctime_ns
+        if node.kind == "file":
+            live = self.files.live_stat(node.id)
+            if live is not None:
+                size, mtime, ctime = live.size, live.mtime_ns, live.ctime_ns
+        elif node.is_dir:
+            size = 4096
+        attr.st_size = size
+        attr.st_blksize = 4096
+        attr.st_blocks = (size + 511) // 512 if node.kind == "file" else (8 if node.is_dir else 0)
+        attr.st_atime_ns = node.atime_ns
+        attr.st_mtime_ns = mtime
+        attr.st_ctime_ns = ctime
+        return attr
+
+    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = ROOT_INODE
+        attr.entry_timeout = ATTR_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_mode = stat_mod.S_IFDIR | 0o755
+        attr.st_nlink = 2 + len(self.ns.backends)
+        attr.st_uid = attr.st_gid = 0
+        attr.st_size = 4096
+        attr.st_blksize = 4096
+        attr.st_blocks = 8
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._started_ns
+        return attr
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        self.lookups[node.id] += 1
+        return self._attrs(node)
+
+    # -- lookups ----------------------------------------------------------------------
+    @handler
+    def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode == ROOT_INODE:
+            backend = self.ns.backend_by_name(name)
+            if backend is None:
+                raise FUSEError(errno.ENOENT)
+            return self._entry(self.ns.node(backend.root_node_id))
+        self.ns.dir(parent_inode)
+        node = self.ns.child(parent_inode, name)
+        if node is None:
+            raise FUSEError(errno.ENOENT)
+        return self._entry(node)
+
+    @handler
+    def forget(self, inode_list):
+        for inode, count in inode_list:
+            left = self.lookups[inode] - count
+            if left > 0:
+                self.lookups[inode] = left
+            else:
+                self.lookups.pop(inode, None)
+
+    @handler
+    def getattr(self, inode, ctx=None):
+        return self._attrs_of(inode)
+
+    def _attrs_of(self, inode: int) -> pyfuse3.EntryAttributes:
+        if inode == ROOT_INODE:
+            return self._root_attrs()
+        return self._attrs(self.ns.node(inode))
+
+    @handler
+    def setattr(self, inode, attr, fields, fh, ctx):
+        size = attr.st_size if fields.update_size else None
+        if size is not None and self.files.truncate_open(inode, size):
+            size = None
+        changes = dict(
+            mode=stat_mod.S_IMODE(attr.st_mode) if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=size,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        if any(v is not None for v in changes.values()):
+            self.fs.orch.setattr(principal(ctx), inode, **changes)
+        return self._attrs_of(inode)
+
+    @handler
+    def readlink(self, inode, ctx):
+        node = self.ns.node(inode)
+        if node.kind != "symlink":
+            raise FUSEError(errno.EINVAL)
+        return node.target
+
+    # -- directories ------------------------------------------------------------------
+    @handler
+    def opendir(self, inode, ctx):
+        if inode != ROOT_INODE:
+            self.ns.dir(inode)
+        return inode
+
+    @handler
+    def readdir(self, fh, start_id, token):
+        if fh == ROOT_INODE:
+            backends = sorted(self.ns.backends.values(), key=lambda b: b.name)
+            for index, backend in enumerate(backends[start_id:], start=start_id + 1):
+                node = self.ns.node(backend.root_node_id)
+                if not pyfuse3.readdir_reply(token, backend.name.encode(), self._attrs(node), index):
+                    return
+                self.lookups[node.id] += 1
+            return
+        listing = self.ns.listing(fh)
+        for entry_id, name in listing.after(start_id):
+            found = listing.by_name.get(name)
+            if found is None:
+                continue
+            node = self.ns.nodes[found[1]]
+            if not pyfuse3.readdir_reply(token, name, self._attrs(node), entry_id):
+                return
+            self.lookups[node.id] += 1
+
+    @handler
+    def releasedir(self, fh):
+        return None
+
+    @handler
+    def fsyncdir(self, fh, datasync):
+        self.fs.db.flush_wal()
+
+    @handler
+    def mkdir(self, parent_inode, name, mode, ctx):
+        return self._entry(self.fs.orch.mkdir(principal(ctx), parent_inode, name, mode))
+
+    @handler
+    def rmdir(self, parent_inode, name, ctx):
+        self.fs.orch.rmdir(principal(ctx), parent_inode, name)
+
+    @handler
+    def unlink(self, parent_inode, name, ctx):
+        self.fs.orch.unlink(principal(ctx), parent_inode, name)
+
+    @handler
+    def symlink(self, parent_inode, name, target, ctx):
+        return self._entry(self.fs.orch.symlink(principal(ctx), parent_inode, name, target))
+
+    @handler
+    def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self.fs.orch.rename(principal(ctx), parent_inode_old, name_old, parent_inode_new, name_new,
+                            noreplace=bool(flags & RENAME_NOREPLACE),
+                            exchange=bool(flags & RENAME_EXCHANGE))
+
+    # -- files ------------------------------------------------------------------------
+    @handler
+    def open(self, inode, flags, ctx):
+        handle = self.files.open(principal(ctx), inode, flags)
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    @handler
+    def create(self, parent_inode, name, mode, flags, ctx):
+        handle, node = self.files.create(principal(ctx), parent_inode, name, mode, flags)
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True), self._entry(node)
+
+    @handler
+    def read(self, fh, off, size):
+        return self.files.read(fh, off, size)
+
+    @handler
+    def write(self, fh, off, buf):
+        return self.files.write(fh, off, buf)
+
+    @handler
+    def flush(self, fh):
+        self.files.flush(fh)
+
+    @handler
+    def fsync(self, fh, datasync):
+        self.files.fsync(fh, datasync)
+
+    @handler
+    def release(self, fh):
+        self.files.release(fh)
+
+    # -- the filesystem ---------------------------------------------------------------
+    @handler
+    def statfs(self, ctx):
+        """Capacity of the filesystems under the backends, each counted once."""
+        out = pyfuse3.StatvfsData()
+        seen = set()
+        blocks = bfree = bavail = files = ffree = 0
+        frsize = 4096
+        for backend in self.ns.backends.values():
+            st = backend.executor.statfs()
+            key = (st.f_fsid, st.f_blocks)
+            if key in seen:
+                continue
+            seen.add(key)
+            blocks += st.f_blocks * st.f_frsize // frsize
+            bfree += st.f_bfree * st.f_frsize // frsize
+            bavail += st.f_bavail * st.f_frsize // frsize
+            files += st.f_files
+            ffree += st.f_ffree
+        out.f_bsize = out.f_frsize = frsize
+        out.f_blocks, out.f_bfree, out.f_bavail = blocks, bfree, bavail
+        out.f_files, out.f_ffree, out.f_favail = files, ffree, ffree
+        out.f_namemax = 255
+        return out
+

@@ -24,6 +24,7 @@ from executors.base import ExecutorError, Stat
 from executors.local import stat_from
 
 from .errors import FsError, errno_for
+from .faults import crash_point
 from .model import Backend, Principal
 from .namespace import Namespace
 from .orchestrator import Orchestrator
@@ -130,6 +131,8 @@ class FileTable:
             self._begin_change(of)
             written = os.pwrite(of.fd, data, offset)
             of.ranges.append((offset, written))
+            if of.staging_id is not None:
+                crash_point("after_stage_write")
         if of.sync_writes:
             self._commit(of, durable=True)
         return written
@@ -212,8 +215,10 @@ class FileTable:
 
         def land() -> Stat:
             if staged:
-                return executor.land(of.staging_id, parent_rel, name, mode=node.mode, uid=node.uid,
-                                     gid=node.gid, times_ns=None, durable=durable)
+                st = executor.land(of.staging_id, parent_rel, name, mode=node.mode, uid=node.uid,
+                                   gid=node.gid, times_ns=None, durable=durable)
+                crash_point("after_land")
+                return st
             if durable:
                 os.fsync(of.fd)
             return stat_from(os.fstat(of.fd))

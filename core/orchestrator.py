@@ -25,6 +25,7 @@ from executors.base import ExecutorError, Stat
 from executors.local import STAGING_NAME
 
 from . import metrics, store
+from .faults import crash_point
 from .db import Conflict, Database, IdPool, Statement
 from .errors import FsError, errno_for
 from .intents import Intent, IntentLog
@@ -81,6 +82,7 @@ class Orchestrator:
                 time.perf_counter() - started)
             raise FsError(code, str(exc)) from exc
         metrics.EXECUTOR_OUTCOMES.labels(backend_label, cmd.name, "ok").inc()
+        crash_point(f"after_execute:{cmd.name}")
 
         for attempt in range(MAX_CONFLICT_RETRIES + 1):
             statements, snapshots, apply = record(outcome)

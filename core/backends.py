@@ -59,11 +59,11 @@ def _register(db, name, root, read_only, executor, who, progress) -> Backend:
             "SELECT count(*) FILTER (WHERE kind <> 'dir'), count(*) FILTER (WHERE kind = 'dir') - 1,"
             " coalesce(sum(size) FILTER (WHERE kind = 'file'), 0) FROM filestore.nodes WHERE backend_id = %s",
             (backend_id,)).fetchone()
-        sql, params = store.journal(
-            "backend.add", "committed", who, uuid.uuid4(), backend_id=backend_id, node_id=root_id, path="",
-            args={"name": name, "root": root, "read_only": read_only},
-            result={"imported_entries": counts[0], "imported_dirs": counts[1], "imported_bytes": int(counts[2])})
-        conn.execute(sql, params)
+        conn.execute(*store.record(store.Journal(
+            "backend.add", "committed", who, uuid.uuid4(), backend_id, root_id, "",
+            {"name": name, "root": root, "read_only": read_only},
+            result={"imported_entries": counts[0], "imported_dirs": counts[1],
+                    "imported_bytes": int(counts[2])})))
     return Backend(backend_id, name, "local", root, read_only, root_id)
 
 
@@ -137,9 +137,8 @@ def remove(db: Database, name: str, who: Principal | None = None) -> None:
         # The name is freed for a new backend; the removed one keeps a unique, recognisable name.
         conn.execute("UPDATE filestore.backend_mounts SET state = 'removed', name = left(name, 40) || '.removed-' || id"
                      " WHERE id = %s", (backend_id,))
-        sql, params = store.journal("backend.remove", "committed", who, uuid.uuid4(), backend_id=backend_id,
-                                    node_id=root_id, path="", args={"name": name})
-        conn.execute(sql, params)
+        conn.execute(*store.record(store.Journal("backend.remove", "committed", who, uuid.uuid4(), backend_id,
+                                                 root_id, "", {"name": name})))
 
 
 def load_config_file(path: Path) -> list[dict]:

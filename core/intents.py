@@ -40,8 +40,11 @@ class Intent:
 
 
 class IntentLog:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, before_compact=None):
         self.path = path
+        # Compaction forgets resolved intents: their commits must be durable first (with
+        # synchronous_commit=off a database crash could still lose them).
+        self._before_compact = before_compact
         self._lock = threading.Lock()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._open: dict[uuid.UUID, Intent] = {}  # written by this process and not yet resolved
@@ -56,6 +59,8 @@ class IntentLog:
         with self._lock:
             self._open.pop(request_id, None)
             if os.fstat(self._fd).st_size > _COMPACT_BYTES:
+                if self._before_compact is not None:
+                    self._before_compact()
                 self._rewrite(list(self._open.values()))
 
     def unresolved_here(self) -> list[Intent]:

@@ -26,7 +26,7 @@ from executors.local import STAGING_NAME
 
 from . import metrics, store
 from .faults import crash_point
-from .db import Conflict, Database, IdPool, Statement
+from .db import Conflict, Database, IdPool
 from .errors import FsError, errno_for
 from .intents import Intent, IntentLog
 from .model import ROOT_INODE, Backend, Node, Principal, display_name, name_arg
@@ -62,7 +62,7 @@ class Orchestrator:
 
     # == the template ==================================================================
     def _run(self, cmd: Command, execute: Callable[[], Any],
-             record: Callable[[Any], tuple[list[Statement], list[tuple[int, int, dict]], Apply]]) -> Any:
+             record: Callable[[Any], tuple[store.Change, Apply]]) -> Any:
         if cmd.idempotency_key:
             prior = store.find_by_idempotency_key(self.db, cmd.idempotency_key)
             if prior is not None:
@@ -85,18 +85,15 @@ class Orchestrator:
         crash_point(f"after_execute:{cmd.name}")
 
         for attempt in range(MAX_CONFLICT_RETRIES + 1):
-            statements, snapshots, apply = record(outcome)
-            journal = store.journal(
-                cmd.name, "committed", cmd.who, cmd.request_id, backend_id=cmd.backend and cmd.backend.id,
-                node_id=cmd.node_id, path=cmd.path, args=cmd.args, result=_result_of(outcome),
-                idempotency_key=cmd.idempotency_key, snapshots=snapshots)
+            change, apply = record(outcome)
+            journal = self._journal(cmd, "committed", result=_result_of(outcome))
             try:
-                results = self.db.transaction([*statements, journal], label=cmd.name)
+                rows = self.db.transaction([store.record(journal, change)], label=cmd.name)
                 break
             except Conflict:
                 if attempt == MAX_CONFLICT_RETRIES:
                     raise FsError(errno.EIO, f"{cmd.name}: conflicting changes kept winning") from None
-                self._reload(snapshots)
+                self._reload(change)
             except psycopg.Error as exc:
                 # The physical change happened but could not be recorded: the intent stays in
                 # the log, and recovery adopts the disk state at the next start.
@@ -104,7 +101,8 @@ class Orchestrator:
                           cmd.name, cmd.path, exc)
                 raise FsError(errno.EIO, "database unavailable") from exc
         self.intents.resolved(cmd.request_id)
-        value = apply(results)
+        journal_id, entry_ids = rows[0][0]
+        value = apply(entry_ids)
         metrics.COMMAND_SECONDS.labels(cmd.name, backend_label, "committed").observe(
             time.perf_counter() - started)
         return value
@@ -114,12 +112,14 @@ class Orchestrator:
         self._journal_failure(cmd, code, message)
         return FsError(code, message)
 
+    def _journal(self, cmd: Command, status: str, **outcome: Any) -> store.Journal:
+        return store.Journal(cmd.name, status, cmd.who, cmd.request_id, cmd.backend and cmd.backend.id,
+                             cmd.node_id, cmd.path, cmd.args, idempotency_key=cmd.idempotency_key, **outcome)
+
     def _journal_failure(self, cmd: Command, code: int, message: str) -> None:
         try:
-            self.db.transaction([store.journal(
-                cmd.name, "failed", cmd.who, cmd.request_id, backend_id=cmd.backend and cmd.backend.id,
-                node_id=cmd.node_id, path=cmd.path, args=cmd.args, error=message or errno.errorcode.get(code),
-                errno=code, idempotency_key=cmd.idempotency_key)], label=f"{cmd.name}.failed")
+            journal = self._journal(cmd, "failed", error=message or errno.errorcode.get(code), errno=code)
+            self.db.transaction([store.record(journal)], label=f"{cmd.name}.failed")
         except (psycopg.Error, Conflict) as exc:
             log.warning("could not journal failed %s: %s", cmd.name, exc)
 
@@ -129,8 +129,8 @@ class Orchestrator:
             raise FsError(prior["errno"] or errno.EIO, prior["error"] or "")
         return self.ns.node(prior["node_id"]) if prior["node_id"] else None
 
-    def _reload(self, snapshots: list[tuple[int, int, dict]]) -> None:
-        for node_id, _, _ in snapshots:
+    def _reload(self, change: store.Change) -> None:
+        for node_id, _, _ in change.snapshots:
             fresh = store.load_node(self.db, node_id)
             if fresh is not None:
                 self.ns.put(fresh)
@@ -209,17 +209,16 @@ class Orchestrator:
             node = Node(node_id, backend.id, kind, st.size if kind != "dir" else 0, mode, uid, gid, 0,
                         st.atime_ns, st.mtime_ns, st.ctime_ns, target=target,
                         nlink=2 if kind == "dir" else 1)
-            statements = [store.insert_node(node), store.insert_entry(parent_id, name, node_id),
-                          store.touch_dir(parent_id, st.ctime_ns, st.ctime_ns)]
-            snapshots = [(node_id, 1, node.snapshot(parent_id=parent_id, name=name_arg(name)))]
+            change = store.Change(links=[(parent_id, name, node_id)], touches=[(parent_id, st.ctime_ns)])
+            change.insert(node, parent_id=parent_id, name=name_arg(name))
 
-            def apply(results):
-                self.ns.link(parent_id, name, results[1][0][0], node)
+            def apply(entry_ids):
+                self.ns.link(parent_id, name, entry_ids[0], node)
                 _touch_cached(parent, st.ctime_ns)
                 if kind == "dir":
                     parent.nlink += 1
                 return node
-            return statements, snapshots, apply
+            return change, apply
 
         return self._run(cmd, execute, record)
 
@@ -260,19 +259,17 @@ class Orchestrator:
             links = 0 if current.is_dir else current.nlink - 1
             after = current.changed(nlink=max(links, 0), ctime_ns=now, version=current.version + 1,
                                     state="DELETED" if links <= 0 else current.state)
-            statements = [store.delete_entry(parent_id, name, node.id),
-                          store.update_node(after, current.version), store.touch_dir(parent_id, now, now)]
-            snapshots = [(node.id, after.version, after.snapshot(parent_id=parent_id, name=name_arg(name),
-                                                                  removed_entry=True))]
+            change = store.Change(unlinks=[(parent_id, name, node.id)], touches=[(parent_id, now)])
+            change.update(after, current.version, parent_id=parent_id, name=name_arg(name), removed_entry=True)
 
-            def apply(_results):
+            def apply(_entry_ids):
                 self.ns.unlink(parent_id, name, node.id)
                 self.ns.put(after)
                 _touch_cached(parent, now)
                 if current.is_dir:
                     parent.nlink -= 1
                     self.ns.forget_listing(node.id)
-            return statements, snapshots, apply
+            return change, apply
 
         self._run(cmd, execute, record)
 
@@ -332,10 +329,8 @@ class Orchestrator:
             now = time.time_ns()
             moved = self.ns.node(src.id)
             moved_after = moved.changed(ctime_ns=now, version=moved.version + 1)
-            statements: list[Statement] = [store.delete_entry(old_parent_id, old_name, src.id)]
-            snapshots = [(src.id, moved_after.version, moved_after.snapshot(
-                parent_id=new_parent_id, name=name_arg(new_name), from_parent_id=old_parent_id,
-                from_name=name_arg(old_name)))]
+            change = store.Change(unlinks=[(old_parent_id, old_name, src.id)],
+                                  touches=[(old_parent_id, now)])
             replaced_after = None
             if dst is not None:
                 replaced = self.ns.node(dst.id)
@@ -343,18 +338,16 @@ class Orchestrator:
                 replaced_after = replaced.changed(
                     nlink=max(links, 0), ctime_ns=now, version=replaced.version + 1,
                     state="DELETED" if links <= 0 else replaced.state)
-                statements += [store.delete_entry(new_parent_id, new_name, dst.id),
-                               store.update_node(replaced_after, replaced.version)]
-                snapshots.append((dst.id, replaced_after.version, replaced_after.snapshot(
-                    parent_id=new_parent_id, name=name_arg(new_name), removed_entry=True)))
-            insert_at = len(statements)
-            statements += [store.insert_entry(new_parent_id, new_name, src.id),
-                           store.update_node(moved_after, moved.version),
-                           store.touch_dir(old_parent_id, now, now)]
+                change.unlinks.append((new_parent_id, new_name, dst.id))
+                change.update(replaced_after, replaced.version, parent_id=new_parent_id,
+                              name=name_arg(new_name), removed_entry=True)
+            change.links.append((new_parent_id, new_name, src.id))
+            change.update(moved_after, moved.version, parent_id=new_parent_id, name=name_arg(new_name),
+                          from_parent_id=old_parent_id, from_name=name_arg(old_name))
             if new_parent_id != old_parent_id:
-                statements.append(store.touch_dir(new_parent_id, now, now))
+                change.touches.append((new_parent_id, now))
 
-            def apply(results):
+            def apply(entry_ids):
                 self.ns.unlink(old_parent_id, old_name, src.id)
                 if replaced_after is not None:
                     self.ns.unlink(new_parent_id, new_name, dst.id)
@@ -366,10 +359,10 @@ class Orchestrator:
                     self.ns.parents[src.id] = (new_parent_id, new_name)
                     old_parent.nlink -= 1
                     new_parent.nlink += 1
-                self.ns.link(new_parent_id, new_name, results[insert_at][0][0], moved_after)
+                self.ns.link(new_parent_id, new_name, entry_ids[0], moved_after)
                 _touch_cached(old_parent, now)
                 _touch_cached(new_parent, now)
-            return statements, snapshots, apply
+            return change, apply
 
         self._run(cmd, execute, record)
 
@@ -419,13 +412,13 @@ class Orchestrator:
                 atime_ns=st.atime_ns if times else current.atime_ns,
                 mtime_ns=st.mtime_ns if (times or size is not None) else current.mtime_ns,
                 ctime_ns=st.ctime_ns, version=current.version + 1)
-            statements = [store.update_node(after, current.version)]
-            snapshots = [(node_id, after.version, after.snapshot())]
+            change = store.Change()
+            change.update(after, current.version)
 
-            def apply(_results):
+            def apply(_entry_ids):
                 self.ns.put(after)
                 return after
-            return statements, snapshots, apply
+            return change, apply
 
         return self._run(cmd, execute, record)
 
@@ -447,14 +440,14 @@ class Orchestrator:
             current = self.ns.node(node_id)
             after = current.changed(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
                                     version=current.version + 1)
-            statements = [store.update_node(after, current.version)]
-            snapshots = [(node_id, after.version, after.snapshot())]
+            change = store.Change()
+            change.update(after, current.version)
 
-            def apply(_results):
+            def apply(_entry_ids):
                 self.ns.put(after)
                 metrics.BYTES_WRITTEN.labels(backend.name).inc(written)
                 return after
-            return statements, snapshots, apply
+            return change, apply
 
         result = self._run(cmd, land, record)
         if durable:

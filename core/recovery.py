@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from executors.base import NotFound, Stat
 
 from . import store
-from .db import Statement
 from .intents import Intent
 from .model import Backend, Node, Principal, display_name, name_arg
 
@@ -139,9 +138,8 @@ def _verify_since(fs, checkpoint: int) -> tuple[int, int]:
 def resolve(fs, backend: Backend, intent: Intent) -> int:
     """Make the database match the disk for the paths of one intent; journal it. Returns paths changed."""
     ns = fs.ns
-    statements: list[Statement] = []
-    snapshots: list[tuple[int, int, dict]] = []
-    after_commit = []
+    change = store.Change()
+    touched_dirs: list[int] = []
     now = time.time_ns()
     changed = 0
     paths = list(intent.paths)
@@ -156,13 +154,12 @@ def resolve(fs, backend: Backend, intent: Intent) -> int:
                 and _stat(backend, dst) is not None:
             replaced = ns.child(dst_parent.id, dst_name)
             if replaced is not None:
-                statements += _drop(replaced, dst_parent.id, dst_name, now, snapshots)
-            statements.append(store.delete_entry(src_parent.id, src_name, moved.id))
-            statements.append(store.insert_entry(dst_parent.id, dst_name, moved.id))
-            after = moved.changed(ctime_ns=now, version=moved.version + 1)
-            statements.append(store.update_node(after, moved.version))
-            snapshots.append((moved.id, after.version, after.snapshot(parent_id=dst_parent.id,
-                                                                    name=name_arg(dst_name))))
+                _drop(change, replaced, dst_parent.id, dst_name, now)
+            change.unlinks.append((src_parent.id, src_name, moved.id))
+            change.links.append((dst_parent.id, dst_name, moved.id))
+            change.update(moved.changed(ctime_ns=now, version=moved.version + 1), moved.version,
+                          parent_id=dst_parent.id, name=name_arg(dst_name))
+            touched_dirs += [src_parent.id, dst_parent.id]
             paths = []
             changed = 1
 
@@ -175,36 +172,35 @@ def resolve(fs, backend: Backend, intent: Intent) -> int:
         if st is None and node is None:
             continue
         if st is None:
-            statements += _drop(node, parent.id, name, now, snapshots)
+            _drop(change, node, parent.id, name, now)
         elif node is None or node.kind != st.kind:
             if node is not None:
-                statements += _drop(node, parent.id, name, now, snapshots)
+                _drop(change, node, parent.id, name, now)
             fresh = _node_from(fs, backend, st)
-            statements += [store.insert_node(fresh), store.insert_entry(parent.id, name, fresh.id)]
-            snapshots.append((fresh.id, 1, fresh.snapshot(parent_id=parent.id, name=name_arg(name))))
+            change.links.append((parent.id, name, fresh.id))
+            change.insert(fresh, parent_id=parent.id, name=name_arg(name))
         else:
             after = node.changed(size=st.size if st.kind != "dir" else node.size, mode=st.mode,
                                  mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns, atime_ns=st.atime_ns,
                                  version=node.version + 1, state="ACTIVE")
             if after == node.changed(version=node.version + 1):
                 continue
-            statements.append(store.update_node(after, node.version))
-            snapshots.append((node.id, after.version, after.snapshot()))
-        after_commit.append(parent.id)
+            change.update(after, node.version)
+        touched_dirs.append(parent.id)
         changed += 1
 
-    statements.append(store.journal(
+    journal = store.Journal(
         "recover", "committed", RECOVERY, intent.request_id if intent.command != "verify" else uuid.uuid4(),
-        backend_id=backend.id, node_id=snapshots[0][0] if snapshots else None,
-        path=display_name(intent.paths[0]) if intent.paths else None,
-        args={"intent": intent.command, "intent_id": str(intent.request_id),
-              "paths": [display_name(p) for p in intent.paths]},
-        result={"paths_changed": changed}, snapshots=snapshots))
-    fs.db.transaction(statements, label="recover")
-    # The view of the directories touched is rebuilt from the database on next use.
-    for dir_id in after_commit:
+        backend.id, change.snapshots[0][0] if change.snapshots else None,
+        display_name(intent.paths[0]) if intent.paths else None,
+        {"intent": intent.command, "intent_id": str(intent.request_id),
+         "paths": [display_name(p) for p in intent.paths]},
+        result={"paths_changed": changed})
+    fs.db.transaction([store.record(journal, change)], label="recover")
+    # The view of what was touched is rebuilt from the database on next use.
+    for dir_id in touched_dirs:
         ns.forget_listing(dir_id)
-    for node_id, _, _ in snapshots:
+    for node_id, _, _ in change.snapshots:
         ns.nodes.pop(node_id, None)
         ns.parents.pop(node_id, None)
     if changed:
@@ -234,13 +230,12 @@ def _stat(backend: Backend, rel: bytes) -> Stat | None:
         raise
 
 
-def _drop(node: Node, parent_id: int, name: bytes, now: int, snapshots: list) -> list[Statement]:
+def _drop(change: store.Change, node: Node, parent_id: int, name: bytes, now: int) -> None:
     links = 0 if node.is_dir else node.nlink - 1
     after = node.changed(nlink=max(links, 0), ctime_ns=now, version=node.version + 1,
                          state="DELETED" if links <= 0 else node.state)
-    snapshots.append((node.id, after.version, after.snapshot(parent_id=parent_id, name=name_arg(name),
-                                                             removed_entry=True)))
-    return [store.delete_entry(parent_id, name, node.id), store.update_node(after, node.version)]
+    change.unlinks.append((parent_id, name, node.id))
+    change.update(after, node.version, parent_id=parent_id, name=name_arg(name), removed_entry=True)
 
 
 def _node_from(fs, backend: Backend, st: Stat) -> Node:

@@ -41,7 +41,7 @@ class Filestore:
         self.settings = settings
         self.db = open_database(settings)
         self.ns = Namespace(self.db)
-        self.intents = IntentLog(settings.intents_path)
+        self.intents = IntentLog(settings.intents_path, before_compact=self.db.flush_wal)
         self.orch = Orchestrator(self.db, self.ns, self.intents)
         self.files = FileTable(self.orch, self.ns)
         self.unavailable: dict[str, str] = {}

@@ -1,12 +1,13 @@
 """The SQL of nodes, entries, journal and snapshots: loading rows and building statements.
 
-Statements are returned, not run: the orchestrator sends a command's statements as one
-pipelined transaction through core.db.Database.transaction.
+Statements are returned, not run: the orchestrator sends a command's one statement through
+core.db.Database.transaction.
 """
 from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from .db import Database, Statement
@@ -62,62 +63,67 @@ def find_by_idempotency_key(db: Database, key: str) -> dict | None:
     return rows[0] if rows else None
 
 
-# -- statements -----------------------------------------------------------------------
-def insert_node(node: Node) -> Statement:
-    return ("INSERT INTO filestore.nodes (id, backend_id, kind, size, mode, uid, gid, rdev, atime_ns,"
-            " mtime_ns, ctime_ns, symlink_target, checksum, state, version)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (node.id, node.backend_id, node.kind, node.size, node.mode, node.uid, node.gid, node.rdev,
-             node.atime_ns, node.mtime_ns, node.ctime_ns, node.target, node.checksum, node.state,
-             node.version))
+# -- recording a command ----------------------------------------------------------------
+@dataclass
+class Change:
+    """Everything one command changes in the database, recorded atomically with its journal row."""
+    new_nodes: list[Node] = field(default_factory=list)
+    updates: list[tuple[Node, int]] = field(default_factory=list)  # (node after, expected version)
+    unlinks: list[tuple[int, bytes, int]] = field(default_factory=list)  # (parent, name, node)
+    links: list[tuple[int, bytes, int]] = field(default_factory=list)  # (parent, name, node)
+    touches: list[tuple[int, int]] = field(default_factory=list)  # (directory, time ns)
+    snapshots: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)  # (node, version, data)
+
+    def update(self, after: Node, expected: int, **snapshot_extra: Any) -> None:
+        self.updates.append((after, expected))
+        self.snapshots.append((after.id, after.version, after.snapshot(**snapshot_extra)))
+
+    def insert(self, node: Node, **snapshot_extra: Any) -> None:
+        self.new_nodes.append(node)
+        self.snapshots.append((node.id, node.version, node.snapshot(**snapshot_extra)))
 
 
-def update_node(node: Node, expected_version: int) -> Statement:
-    """Write every mutable column; abort the transaction unless the row is still at expected_version."""
-    return ("WITH u AS (UPDATE filestore.nodes SET size = %s, mode = %s, uid = %s, gid = %s, rdev = %s,"
-            " atime_ns = %s, mtime_ns = %s, ctime_ns = %s, checksum = %s, state = %s, version = %s,"
-            " updated_at = now() WHERE id = %s AND version = %s RETURNING 1)"
-            " SELECT filestore.expect_rows((SELECT count(*) FROM u), 1, %s)",
-            (node.size, node.mode, node.uid, node.gid, node.rdev, node.atime_ns, node.mtime_ns,
-             node.ctime_ns, node.checksum, node.state, node.version, node.id, expected_version,
-             f"node {node.id} changed since version {expected_version}"))
+@dataclass(frozen=True)
+class Journal:
+    command: str
+    status: str
+    who: Principal
+    request_id: uuid.UUID
+    backend_id: int | None
+    node_id: int | None
+    path: str | None
+    args: dict[str, Any]
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    errno: int | None = None
+    idempotency_key: str | None = None
 
 
-def touch_dir(dir_id: int, mtime_ns: int, ctime_ns: int) -> Statement:
-    """Directory times changed by a change of its entries (no new version: the journal has it)."""
-    return ("UPDATE filestore.nodes SET mtime_ns = %s, ctime_ns = %s, updated_at = now() WHERE id = %s",
-            (mtime_ns, ctime_ns, dir_id))
+def _node_json(node: Node) -> dict[str, Any]:
+    return {"id": node.id, "backend_id": node.backend_id, "kind": node.kind, "size": node.size,
+            "mode": node.mode, "uid": node.uid, "gid": node.gid, "rdev": node.rdev,
+            "atime_ns": node.atime_ns, "mtime_ns": node.mtime_ns, "ctime_ns": node.ctime_ns,
+            "symlink_target": node.target.hex() if node.target is not None else None,
+            "checksum": node.checksum, "state": node.state, "version": node.version}
 
 
-def insert_entry(parent_id: int, name: bytes, node_id: int) -> Statement:
-    return ("INSERT INTO filestore.entries (parent_id, name, node_id) VALUES (%s, %s, %s) RETURNING id",
-            (parent_id, name, node_id))
-
-
-def delete_entry(parent_id: int, name: bytes, node_id: int) -> Statement:
-    return ("WITH d AS (DELETE FROM filestore.entries WHERE parent_id = %s AND name = %s AND node_id = %s"
-            " RETURNING 1) SELECT filestore.expect_rows((SELECT count(*) FROM d), 1, %s)",
-            (parent_id, name, node_id, f"entry {name!r} in {parent_id} changed"))
-
-
-def journal(command: str, status: str, who: Principal, request_id: uuid.UUID, *,
-            backend_id: int | None, node_id: int | None, path: str | None, args: dict[str, Any],
-            result: dict[str, Any] | None = None, error: str | None = None, errno: int | None = None,
-            idempotency_key: str | None = None,
-            snapshots: list[tuple[int, int, dict[str, Any]]] = ()) -> Statement:
-    """The journal row and the snapshots it produced; returns the journal id."""
-    values = (command, status, backend_id, node_id, path, json.dumps(args),
-              json.dumps(result) if result is not None else None, error, errno, who.actor, who.uid,
-              who.gid, who.pid, request_id, idempotency_key)
-    insert = ("INSERT INTO filestore.journal_entries (command, status, backend_id, node_id, path, args,"
-              " result, error, errno, actor, uid, gid, pid, request_id, idempotency_key)"
-              " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id")
-    if not snapshots:
-        return insert, values
-    rows = ", ".join(["(%s::bigint, %s::bigint, %s::jsonb)"] * len(snapshots))
-    params: list[Any] = list(values)
-    for node_id_, version, data in snapshots:
-        params += [node_id_, version, json.dumps(data)]
-    return (f"WITH j AS ({insert}) INSERT INTO filestore.snapshots (node_id, version, journal_id, data)"
-            f" SELECT v.node_id, v.version, j.id, v.data FROM j, (VALUES {rows}) AS v(node_id, version, data)"
-            " RETURNING journal_id", params)
+def record(journal: Journal, change: Change | None = None) -> Statement:
+    """The one statement that records a command; returns (journal id, ids of the entries added)."""
+    change = change or Change()
+    entry = {k: v for k, v in (
+        ("command", journal.command), ("status", journal.status), ("backend_id", journal.backend_id),
+        ("node_id", journal.node_id), ("path", journal.path), ("args", journal.args),
+        ("result", journal.result), ("error", journal.error), ("errno", journal.errno),
+        ("actor", journal.who.actor), ("uid", journal.who.uid), ("gid", journal.who.gid),
+        ("pid", journal.who.pid), ("request_id", str(journal.request_id)),
+        ("idempotency_key", journal.idempotency_key)) if v is not None}
+    dumps = json.dumps
+    return ("SELECT journal_id, entry_ids FROM filestore.record_command(%s, %s, %s, %s, %s, %s, %s)", (
+        dumps(entry),
+        dumps([_node_json(n) for n in change.new_nodes]),
+        dumps([{"node": _node_json(n), "expected": v} for n, v in change.updates]),
+        dumps([{"parent_id": p, "name": name.hex(), "node_id": n} for p, name, n in change.unlinks]),
+        dumps([{"parent_id": p, "name": name.hex(), "node_id": n} for p, name, n in change.links]),
+        dumps([{"id": d, "time_ns": t} for d, t in change.touches]),
+        dumps([{"node_id": n, "version": v, "data": d} for n, v, d in change.snapshots]),
+    ))

@@ -150,8 +150,9 @@ class FileTable:
         if not of.writable:
             raise FsError(errno.EACCES)
         of.request_id = uuid.uuid4()
-        backend, rel = self.ns.path_of(of.node_id)
-        self.orch.record_intent(of.request_id, "write", backend, (rel,))
+        if self.ns.parent_of(of.node_id) is not None:  # unlinked files change nothing named
+            backend, rel = self.ns.path_of(of.node_id)
+            self.orch.record_intent(of.request_id, "write", backend, (rel,))
         del fd
 
     def _stage(self, of: OpenFile) -> None:
@@ -179,6 +180,15 @@ class FileTable:
             self._truncate(of, size)
             return True
 
+    def set_times_open(self, node_id: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+        """Times set while new content is staged must survive its landing (tar sets them before close)."""
+        of = self._by_node.get(node_id)
+        if of is None or of.staging_id is None or of.fd is None:
+            return
+        st = os.fstat(of.fd)
+        os.utime(of.fd, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                            st.st_mtime_ns if mtime_ns is None else mtime_ns))
+
     def live_stat(self, node_id: int) -> Stat | None:
         """Size and times of content written but not yet committed."""
         of = self._by_node.get(node_id)
@@ -205,7 +215,11 @@ class FileTable:
 
     def _commit(self, of: OpenFile, *, durable: bool) -> None:
         link = self.ns.parent_of(of.node_id)
-        if link is None:  # unlinked while open: the content dies with the last handle
+        if link is None:
+            # Unlinked while open: the content dies with the last handle; nothing to record.
+            self.orch.intents.resolved(of.request_id)
+            of.request_id = None
+            of.ranges = []
             return
         backend, rel = self.ns.path_of(of.node_id)
         parent_rel, _, name = rel.rpartition(b"/")

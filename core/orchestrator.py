@@ -12,6 +12,7 @@ is re-run after an optimistic-version conflict, against freshly loaded rows.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import time
 import uuid
@@ -36,8 +37,25 @@ log = logging.getLogger(__name__)
 
 S_ISGID = 0o2000
 MAX_CONFLICT_RETRIES = 3
+NODE_RESULT_COMMANDS = frozenset({"mkdir", "create", "symlink", "setattr", "write"})
 
-Apply = Callable[[list[list[tuple]]], Any]
+Apply = Callable[[list[int]], Any]
+
+
+def idempotent(command):
+    """A retried command with the key of a recorded one answers what the first answered.
+
+    Checked before validation: a retried mkdir must not be refused with EEXIST because its
+    first attempt created the directory.
+    """
+    @functools.wraps(command)
+    def wrapper(self: "Orchestrator", *args, idempotency_key: str | None = None, **kwargs):
+        if idempotency_key:
+            prior = store.find_by_idempotency_key(self.db, idempotency_key)
+            if prior is not None:
+                return self._replay(prior)
+        return command(self, *args, idempotency_key=idempotency_key, **kwargs)
+    return wrapper
 
 
 @dataclass
@@ -63,10 +81,6 @@ class Orchestrator:
     # == the template ==================================================================
     def _run(self, cmd: Command, execute: Callable[[], Any],
              record: Callable[[Any], tuple[store.Change, Apply]]) -> Any:
-        if cmd.idempotency_key:
-            prior = store.find_by_idempotency_key(self.db, cmd.idempotency_key)
-            if prior is not None:
-                return self._replay(prior)
         backend_label = cmd.backend.name if cmd.backend else "-"
         started = time.perf_counter()
         if cmd.backend is not None:
@@ -127,7 +141,9 @@ class Orchestrator:
         """A retried command: answer what the first attempt answered, change nothing."""
         if prior["status"] == "failed":
             raise FsError(prior["errno"] or errno.EIO, prior["error"] or "")
-        return self.ns.node(prior["node_id"]) if prior["node_id"] else None
+        if prior["command"] in NODE_RESULT_COMMANDS and prior["node_id"]:
+            return self.ns.node(prior["node_id"])
+        return None
 
     def _reload(self, change: store.Change) -> None:
         for node_id, _, _ in change.snapshots:
@@ -167,14 +183,17 @@ class Orchestrator:
         return uid, gid, mode
 
     # == commands that add a name ======================================================
+    @idempotent
     def mkdir(self, who: Principal, parent_id: int, name: bytes, mode: int, *,
               idempotency_key: str | None = None) -> Node:
         return self._add_name("mkdir", who, parent_id, name, mode, idempotency_key=idempotency_key)
 
+    @idempotent
     def create(self, who: Principal, parent_id: int, name: bytes, mode: int, *,
                idempotency_key: str | None = None) -> Node:
         return self._add_name("create", who, parent_id, name, mode, idempotency_key=idempotency_key)
 
+    @idempotent
     def symlink(self, who: Principal, parent_id: int, name: bytes, target: bytes, *,
                 idempotency_key: str | None = None) -> Node:
         return self._add_name("symlink", who, parent_id, name, 0o777, target=target,
@@ -223,9 +242,11 @@ class Orchestrator:
         return self._run(cmd, execute, record)
 
     # == commands that remove a name ===================================================
+    @idempotent
     def unlink(self, who: Principal, parent_id: int, name: bytes, *, idempotency_key: str | None = None) -> None:
         self._remove_name("unlink", who, parent_id, name, idempotency_key)
 
+    @idempotent
     def rmdir(self, who: Principal, parent_id: int, name: bytes, *, idempotency_key: str | None = None) -> None:
         self._remove_name("rmdir", who, parent_id, name, idempotency_key)
 
@@ -274,6 +295,7 @@ class Orchestrator:
         self._run(cmd, execute, record)
 
     # == rename ========================================================================
+    @idempotent
     def rename(self, who: Principal, old_parent_id: int, old_name: bytes, new_parent_id: int,
                new_name: bytes, *, noreplace: bool = False, exchange: bool = False,
                idempotency_key: str | None = None) -> None:
@@ -378,6 +400,7 @@ class Orchestrator:
         return False
 
     # == setattr =======================================================================
+    @idempotent
     def setattr(self, who: Principal, node_id: int, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None, idempotency_key: str | None = None) -> Node:

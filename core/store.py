@@ -58,7 +58,7 @@ def load_parent(db: Database, node_id: int) -> tuple[int, bytes] | None:
 
 def find_by_idempotency_key(db: Database, key: str) -> dict | None:
     rows = db.query_dicts(
-        "SELECT id, status, node_id, result, errno, error FROM filestore.journal_entries"
+        "SELECT id, command, status, node_id, result, errno, error FROM filestore.journal_entries"
         " WHERE idempotency_key = %s", (key,))
     return rows[0] if rows else None
 

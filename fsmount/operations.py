@@ -158,6 +158,8 @@ class Operations(pyfuse3.Operations):
         )
         if any(v is not None for v in changes.values()):
             self.fs.orch.setattr(principal(ctx), inode, **changes)
+            if fields.update_atime or fields.update_mtime:
+                self.files.set_times_open(inode, changes["atime_ns"], changes["mtime_ns"])
         return self._attrs_of(inode)
 
     @handler

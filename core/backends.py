@@ -21,7 +21,7 @@ _IMPORT_BATCH = 2000
 
 def make_executor(backend: Backend):
     if backend.kind == "local":
-        return LocalExecutor(backend.root)
+        return LocalExecutor(backend.root, read_only=backend.read_only)
     raise ConfigError(f"backend {backend.name}: kind {backend.kind!r} is not supported yet")
 
 
@@ -40,7 +40,7 @@ def add(db: Database, name: str, root: str, *, read_only: bool = False, who: Pri
         raise ConfigError(f"backend root {path} is not a directory")
     if db.query("SELECT 1 FROM filestore.backend_mounts WHERE name = %s AND state = 'active'", (name,)):
         raise ConfigError(f"backend {name!r} already exists")
-    executor = LocalExecutor(str(path))
+    executor = LocalExecutor(str(path), read_only=True)  # importing only reads
     try:
         return _register(db, name, str(path), read_only, executor, who, progress)
     finally:
@@ -150,7 +150,8 @@ def load_config_file(path: Path) -> list[dict]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not valid YAML or JSON: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML or JSON: {first}") from exc
     if isinstance(data, dict):
         data = data.get("backends", [])
     if not isinstance(data, list) or not all(isinstance(b, dict) and "name" in b for b in data):

@@ -20,7 +20,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
-from executors.base import ExecutorError, Stat
+from executors.base import ExecutorError, PermissionDenied, Stat
 from executors.local import stat_from
 
 from .errors import FsError, errno_for
@@ -109,13 +109,15 @@ class FileTable:
         if of.fd is None:
             backend, rel = self.ns.path_of(of.node_id)
             try:
-                of.fd = backend.executor.open_file(rel, write=of.writable)
-            except ExecutorError as exc:
-                if of.writable and errno_for(exc) == errno.EACCES:
-                    of.writable = False
+                try:
+                    of.fd = backend.executor.open_file(rel, write=of.writable)
+                except PermissionDenied:
+                    if not of.writable:
+                        raise
+                    of.writable = False  # the daemon may read but not write it: serve reads
                     of.fd = backend.executor.open_file(rel, write=False)
-                else:
-                    raise FsError(errno_for(exc), str(exc)) from exc
+            except ExecutorError as exc:
+                raise FsError(errno_for(exc), str(exc)) from exc
         return of.fd
 
     # -- content ----------------------------------------------------------------------

@@ -51,6 +51,8 @@ class IntentLog:
 
     def record(self, intent: Intent) -> None:
         with self._lock:
+            if intent.request_id in self._open:  # an in-place write logs before its first byte
+                return
             os.write(self._fd, intent.line())
             self._open[intent.request_id] = intent
 
@@ -74,11 +76,15 @@ class IntentLog:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return out
+        seen = set()
         for line in data.splitlines():
             try:
-                out.append(Intent.parse(line))
+                intent = Intent.parse(line)
             except (ValueError, KeyError):
                 continue  # a line torn by a crash mid-append: its command never ran
+            if intent.request_id not in seen:
+                seen.add(intent.request_id)
+                out.append(intent)
         return out
 
     def reset(self, keep: list[Intent] = ()) -> None:

@@ -315,6 +315,8 @@ class Orchestrator:
                             "new_parent_id": new_parent_id, "new_name": name_arg(new_name),
                             "noreplace": noreplace, "exchange": exchange},
                       paths=(old_rel, new_rel), idempotency_key=idempotency_key)
+        src = self.ns.child(old_parent_id, old_name)
+        cmd.node_id = src.id if src is not None else None
         if src_backend.id != backend.id:
             raise self.refuse(cmd, errno.EXDEV, "rename across backends")
         check_name(new_name)
@@ -324,10 +326,8 @@ class Orchestrator:
             raise self.refuse(cmd, errno.EINVAL, "RENAME_EXCHANGE is not supported")
         if new_parent_id == backend.root_node_id and new_name == STAGING_NAME:
             raise self.refuse(cmd, errno.EINVAL, "name reserved for the executor's staging area")
-        src = self.ns.child(old_parent_id, old_name)
         if src is None:
             raise self.refuse(cmd, errno.ENOENT)
-        cmd.node_id = src.id
         dst = self.ns.child(new_parent_id, new_name)
         if src.is_dir and self._is_within(new_parent_id, src.id):
             raise self.refuse(cmd, errno.EINVAL, "cannot move a directory into itself")

@@ -76,22 +76,26 @@ def stat_from(st: os.stat_result, target: bytes | None = None) -> Stat:
 class LocalExecutor:
     kind = "local"
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, read_only: bool = False):
         self.root = os.fsencode(os.path.abspath(root))
         try:
             self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise from_os_error(exc) from exc
         self.owns_files = os.geteuid() == 0  # only root can give files to their callers
-        with _os_errors():
-            try:
-                os.mkdir(STAGING_NAME, 0o700, dir_fd=self._root_fd)
-            except FileExistsError:
-                pass
-            self._staging_fd = _openat2(self._root_fd, STAGING_NAME, os.O_PATH | os.O_DIRECTORY)
+        self._staging_fd = -1  # a read-only backend never stages, and may live on a read-only disk
+        if not read_only:
+            with _os_errors():
+                try:
+                    os.mkdir(STAGING_NAME, 0o700, dir_fd=self._root_fd)
+                except FileExistsError:
+                    pass
+                self._staging_fd = _openat2(self._root_fd, STAGING_NAME, os.O_PATH | os.O_DIRECTORY)
 
     def close(self) -> None:
         for fd in (self._staging_fd, self._root_fd):
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:
@@ -311,6 +315,8 @@ class LocalExecutor:
             pass
 
     def staged(self) -> list[str]:
+        if self._staging_fd < 0:
+            return []
         with _os_errors():
             dfd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._staging_fd)
             try:

@@ -25,6 +25,7 @@ from core.service import Filestore
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT = 1.0
+NAME_MAX = 255
 RENAME_NOREPLACE = getattr(pyfuse3, "RENAME_NOREPLACE", 1)
 RENAME_EXCHANGE = getattr(pyfuse3, "RENAME_EXCHANGE", 2)
 
@@ -114,6 +115,8 @@ class Operations(pyfuse3.Operations):
     # -- lookups ----------------------------------------------------------------------
     @handler
     def lookup(self, parent_inode, name, ctx=None):
+        if len(name) > NAME_MAX:  # the kernel lets FUSE names up to 1,024 bytes through
+            raise FUSEError(errno.ENAMETOOLONG)
         if parent_inode == ROOT_INODE:
             backend = self.ns.backend_by_name(name)
             if backend is None:

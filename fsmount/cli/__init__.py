@@ -15,6 +15,7 @@ import psycopg
 
 from core import config
 from core.errors import ConfigError, FsError
+from executors.base import ExecutorError
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -34,6 +35,10 @@ def one_line_errors(fn):
             fail(f"{exc} ({exc.code})")
         except psycopg.OperationalError as exc:
             fail(f"database unreachable: {str(exc).strip().splitlines()[0]}")
+        except ExecutorError as exc:
+            fail(f"{type(exc).__name__}: {exc}")
+        except OSError as exc:
+            fail(str(exc))
     return wrapper
 
 

@@ -125,8 +125,17 @@ class Operations(pyfuse3.Operations):
         self.ns.dir(parent_inode)
         node = self.ns.child(parent_inode, name)
         if node is None:
-            raise FUSEError(errno.ENOENT)
+            return self._absent()
         return self._entry(node)
+
+    @staticmethod
+    def _absent() -> pyfuse3.EntryAttributes:
+        """A negative entry the kernel may cache: tools look a name up before creating it,
+        often twice, and every change of the name goes through this mount."""
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = 0
+        attr.entry_timeout = ATTR_TIMEOUT
+        return attr
 
     @handler
     def forget(self, inode_list):

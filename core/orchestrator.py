@@ -448,7 +448,7 @@ class Orchestrator:
     # == write (commit of file content) ================================================
     def write(self, who: Principal, node_id: int, *, land: Callable[[], Stat],
               ranges: Sequence[tuple[int, int]], request_id: uuid.UUID, staged: bool,
-              paths: tuple[bytes, ...], durable: bool) -> Node:
+              paths: tuple[bytes, ...], durable: bool, attrs: dict[str, int] | None = None) -> Node:
         """Commit content already written to the backend (in place) or staged (landed by `land`)."""
         node = self.ns.node(node_id)
         backend = self.ns.backend_of(node)
@@ -456,12 +456,15 @@ class Orchestrator:
         cmd = Command("write", who, backend, node_id=node_id,
                       path=display_name(paths[0]) if paths else None,
                       args={"ranges": [list(r) for r in _merge(ranges)][:64], "bytes": written,
-                            "mode": "staged" if staged else "in_place", "durable": durable},
+                            "mode": "staged" if staged else "in_place", "durable": durable,
+                            **({"attrs": attrs} if attrs else {})},
                       paths=paths, request_id=request_id)
 
         def record(st: Stat):
             current = self.ns.node(node_id)
+            # mode, uid and gid folded in by FileTable.absorb_attrs are already on `current`
             after = current.changed(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
+                                    atime_ns=st.atime_ns if attrs and "atime_ns" in attrs else current.atime_ns,
                                     version=current.version + 1)
             change = store.Change()
             change.update(after, current.version)

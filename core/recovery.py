@@ -180,9 +180,10 @@ def resolve(fs, backend: Backend, intent: Intent) -> int:
             change.links.append((parent.id, name, fresh.id))
             change.insert(fresh, parent_id=parent.id, name=name_arg(name))
         else:
+            owner = (st.uid, st.gid) if backend.executor.owns_files else (node.uid, node.gid)
             after = node.changed(size=st.size if st.kind != "dir" else node.size, mode=st.mode,
-                                 mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns, atime_ns=st.atime_ns,
-                                 version=node.version + 1, state="ACTIVE")
+                                 uid=owner[0], gid=owner[1], mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
+                                 atime_ns=st.atime_ns, version=node.version + 1, state="ACTIVE")
             if after == node.changed(version=node.version + 1):
                 continue
             change.update(after, node.version)

@@ -169,9 +169,10 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
         if any(v is not None for v in changes.values()):
-            self.fs.orch.setattr(principal(ctx), inode, **changes)
-            if fields.update_atime or fields.update_mtime:
-                self.files.set_times_open(inode, changes["atime_ns"], changes["mtime_ns"])
+            absorbed = size is None and self.files.absorb_attrs(
+                inode, **{k: v for k, v in changes.items() if k != "size"})
+            if not absorbed:
+                self.fs.orch.setattr(principal(ctx), inode, **changes)
         return self._attrs_of(inode)
 
     @handler

@@ -1122,3 +1122,31 @@ def test_idempotency_key_replays_a_committed_unlink(tracked, core_fs):
     journal = tracked.journal(since)
     assert commands(journal) == [("unlink", "committed")]
     assert journal[0]["idempotency_key"] == "unlink-f" and journal[0]["node_id"] == made.id
+
+
+def test_attributes_set_on_an_open_new_file_are_folded_into_its_write(tracked):
+    """tar's pattern (write, fchown, fchmod, futimens, close) is one create and one write."""
+    path = tracked.path / "folded.bin"
+    since = tracked.last_journal_id()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b"content")
+        os.fchown(fd, 1234, 4321)
+        os.fchmod(fd, 0o640)
+        os.utime(fd, ns=(1_500_000_000_123_456_789, 1_400_000_000_987_654_321))
+        st = os.fstat(fd)  # visible at once through the mount, before the commit
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 4321, 0o640)
+        assert st.st_mtime_ns == 1_400_000_000_987_654_321
+    finally:
+        os.close(fd)
+    node = tracked.node("folded.bin")
+    assert (node["uid"], node["gid"], node["mode"], node["size"]) == (1234, 4321, 0o640, 7)
+    assert node["mtime_ns"] == 1_400_000_000_987_654_321
+    on_disk = os.lstat(tracked.backend_root / "folded.bin")
+    assert (on_disk.st_uid, on_disk.st_gid, stat.S_IMODE(on_disk.st_mode)) == (1234, 4321, 0o640)
+    assert on_disk.st_mtime_ns == 1_400_000_000_987_654_321
+    journal = [j for j in tracked.journal(since) if j["node_id"] == node["id"]]
+    assert commands(journal) == [("create", "committed"), ("write", "committed")]
+    assert journal[1]["args"]["attrs"] == {"uid": 1234, "gid": 4321, "mode": 0o640,
+                                           "atime_ns": 1_500_000_000_123_456_789,
+                                           "mtime_ns": 1_400_000_000_987_654_321}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import stat as stat_mod
 import time
 from collections import Counter
@@ -24,7 +25,7 @@ from core.service import Filestore
 
 log = logging.getLogger(__name__)
 
-ATTR_TIMEOUT = 1.0
+ATTR_TIMEOUT = float(os.environ.get("FILESTORE_ATTR_TIMEOUT", "1.0"))
 NAME_MAX = 255
 RENAME_NOREPLACE = getattr(pyfuse3, "RENAME_NOREPLACE", 1)
 RENAME_EXCHANGE = getattr(pyfuse3, "RENAME_EXCHANGE", 2)

@@ -394,3 +394,59 @@ def test_clean_remount_has_nothing_to_recover(tracked):
     assert recover_rows(tracked) == []
     assert staged_files(tracked) == []
     assert (p / "b").read_bytes() == b"a" * 1000 + b"more"
+
+
+def test_unclean_stop_reconciles_files_whose_size_no_longer_matches(tracked):
+    """A power loss can lose file data the database kept: after an unclean stop, files
+    written since the last clean stop are compared with their journaled size."""
+    (tracked.path / "kept.txt").write_bytes(b"x" * 100)
+    (tracked.path / "lost.txt").write_bytes(b"y" * 4096)
+    tracked.mount.kill()  # no clean stop: no checkpoint for the next start
+    # What a power loss leaves: data the database recorded never reached the disk.
+    os.truncate(tracked.backend_root / "lost.txt", 0)
+    since = tracked.last_journal_id()
+    tracked.mount.start()
+    assert tracked.node("lost.txt")["size"] == 0
+    assert tracked.node("kept.txt")["size"] == 100
+    rows = recover_rows(tracked, since)
+    assert [r["path"] for r in rows] == ["lost.txt"] and rows[0]["actor"] == "recovery"
+    assert os.path.getsize(tracked.path / "lost.txt") == 0
+
+
+def test_clean_stop_skips_the_size_verification(tracked):
+    (tracked.path / "a.txt").write_bytes(b"data")
+    tracked.mount.stop()
+    since = tracked.last_journal_id()
+    tracked.mount.start()
+    assert recover_rows(tracked, since) == []
+
+
+def test_fsync_and_o_sync_commit_the_write_durably(tracked):
+    path = tracked.path / "durable.log"
+    since = tracked.last_journal_id()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"first")
+        os.fsync(fd)  # the write command is committed before fsync returns
+        node = tracked.node("durable.log")
+        assert node["size"] == 5
+        writes = [r for r in tracked.journal(since) if r["command"] == "write"]
+        assert len(writes) == 1 and writes[0]["args"]["durable"] is True
+        os.write(fd, b" second")  # after the fsync the file is written in place
+    finally:
+        os.close(fd)
+    writes = [r for r in tracked.journal(since) if r["command"] == "write"]
+    assert [w["args"]["mode"] for w in writes] == ["staged", "in_place"]
+    assert (tracked.backend_root / "durable.log").read_bytes() == b"first second"
+
+    since = tracked.last_journal_id()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_SYNC)
+    try:
+        os.write(fd, b"!")
+        assert tracked.node("durable.log")["size"] == 13  # committed by the write itself
+        os.write(fd, b"?")
+        assert tracked.node("durable.log")["size"] == 14
+    finally:
+        os.close(fd)
+    writes = [r for r in tracked.journal(since) if r["command"] == "write"]
+    assert [(w["args"]["durable"], w["args"]["bytes"]) for w in writes] == [(True, 1), (True, 1)]

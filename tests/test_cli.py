@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import is_mounted, run_cli
+from conftest import is_mounted, require_fuse, run_cli
 
 UNREACHABLE = "postgresql://x@127.0.0.1:1/x"  # nothing listens on port 1
 
@@ -121,6 +121,8 @@ def test_backend_add_of_a_duplicate_name(cli, tmp_path):
 @pytest.fixture
 def read_only_fs(tmp_path):
     """A directory holding a file, on a read-only bind mount."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
     source = make_dir(tmp_path / "ro-src", {"kept.txt": b"kept\n"})
     target = make_dir(tmp_path / "ro-fs")
     subprocess.run(["mount", "--bind", "-o", "ro", str(source), str(target)], check=True, capture_output=True)
@@ -238,6 +240,7 @@ def test_journal_json_limit_and_since(tracked):
 
 
 def test_detached_mount_and_umount(cli, env, tmp_path):
+    require_fuse()
     root = make_dir(tmp_path / "root", {"hello.txt": b"hello\n"})
     cli("backend", "add", "b", str(root))
     mountpoint = make_dir(tmp_path / "detached")

@@ -129,6 +129,8 @@ def _write(path: Path, data: bytes = b"new\n") -> None:
 
 
 def _bind_mount(source: Path, target: Path, *, read_only: bool = False) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the native reference is a bind mount, which needs root")
     target.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "--bind", *(["-o", "ro"] if read_only else []), str(source), str(target)],
                    check=True, capture_output=True)

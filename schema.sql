@@ -76,8 +76,13 @@ COMMENT ON COLUMN filestore.nodes.checksum IS 'Content checksum or S3 ETag when 
 COMMENT ON COLUMN filestore.nodes.state IS 'Lifecycle: ACTIVE, INCONSISTENT (drift seen), MISSING (vanished from the backend), DELETED (removed through Filestore; the row stays for history).';
 COMMENT ON COLUMN filestore.nodes.version IS 'Optimistic version, +1 with every command that changes the node; snapshots are keyed by it.';
 
+-- Entry ids are taken in batches by each process too (core.db.IdPool), so that a name created
+-- in the mount has its readdir offset before the command is recorded.
+CREATE SEQUENCE IF NOT EXISTS filestore.entry_ids;
+COMMENT ON SEQUENCE filestore.entry_ids IS 'Source of entry ids (readdir offsets). Never reused.';
+
 CREATE TABLE IF NOT EXISTS filestore.entries (
-    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id         bigint PRIMARY KEY DEFAULT nextval('filestore.entry_ids'),
     parent_id  bigint NOT NULL REFERENCES filestore.nodes(id),
     name       bytea NOT NULL CHECK (octet_length(name) BETWEEN 1 AND 255),
     node_id    bigint NOT NULL REFERENCES filestore.nodes(id),
@@ -181,7 +186,7 @@ CREATE OR REPLACE FUNCTION filestore.record_command(
     p_new_nodes jsonb,  -- [nodes row, ...] to insert
     p_updates   jsonb,  -- [{"node": nodes row, "expected": version}, ...]
     p_unlinks   jsonb,  -- [{"parent_id", "name" (hex), "node_id"}, ...] entries to delete
-    p_links     jsonb,  -- [{"parent_id", "name" (hex), "node_id"}, ...] entries to add, in order
+    p_links     jsonb,  -- [{"parent_id", "name" (hex), "node_id", "entry_id" (optional)}, ...] entries to add
     p_touches   jsonb,  -- [{"id", "time_ns"}, ...] directories whose mtime/ctime change
     p_snapshots jsonb   -- [{"node_id", "version", "data"}, ...]
 ) RETURNS TABLE (journal_id bigint, entry_ids bigint[])
@@ -221,8 +226,9 @@ BEGIN
         END IF;
     END LOOP;
     FOR item IN SELECT * FROM jsonb_array_elements(p_links) LOOP
-        INSERT INTO filestore.entries (parent_id, name, node_id)
-        VALUES ((item->>'parent_id')::bigint, decode(item->>'name', 'hex'), (item->>'node_id')::bigint)
+        INSERT INTO filestore.entries (id, parent_id, name, node_id)
+        VALUES (coalesce((item->>'entry_id')::bigint, nextval('filestore.entry_ids')),
+                (item->>'parent_id')::bigint, decode(item->>'name', 'hex'), (item->>'node_id')::bigint)
         RETURNING id INTO new_entry;
         ids := ids || new_entry;
     END LOOP;

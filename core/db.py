@@ -162,10 +162,11 @@ def _run_as_one_query(conn: psycopg.Connection, steps: Sequence[Statement]) -> l
 
 
 class IdPool:
-    """Node ids (inode numbers) taken from the database sequence in batches."""
+    """Ids taken from a database sequence in batches: node ids (inode numbers) or entry ids."""
 
-    def __init__(self, db: Database, batch: int = 64):
+    def __init__(self, db: Database, sequence: str = "filestore.node_ids", batch: int = 64):
         self._db = db
+        self._sequence = sequence
         self._batch = batch
         self._ids: list[int] = []
         self._lock = threading.Lock()
@@ -173,7 +174,7 @@ class IdPool:
     def take(self) -> int:
         with self._lock:
             if not self._ids:
-                rows = self._db.query(
-                    "SELECT nextval('filestore.node_ids') FROM generate_series(1, %s)", (self._batch,))
+                rows = self._db.query("SELECT nextval(%s) FROM generate_series(1, %s)",
+                                      (self._sequence, self._batch))
                 self._ids = [r[0] for r in reversed(rows)]
             return self._ids.pop()

@@ -27,7 +27,7 @@ from .errors import FsError, errno_for
 from .faults import crash_point
 from .model import Backend, Principal
 from .namespace import Namespace
-from .orchestrator import Orchestrator
+from .orchestrator import Orchestrator, PendingCreate, merge_ranges
 
 
 @dataclass
@@ -44,6 +44,7 @@ class OpenFile:
     sync_writes: bool = False
     who: Principal | None = None  # the last writer to open it: the principal of its write command
     attrs: dict = field(default_factory=dict)  # attribute changes folded into the pending write
+    pending: PendingCreate | None = None  # created here, not yet on the backend nor journaled
 
     @property
     def dirty(self) -> bool:
@@ -54,6 +55,7 @@ class FileTable:
     def __init__(self, orchestrator: Orchestrator, ns: Namespace):
         self.orch = orchestrator
         self.ns = ns
+        orchestrator.settle = self.settle
         self._by_node: dict[int, OpenFile] = {}
         self._handles: dict[int, OpenFile] = {}
         self._next = itertools.count(1)
@@ -61,12 +63,21 @@ class FileTable:
 
     # -- opening ----------------------------------------------------------------------
     def create(self, who: Principal, parent_id: int, name: bytes, mode: int, flags: int) -> tuple[int, object]:
-        node = self.orch.create(who, parent_id, name, mode)
-        of = OpenFile(node.id, self.ns.backend_of(node), writable=True, fresh=True,
+        """A new file: in this mount at once, on the backend and in the journal at first close."""
+        pending = self.orch.create_deferred(who, parent_id, name, mode)
+        of = OpenFile(pending.node.id, pending.backend, writable=True, fresh=True, pending=pending,
                       sync_writes=bool(flags & (os.O_SYNC | os.O_DSYNC)), who=who)
         with self._lock:
-            self._by_node[node.id] = of
-            return self._new_handle(of), node
+            self._by_node[pending.node.id] = of
+            return self._new_handle(of), pending.node
+
+    def settle(self, node_id: int) -> None:
+        """Put a file created here but not yet committed on the backend, before another command
+        changes it (rename, unlink, setattr...)."""
+        with self._lock:
+            of = self._by_node.get(node_id)
+            if of is not None and of.pending is not None:
+                self._commit(of, durable=False)
 
     def open(self, who: Principal, node_id: int, flags: int) -> int:
         node = self.ns.node(node_id)
@@ -222,13 +233,13 @@ class FileTable:
     def flush(self, handle: int) -> None:
         of = self._get(handle)
         with self._lock:
-            if of.dirty:
+            if of.dirty or of.pending is not None:
                 self._commit(of, durable=False)
 
     def fsync(self, handle: int, datasync: bool) -> None:
         of = self._get(handle)
         with self._lock:
-            if of.dirty:
+            if of.dirty or of.pending is not None:
                 self._commit(of, durable=True)
                 return
             if of.fd is not None:
@@ -236,6 +247,9 @@ class FileTable:
         self.orch.db.flush_wal()
 
     def _commit(self, of: OpenFile, *, durable: bool) -> None:
+        if of.pending is not None:
+            self._commit_created(of, durable=durable)
+            return
         link = self.ns.parent_of(of.node_id)
         if link is None:
             # Unlinked while open: the content dies with the last handle; nothing to record.
@@ -277,6 +291,43 @@ class FileTable:
             of.attrs = {}
             of.fresh = False
 
+    def _commit_created(self, of: OpenFile, *, durable: bool) -> None:
+        """First close (or fsync) of a file created here: land it and record create (+ write)."""
+        pending = of.pending
+        executor = of.backend.executor
+        node = self.ns.node(of.node_id)
+        staging_id = of.staging_id
+
+        def land(parent_rel: bytes, name: bytes) -> Stat:
+            if staging_id is None:
+                return executor.create_file(parent_rel, name, node.mode, node.uid, node.gid)
+            st = executor.land(staging_id, parent_rel, name, mode=node.mode, uid=node.uid, gid=node.gid,
+                               times_ns=None, durable=durable, noreplace=True)
+            crash_point("after_land")
+            return st
+
+        write = None
+        if staging_id is not None:
+            written = sum(length for _, length in of.ranges)
+            write = {"ranges": [list(r) for r in merge_ranges(of.ranges)][:64], "bytes": written,
+                     "mode": "staged", "durable": durable, **({"attrs": of.attrs} if of.attrs else {})}
+        try:
+            self.orch.finish_create(pending, land=land, write=write, writer=of.who,
+                                    request_id=of.request_id or uuid.uuid4(), durable=durable)
+        except BaseException:
+            if staging_id is not None:
+                executor.discard(staging_id)
+                os.close(of.fd)
+                of.fd = None
+            raise
+        finally:
+            of.pending = None
+            of.staging_id = None
+            of.request_id = None
+            of.ranges = []
+            of.attrs = {}
+            of.fresh = False
+
     def release(self, handle: int) -> None:
         with self._lock:
             of = self._handles.pop(handle, None)
@@ -286,7 +337,7 @@ class FileTable:
             if of.handles > 0:
                 return
             try:
-                if of.dirty:
+                if of.dirty or of.pending is not None:
                     self._commit(of, durable=False)
             finally:
                 if of.staging_id is not None:

@@ -59,6 +59,17 @@ def idempotent(command):
 
 
 @dataclass
+class PendingCreate:
+    """A file created in the mount and not yet on the backend (see create_deferred)."""
+    node: Node
+    parent_id: int
+    name: bytes
+    who: Principal
+    backend: Backend
+    entry_id: int
+
+
+@dataclass
 class Command:
     name: str
     who: Principal
@@ -77,10 +88,14 @@ class Orchestrator:
         self.ns = ns
         self.intents = intents
         self.ids = IdPool(db)
+        self.entry_ids = IdPool(db, "filestore.entry_ids")
+        # Called with the id of every existing node a command is about to change, so that a
+        # file created but not yet on the backend (core.files) gets there first.
+        self.settle: Callable[[int], None] = lambda node_id: None
 
     # == the template ==================================================================
     def _run(self, cmd: Command, execute: Callable[[], Any],
-             record: Callable[[Any], tuple[store.Change, Apply]]) -> Any:
+             record: Callable[[Any], tuple[store.Change | list[tuple[Command, store.Change]], Apply]]) -> Any:
         backend_label = cmd.backend.name if cmd.backend else "-"
         started = time.perf_counter()
         if cmd.backend is not None:
@@ -99,15 +114,20 @@ class Orchestrator:
         crash_point(f"after_execute:{cmd.name}")
 
         for attempt in range(MAX_CONFLICT_RETRIES + 1):
-            change, apply = record(outcome)
-            journal = self._journal(cmd, "committed", result=_result_of(outcome))
+            recorded, apply = record(outcome)
+            # A record is this command's change, or several commands recorded together
+            # (a new file's create and its first write): each keeps its own journal row.
+            pairs = recorded if isinstance(recorded, list) else [(cmd, recorded)]
+            statements = [store.record(self._journal(c, "committed", result=_result_of(outcome, change)), change)
+                          for c, change in pairs]
             try:
-                rows = self.db.transaction([store.record(journal, change)], label=cmd.name)
+                rows = self.db.transaction(statements, label=cmd.name)
                 break
             except Conflict:
                 if attempt == MAX_CONFLICT_RETRIES:
                     raise FsError(errno.EIO, f"{cmd.name}: conflicting changes kept winning") from None
-                self._reload(change)
+                for _, change in pairs:
+                    self._reload(change)
             except psycopg.Error as exc:
                 # The physical change happened but could not be recorded: the intent stays in
                 # the log, and recovery adopts the disk state at the next start.
@@ -241,6 +261,80 @@ class Orchestrator:
 
         return self._run(cmd, execute, record)
 
+    # == a new file, recorded at its first close ======================================
+    def create_deferred(self, who: Principal, parent_id: int, name: bytes, mode: int) -> "PendingCreate":
+        """A new regular file, in this mount's view at once; it reaches the backend and the
+        journal at its first close or fsync (`finish_create`), in one transaction with its
+        first content. Nothing is on the backend before: no reader there ever sees it empty
+        or half-written, and a crash before the close leaves nothing behind."""
+        parent, backend = self._parent("create", who, parent_id, name)
+        if self.ns.child(parent_id, name) is not None:
+            _, parent_rel = self._path(parent_id)
+            raise self.refuse(Command("create", who, backend, path=display_name(self._join(parent_rel, name)),
+                                      args={"parent_id": parent_id, "name": name_arg(name)}), errno.EEXIST)
+        uid, gid, mode = self._new_owner(who, parent, "file", mode & 0o7777)
+        now = time.time_ns()
+        node = Node(self.ids.take(), backend.id, "file", 0, mode, uid, gid, 0, now, now, now)
+        entry_id = self.entry_ids.take()
+        self.ns.link(parent_id, name, entry_id, node)
+        _touch_cached(parent, now)
+        return PendingCreate(node, parent_id, name, who, backend, entry_id)
+
+    def finish_create(self, pending: "PendingCreate", *, land: Callable[[bytes, bytes], Stat],
+                      write: dict[str, Any] | None, writer: Principal | None, request_id: uuid.UUID,
+                      durable: bool) -> Node:
+        """Put a deferred file on the backend (`land(parent_rel, name)`, which must not replace
+        anything) and record its create, and its first write if any, in one transaction."""
+        node, parent_id, name, backend = pending.node, pending.parent_id, pending.name, pending.backend
+        _, parent_rel = self._path(parent_id)
+        rel = self._join(parent_rel, name)
+        cmd = Command("create", pending.who, backend, node_id=node.id, path=display_name(rel),
+                      args={"parent_id": parent_id, "name": name_arg(name), "mode": node.mode},
+                      paths=(rel,), request_id=request_id)
+        write_cmd = None
+        if write is not None:
+            write_cmd = Command("write", writer or pending.who, backend, node_id=node.id, path=display_name(rel),
+                                args=write, paths=(rel,))
+
+        def execute() -> Stat:
+            return land(parent_rel, name)
+
+        def record(st: Stat):
+            current = self.ns.node(node.id)  # mode and owner may have changed while it was open
+            link = store.Change(links=[(parent_id, name, node.id, pending.entry_id)],
+                                touches=[(parent_id, node.ctime_ns)])
+            if write_cmd is None:  # an empty file: the create alone, as the backend has it
+                final = current.changed(size=st.size, atime_ns=st.atime_ns, mtime_ns=st.mtime_ns,
+                                        ctime_ns=st.ctime_ns, version=1)
+                link.insert(final, parent_id=parent_id, name=name_arg(name))
+                pairs = [(cmd, link)]
+            else:  # version 1 as created (empty), version 2 with the content that landed
+                created = current.changed(size=0, version=1, atime_ns=node.atime_ns,
+                                          mtime_ns=node.ctime_ns, ctime_ns=node.ctime_ns)
+                link.insert(created, parent_id=parent_id, name=name_arg(name))
+                final = created.changed(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
+                                        atime_ns=st.atime_ns if "atime_ns" in write.get("attrs", {})
+                                        else created.atime_ns, version=2)
+                content = store.Change()
+                content.update(final, 1)
+                pairs = [(cmd, link), (write_cmd, content)]
+
+            def apply(_entry_ids):
+                self.ns.put(final)
+                if write_cmd is not None:
+                    metrics.BYTES_WRITTEN.labels(backend.name).inc(write.get("bytes", 0))
+                return final
+            return pairs, apply
+
+        try:
+            result = self._run(cmd, execute, record)
+        except FsError:
+            self.ns.unlink(parent_id, name, node.id)  # it never existed outside this mount
+            raise
+        if durable:
+            self.db.flush_wal()
+        return result
+
     # == commands that remove a name ===================================================
     @idempotent
     def unlink(self, who: Principal, parent_id: int, name: bytes, *, idempotency_key: str | None = None) -> None:
@@ -262,6 +356,7 @@ class Orchestrator:
         if node is None:
             raise self.refuse(cmd, errno.ENOENT)
         cmd.node_id = node.id
+        self.settle(node.id)
         if command == "unlink" and node.is_dir:
             raise self.refuse(cmd, errno.EISDIR)
         if command == "rmdir":
@@ -328,7 +423,10 @@ class Orchestrator:
             raise self.refuse(cmd, errno.EINVAL, "name reserved for the executor's staging area")
         if src is None:
             raise self.refuse(cmd, errno.ENOENT)
+        self.settle(src.id)
         dst = self.ns.child(new_parent_id, new_name)
+        if dst is not None:
+            self.settle(dst.id)
         if src.is_dir and self._is_within(new_parent_id, src.id):
             raise self.refuse(cmd, errno.EINVAL, "cannot move a directory into itself")
         if dst is not None:
@@ -406,6 +504,7 @@ class Orchestrator:
                 mtime_ns: int | None = None, idempotency_key: str | None = None) -> Node:
         if node_id == ROOT_INODE:
             raise FsError(errno.EPERM)
+        self.settle(node_id)
         node = self.ns.node(node_id)
         backend, rel = self._path(node_id)
         changes = {k: v for k, v in (("mode", mode), ("uid", uid), ("gid", gid), ("size", size),
@@ -455,7 +554,7 @@ class Orchestrator:
         written = sum(length for _, length in ranges)
         cmd = Command("write", who, backend, node_id=node_id,
                       path=display_name(paths[0]) if paths else None,
-                      args={"ranges": [list(r) for r in _merge(ranges)][:64], "bytes": written,
+                      args={"ranges": [list(r) for r in merge_ranges(ranges)][:64], "bytes": written,
                             "mode": "staged" if staged else "in_place", "durable": durable,
                             **({"attrs": attrs} if attrs else {})},
                       paths=paths, request_id=request_id)
@@ -495,7 +594,7 @@ def _touch_cached(directory: Node, when_ns: int) -> None:
     directory.mtime_ns = directory.ctime_ns = when_ns
 
 
-def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     merged: list[list[int]] = []
     for off, length in sorted(ranges):
         if merged and off <= merged[-1][0] + merged[-1][1]:
@@ -505,7 +604,11 @@ def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in merged]
 
 
-def _result_of(outcome: Any) -> dict[str, Any] | None:
-    if isinstance(outcome, Stat):
+def _result_of(outcome: Any, change: store.Change) -> dict[str, Any] | None:
+    """What the executor left, as the node this record writes has it."""
+    if not isinstance(outcome, Stat):
+        return None
+    written = change.new_nodes[-1] if change.new_nodes else (change.updates[-1][0] if change.updates else None)
+    if written is None or written.kind != outcome.kind:
         return {"size": outcome.size, "mtime_ns": outcome.mtime_ns, "mode": outcome.mode}
-    return None
+    return {"size": written.size, "mtime_ns": written.mtime_ns, "mode": written.mode}

@@ -70,7 +70,7 @@ class Change:
     new_nodes: list[Node] = field(default_factory=list)
     updates: list[tuple[Node, int]] = field(default_factory=list)  # (node after, expected version)
     unlinks: list[tuple[int, bytes, int]] = field(default_factory=list)  # (parent, name, node)
-    links: list[tuple[int, bytes, int]] = field(default_factory=list)  # (parent, name, node)
+    links: list[tuple] = field(default_factory=list)  # (parent, name, node[, entry id])
     touches: list[tuple[int, int]] = field(default_factory=list)  # (directory, time ns)
     snapshots: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)  # (node, version, data)
 
@@ -123,7 +123,8 @@ def record(journal: Journal, change: Change | None = None) -> Statement:
         dumps([_node_json(n) for n in change.new_nodes]),
         dumps([{"node": _node_json(n), "expected": v} for n, v in change.updates]),
         dumps([{"parent_id": p, "name": name.hex(), "node_id": n} for p, name, n in change.unlinks]),
-        dumps([{"parent_id": p, "name": name.hex(), "node_id": n} for p, name, n in change.links]),
+        dumps([{"parent_id": link[0], "name": link[1].hex(), "node_id": link[2],
+                "entry_id": link[3] if len(link) > 3 else None} for link in change.links]),
         dumps([{"id": d, "time_ns": t} for d, t in change.touches]),
         dumps([{"node_id": n, "version": v, "data": d} for n, v, d in change.snapshots]),
     ))

@@ -288,8 +288,9 @@ class LocalExecutor:
                            dir_fd=self._staging_fd)
 
     def land(self, staging_id: str, parent: bytes, name: bytes, *, mode: int, uid: int, gid: int,
-             times_ns: tuple[int, int] | None, durable: bool) -> Stat:
-        """Atomically replace `parent/name` with the staged file, with the node's metadata."""
+             times_ns: tuple[int, int] | None, durable: bool, noreplace: bool = False) -> Stat:
+        """Atomically put the staged file at `parent/name` with the node's metadata, replacing
+        what is there, or with `noreplace` failing with AlreadyExists if the name is taken."""
         with self._dir(parent) as pfd, _os_errors():
             sname = staging_id.encode()
             os.chmod(sname, mode, dir_fd=self._staging_fd)
@@ -303,7 +304,10 @@ class LocalExecutor:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            os.rename(sname, name, src_dir_fd=self._staging_fd, dst_dir_fd=pfd)
+            if noreplace:
+                _renameat2(self._staging_fd, sname, pfd, name, _RENAME_NOREPLACE)
+            else:
+                os.rename(sname, name, src_dir_fd=self._staging_fd, dst_dir_fd=pfd)
             if durable:
                 self._fsync_dir(pfd)
             return stat_from(os.stat(name, dir_fd=pfd, follow_symlinks=False))

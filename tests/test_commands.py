@@ -321,11 +321,11 @@ def test_unclosed_new_file_is_readable_through_same_and_second_fd(tracked):
         fd2 = os.open(path, os.O_RDONLY)
         assert os.read(fd2, len(data) + 10) == data
         assert os.stat(path).st_size == len(data)
-        # not yet committed: the backend name holds the empty file of the create
-        assert (tracked.backend_root / "pending.bin").read_bytes() == b""
-        node = tracked.node("pending.bin")
-        assert (node["size"], node["version"]) == (0, 1)
-        assert commands(tracked.journal(since)) == [("create", "committed")]
+        # a new file reaches the backend and the journal at its first close, with its content
+        assert not os.path.lexists(tracked.backend_root / "pending.bin")
+        assert tracked.node("pending.bin") is None
+        assert commands(tracked.journal(since)) == []
+        assert "pending.bin" in os.listdir(tracked.path)  # but this mount shows it at once
     finally:
         os.close(fd)
         if fd2 is not None:
@@ -1150,3 +1150,57 @@ def test_attributes_set_on_an_open_new_file_are_folded_into_its_write(tracked):
     assert journal[1]["args"]["attrs"] == {"uid": 1234, "gid": 4321, "mode": 0o640,
                                            "atime_ns": 1_500_000_000_123_456_789,
                                            "mtime_ns": 1_400_000_000_987_654_321}
+
+
+def test_renaming_a_new_file_before_close_records_its_create_first(tracked):
+    since = tracked.last_journal_id()
+    fd = os.open(tracked.path / "draft.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, b"draft ")
+        os.rename(tracked.path / "draft.txt", tracked.path / "final.txt")
+        os.write(fd, b"and more")  # after the rename the file is on the backend: in place
+    finally:
+        os.close(fd)
+    assert (tracked.path / "final.txt").read_bytes() == b"draft and more"
+    assert (tracked.backend_root / "final.txt").read_bytes() == b"draft and more"
+    assert not os.path.lexists(tracked.backend_root / "draft.txt")
+    node = tracked.node("final.txt")
+    journal = [j for j in tracked.journal(since) if j["node_id"] == node["id"]]
+    assert commands(journal) == [("create", "committed"), ("write", "committed"),
+                                 ("rename", "committed"), ("write", "committed")]
+    assert [j["args"].get("mode") for j in journal if j["command"] == "write"] == ["staged", "in_place"]
+    assert node["size"] == 14 and node["version"] == 4
+
+
+def test_unlinking_a_new_file_while_open_keeps_it_usable_until_close(tracked):
+    since = tracked.last_journal_id()
+    path = tracked.path / "scratch.tmp"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b"scratch data")
+        os.unlink(path)
+        assert not os.path.lexists(path)
+        os.write(fd, b" still writable")
+        assert os.pread(fd, 100, 0) == b"scratch data still writable"
+    finally:
+        os.close(fd)
+    assert not os.path.lexists(tracked.backend_root / "scratch.tmp")
+    assert commands(tracked.journal(since)) == [("create", "committed"), ("write", "committed"),
+                                                ("unlink", "committed")]
+
+
+def test_a_new_file_is_visible_in_the_mount_before_its_close(tracked):
+    os.mkdir(tracked.path / "sub")
+    fd = os.open(tracked.path / "sub" / "early.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        assert os.listdir(tracked.path / "sub") == ["early.txt"]
+        with pytest.raises(FileExistsError) as exc:
+            os.open(tracked.path / "sub" / "early.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        assert exc.value.errno == errno.EEXIST
+        with pytest.raises(OSError) as exc:
+            os.rmdir(tracked.path / "sub")
+        assert exc.value.errno == errno.ENOTEMPTY
+    finally:
+        os.close(fd)
+    assert (tracked.backend_root / "sub" / "early.txt").read_bytes() == b""
+    assert tracked.node("sub/early.txt")["size"] == 0

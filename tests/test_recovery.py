@@ -143,16 +143,15 @@ def test_crash_after_stage_write_leaves_no_partial_file(tracked):
                 pass
 
     crash_during(tracked, "after_stage_write", write_new_file)
-    # The create committed (an empty file); the content only ever reached the staging area.
-    assert (tracked.backend_root / "new.bin").read_bytes() == b""
+    # A new file reaches the backend at its first close: only the staging area has bytes.
+    assert not os.path.lexists(tracked.backend_root / "new.bin")
     assert len(staged_files(tracked)) == 1
     tracked.mount.start()
 
     assert staged_files(tracked) == []
-    assert (tracked.backend_root / "new.bin").read_bytes() == b""
-    node = tracked.node("new.bin")
-    assert node is not None and node["kind"] == "file" and node["size"] == 0
-    assert target.read_bytes() == b""
+    assert not os.path.lexists(tracked.backend_root / "new.bin")
+    assert tracked.node("new.bin") is None
+    assert not os.path.lexists(target)
     assert intent_lines(tracked) == []
 
 
@@ -163,7 +162,7 @@ def test_sigkill_midway_through_a_50_mib_write(tracked, how):
     old = b"the old content\n" * 100
     if how == "rewrite":
         (tracked.path / name).write_bytes(old)
-    expected = b"" if how == "new" else old
+    expected = None if how == "new" else old  # a new file is not on the backend before its close
     writer = spawn_client(WRITER, str(tracked.path / name), how, str(total), str(total // 2))
     try:
         assert read_line(writer) == "paused"
@@ -171,7 +170,7 @@ def test_sigkill_midway_through_a_50_mib_write(tracked, how):
         staged = staged_files(tracked)  # each write(2) returned after the server wrote it
         assert len(staged) == 1
         assert os.path.getsize(tracked.backend_root / STAGING / staged[0]) == total // 2
-        assert (tracked.backend_root / name).read_bytes() == expected
+        assert _content(tracked.backend_root / name) == expected
         tracked.mount.kill()
         code, out, err = finish_client(writer)
     finally:
@@ -181,17 +180,24 @@ def test_sigkill_midway_through_a_50_mib_write(tracked, how):
     assert code == 3, (out, err)
     assert int(out.split()[-1]) in DEAD_MOUNT, out
 
-    assert (tracked.backend_root / name).read_bytes() == expected
+    assert _content(tracked.backend_root / name) == expected
     tracked.mount.start()
     assert staged_files(tracked) == []
-    assert (tracked.backend_root / name).read_bytes() == expected
+    assert _content(tracked.backend_root / name) == expected
     node = tracked.node(name)
-    assert node is not None and node["size"] == len(expected)
-    assert (tracked.path / name).read_bytes() == expected
+    if expected is None:
+        assert node is None
+    else:
+        assert node is not None and node["size"] == len(expected)
+    assert _content(tracked.path / name) == expected
     # The mount serves normally again: the same name can be written through it.
     (tracked.path / name).write_bytes(b"after recovery")
     assert (tracked.backend_root / name).read_bytes() == b"after recovery"
     assert tracked.node(name)["size"] == len(b"after recovery")
+
+
+def _content(path) -> bytes | None:
+    return path.read_bytes() if os.path.lexists(path) else None
 
 
 def test_crash_after_land_adopts_the_landed_content(tracked):
@@ -209,8 +215,8 @@ def test_crash_after_land_adopts_the_landed_content(tracked):
 
     crash_during(tracked, "after_land", write_file)
     assert (tracked.backend_root / "landed.bin").read_bytes() == content
-    assert tracked.node("landed.bin")["size"] == 0  # the create committed, the write did not
-    pending = [i for i in unfinished_intents(tracked) if i["cmd"] == "write"]
+    assert tracked.node("landed.bin") is None  # landed, but neither create nor write committed
+    pending = [i for i in unfinished_intents(tracked) if i["cmd"] == "create"]
     assert len(pending) == 1, unfinished_intents(tracked)
     request_id = uuid.UUID(pending[0]["id"])
     since = tracked.last_journal_id()
@@ -223,7 +229,7 @@ def test_crash_after_land_adopts_the_landed_content(tracked):
     assert [(r["actor"], r["request_id"], r["status"]) for r in recovered] == \
         [("recovery", request_id, "committed")]
     assert recovered[0]["node_id"] == node["id"]
-    assert recovered[0]["args"]["intent"] == "write"
+    assert recovered[0]["args"]["intent"] == "create"
     assert target.read_bytes() == content
     assert staged_files(tracked) == []
 

@@ -119,7 +119,8 @@ def launch_detached(settings: Settings, mountpoint: str, timeout: float = 60.0) 
     log_path = settings.logs_dir / f"mount-{Path(path).name or 'root'}.log"
     with open(log_path, "ab") as out:
         child = subprocess.Popen(
-            [sys.executable, "-m", "fsmount.cli", "mount", "--foreground", path],
+            # -v: the detached server's log (FILESTORE_HOME/logs) keeps INFO lines: recovery, mounts
+            [sys.executable, "-m", "fsmount.cli", "-v", "mount", "--foreground", path],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

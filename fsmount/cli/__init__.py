@@ -7,13 +7,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 
 import click
 import psycopg
 
-from core import config
+from core import config, logs
 from core.errors import ConfigError, FsError
 from executors.base import ExecutorError
 
@@ -59,12 +58,8 @@ def main(verbose: int) -> None:
     DATABASE_URL (default: an embedded PostgreSQL in FILESTORE_HOME), REDIS_URL (default
     inline), FILESTORE_BACKENDS_PATH (backends declared in YAML or JSON).
     """
-    level = logging.WARNING - 10 * verbose
-    fmt = '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}' \
-        if os.environ.get("FILESTORE_LOG_FORMAT", "").lower() == "json" \
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=max(level, logging.DEBUG), format=fmt)
-
+    level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
+    logs.configure(level, settings().log_json)
 
 from . import admin, backend, mount  # noqa: E402  (registers the commands on `main`)
 

@@ -199,44 +199,54 @@ DECLARE
     ids bigint[] := '{}';
     jid bigint;
 BEGIN
-    FOR item IN SELECT * FROM jsonb_array_elements(p_new_nodes) LOOP
-        n := jsonb_populate_record(NULL::filestore.nodes, item);
-        INSERT INTO filestore.nodes (id, backend_id, kind, size, mode, uid, gid, rdev, atime_ns, mtime_ns,
-                                     ctime_ns, symlink_target, checksum, state, version)
-        VALUES (n.id, n.backend_id, n.kind, n.size, n.mode, n.uid, n.gid, n.rdev, n.atime_ns, n.mtime_ns,
-                n.ctime_ns, decode(item->>'symlink_target', 'hex'), n.checksum, n.state, n.version);
-    END LOOP;
-    FOR item IN SELECT * FROM jsonb_array_elements(p_updates) ORDER BY (value->'node'->>'id')::bigint LOOP
-        n := jsonb_populate_record(NULL::filestore.nodes, item->'node');
-        UPDATE filestore.nodes SET size = n.size, mode = n.mode, uid = n.uid, gid = n.gid, rdev = n.rdev,
-               atime_ns = n.atime_ns, mtime_ns = n.mtime_ns, ctime_ns = n.ctime_ns, checksum = n.checksum,
-               state = n.state, version = n.version, updated_at = now()
-         WHERE id = n.id AND version = (item->>'expected')::bigint;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'filestore conflict: node % changed since version %', n.id, item->>'expected'
-                USING ERRCODE = 'FS409';
-        END IF;
-    END LOOP;
-    FOR item IN SELECT * FROM jsonb_array_elements(p_unlinks) LOOP
-        DELETE FROM filestore.entries WHERE parent_id = (item->>'parent_id')::bigint
-           AND name = decode(item->>'name', 'hex') AND node_id = (item->>'node_id')::bigint;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'filestore conflict: entry % in % changed', item->>'name', item->>'parent_id'
-                USING ERRCODE = 'FS409';
-        END IF;
-    END LOOP;
-    FOR item IN SELECT * FROM jsonb_array_elements(p_links) LOOP
-        INSERT INTO filestore.entries (id, parent_id, name, node_id)
-        VALUES (coalesce((item->>'entry_id')::bigint, nextval('filestore.entry_ids')),
-                (item->>'parent_id')::bigint, decode(item->>'name', 'hex'), (item->>'node_id')::bigint)
-        RETURNING id INTO new_entry;
-        ids := ids || new_entry;
-    END LOOP;
-    FOR item IN SELECT * FROM jsonb_array_elements(p_touches) ORDER BY (value->>'id')::bigint LOOP
-        touched := (item->>'id')::bigint;
-        UPDATE filestore.nodes SET mtime_ns = (item->>'time_ns')::bigint, ctime_ns = (item->>'time_ns')::bigint,
-               updated_at = now() WHERE id = touched;
-    END LOOP;
+    IF jsonb_array_length(p_new_nodes) > 0 THEN  -- an empty loop still costs a query
+        FOR item IN SELECT * FROM jsonb_array_elements(p_new_nodes) LOOP
+            n := jsonb_populate_record(NULL::filestore.nodes, item);
+            INSERT INTO filestore.nodes (id, backend_id, kind, size, mode, uid, gid, rdev, atime_ns, mtime_ns,
+                                         ctime_ns, symlink_target, checksum, state, version)
+            VALUES (n.id, n.backend_id, n.kind, n.size, n.mode, n.uid, n.gid, n.rdev, n.atime_ns, n.mtime_ns,
+                    n.ctime_ns, decode(item->>'symlink_target', 'hex'), n.checksum, n.state, n.version);
+        END LOOP;
+    END IF;
+    IF jsonb_array_length(p_updates) > 0 THEN  -- an empty loop still costs a query
+        FOR item IN SELECT * FROM jsonb_array_elements(p_updates) ORDER BY (value->'node'->>'id')::bigint LOOP
+            n := jsonb_populate_record(NULL::filestore.nodes, item->'node');
+            UPDATE filestore.nodes SET size = n.size, mode = n.mode, uid = n.uid, gid = n.gid, rdev = n.rdev,
+                   atime_ns = n.atime_ns, mtime_ns = n.mtime_ns, ctime_ns = n.ctime_ns, checksum = n.checksum,
+                   state = n.state, version = n.version, updated_at = now()
+             WHERE id = n.id AND version = (item->>'expected')::bigint;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'filestore conflict: node % changed since version %', n.id, item->>'expected'
+                    USING ERRCODE = 'FS409';
+            END IF;
+        END LOOP;
+    END IF;
+    IF jsonb_array_length(p_unlinks) > 0 THEN  -- an empty loop still costs a query
+        FOR item IN SELECT * FROM jsonb_array_elements(p_unlinks) LOOP
+            DELETE FROM filestore.entries WHERE parent_id = (item->>'parent_id')::bigint
+               AND name = decode(item->>'name', 'hex') AND node_id = (item->>'node_id')::bigint;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'filestore conflict: entry % in % changed', item->>'name', item->>'parent_id'
+                    USING ERRCODE = 'FS409';
+            END IF;
+        END LOOP;
+    END IF;
+    IF jsonb_array_length(p_links) > 0 THEN  -- an empty loop still costs a query
+        FOR item IN SELECT * FROM jsonb_array_elements(p_links) LOOP
+            INSERT INTO filestore.entries (id, parent_id, name, node_id)
+            VALUES (coalesce((item->>'entry_id')::bigint, nextval('filestore.entry_ids')),
+                    (item->>'parent_id')::bigint, decode(item->>'name', 'hex'), (item->>'node_id')::bigint)
+            RETURNING id INTO new_entry;
+            ids := ids || new_entry;
+        END LOOP;
+    END IF;
+    IF jsonb_array_length(p_touches) > 0 THEN  -- an empty loop still costs a query
+        FOR item IN SELECT * FROM jsonb_array_elements(p_touches) ORDER BY (value->>'id')::bigint LOOP
+            touched := (item->>'id')::bigint;
+            UPDATE filestore.nodes SET mtime_ns = (item->>'time_ns')::bigint, ctime_ns = (item->>'time_ns')::bigint,
+                   updated_at = now() WHERE id = touched;
+        END LOOP;
+    END IF;
     INSERT INTO filestore.journal_entries (command, status, backend_id, node_id, path, args, result, error,
                                            errno, actor, uid, gid, pid, request_id, idempotency_key)
     VALUES (p_journal->>'command', p_journal->>'status', (p_journal->>'backend_id')::int,
@@ -245,9 +255,11 @@ BEGIN
             (p_journal->>'uid')::int, (p_journal->>'gid')::int, (p_journal->>'pid')::int,
             (p_journal->>'request_id')::uuid, p_journal->>'idempotency_key')
     RETURNING id INTO jid;
-    INSERT INTO filestore.snapshots (node_id, version, journal_id, data)
-    SELECT (s->>'node_id')::bigint, (s->>'version')::bigint, jid, s->'data'
-      FROM jsonb_array_elements(p_snapshots) AS s;
+    IF jsonb_array_length(p_snapshots) > 0 THEN
+        INSERT INTO filestore.snapshots (node_id, version, journal_id, data)
+        SELECT (s->>'node_id')::bigint, (s->>'version')::bigint, jid, s->'data'
+          FROM jsonb_array_elements(p_snapshots) AS s;
+    END IF;
     RETURN QUERY SELECT jid, ids;
 END $$;
 COMMENT ON FUNCTION filestore.record_command IS

@@ -33,16 +33,12 @@ class Conflict(Exception):
     """An optimistic version check failed: someone else changed the row first."""
 
 
-def connect(url: str, *, autocommit: bool = True, fast_commit: bool = False) -> psycopg.Connection:
+def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection:
+    """A connection for admin work; an unreachable server is a one-line ConfigError."""
     try:
-        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
+        return psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
     except psycopg.OperationalError as exc:
         raise ConfigError(f"cannot connect to PostgreSQL: {_first_line(exc)}") from exc
-    if fast_commit:
-        # Commits stay atomic; a database crash may lose the last fraction of a second of
-        # them. fsync on a file waits for the WAL (Database.flush_wal), see docs/architecture.md.
-        conn.execute("SET synchronous_commit = off")
-    return conn
 
 
 def _first_line(exc: BaseException) -> str:
@@ -64,16 +60,31 @@ class Database:
     @property
     def pool(self) -> ConnectionPool:
         if self._pool is None:
+            # check: a connection broken by a server restart is replaced at checkout instead of
+            # failing the first query after the restart (a round trip, on a path that is rare).
             self._pool = ConnectionPool(
                 self.url, min_size=1, max_size=self._pool_size, open=True,
-                kwargs={"autocommit": True}, timeout=30,
+                kwargs={"autocommit": True}, timeout=30, check=ConnectionPool.check_connection,
             )
         return self._pool
 
     def command_connection(self) -> psycopg.Connection:
+        """The connection commands run on; raises psycopg.OperationalError while the server is away."""
         if self._command_conn is None or self._command_conn.closed:
-            self._command_conn = connect(self.url, fast_commit=True)
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+            # Commits stay atomic; a database crash may lose the last fraction of a second of
+            # them. fsync on a file waits for the WAL (flush_wal), see docs/architecture.md.
+            conn.execute("SET synchronous_commit = off")
+            self._command_conn = conn
         return self._command_conn
+
+    def _drop_command_connection(self) -> None:
+        if self._command_conn is not None:
+            try:
+                self._command_conn.close()
+            except psycopg.Error:
+                pass
+        self._command_conn = None
 
     def close(self) -> None:
         if self._command_conn is not None:
@@ -101,32 +112,28 @@ class Database:
         conflict and lets every other database error through.
         """
         with self._command_lock:
-            conn = self.command_connection()
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 steps = statements() if callable(statements) else statements
                 started = time.perf_counter()
                 try:
-                    return _run_as_one_query(conn, steps)
+                    return _run_as_one_query(self.command_connection(), steps)
                 except RETRYABLE:
                     metrics.TXN_RESTARTS.labels(label).inc()
                     if attempt == MAX_ATTEMPTS:
                         raise
                     time.sleep(0.002 * 2 ** attempt)
-                except pg_errors.RaiseException as exc:
-                    if exc.sqlstate == "FS409":
-                        raise Conflict(_first_line(exc)) from exc
-                    raise
+                except psycopg.OperationalError:
+                    # The server went away (restart, outage): reconnect and retry a few times.
+                    # A retry of a command that did commit fails on its unique request id, and
+                    # is then treated like an outage: recovery finds the row and changes nothing.
+                    self._drop_command_connection()
+                    if attempt == MAX_ATTEMPTS:
+                        raise
+                    time.sleep(0.05 * attempt)
                 except psycopg.errors.DatabaseError as exc:
                     if getattr(exc, "sqlstate", None) == "FS409":
                         raise Conflict(_first_line(exc)) from exc
                     raise
-                except psycopg.OperationalError:
-                    # The connection broke (server restart): reconnect once and retry.
-                    self._command_conn = None
-                    if attempt == MAX_ATTEMPTS:
-                        raise
-                    time.sleep(0.05 * attempt)
-                    conn = self.command_connection()
                 finally:
                     metrics.TXN_SECONDS.labels(label).observe(time.perf_counter() - started)
             raise AssertionError("unreachable")
@@ -134,11 +141,19 @@ class Database:
     def flush_wal(self) -> None:
         """Wait until every commit made so far is durable (the fsync rule)."""
         with self._command_lock:
-            conn = self.command_connection()
-            with conn.transaction():
-                conn.execute("SET LOCAL synchronous_commit = on")
-                # An xid forces a commit record, whose synchronous flush covers all earlier WAL.
-                conn.execute("SELECT pg_current_xact_id()")
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                try:
+                    conn = self.command_connection()
+                    with conn.transaction():
+                        conn.execute("SET LOCAL synchronous_commit = on")
+                        # An xid forces a commit record, whose synchronous flush covers all earlier WAL.
+                        conn.execute("SELECT pg_current_xact_id()")
+                    return
+                except psycopg.OperationalError:
+                    self._drop_command_connection()
+                    if attempt == MAX_ATTEMPTS:
+                        raise
+                    time.sleep(0.05 * attempt)
 
 
 def _run_as_one_query(conn: psycopg.Connection, steps: Sequence[Statement]) -> list[list[tuple]]:

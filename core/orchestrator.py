@@ -27,7 +27,7 @@ from executors.local import STAGING_NAME
 
 from . import metrics, store
 from .faults import crash_point
-from .db import Conflict, Database, IdPool
+from .db import Conflict, Database, IdPool, _first_line
 from .errors import FsError, errno_for
 from .intents import Intent, IntentLog
 from .model import ROOT_INODE, Backend, Node, Principal, display_name, name_arg
@@ -92,10 +92,16 @@ class Orchestrator:
         # Called with the id of every existing node a command is about to change, so that a
         # file created but not yet on the backend (core.files) gets there first.
         self.settle: Callable[[int], None] = lambda node_id: None
+        # Changes made on a backend while the database was away, and how to adopt them
+        # (core.recovery.heal, wired by core.service).
+        self.unrecorded: list[Intent] = []
+        self.heal: Callable[[Intent], None] | None = None
 
     # == the template ==================================================================
     def _run(self, cmd: Command, execute: Callable[[], Any],
              record: Callable[[Any], tuple[store.Change | list[tuple[Command, store.Change]], Apply]]) -> Any:
+        if self.unrecorded:
+            self.heal_unrecorded()
         backend_label = cmd.backend.name if cmd.backend else "-"
         started = time.perf_counter()
         if cmd.backend is not None:
@@ -129,10 +135,13 @@ class Orchestrator:
                 for _, change in pairs:
                     self._reload(change)
             except psycopg.Error as exc:
-                # The physical change happened but could not be recorded: the intent stays in
-                # the log, and recovery adopts the disk state at the next start.
-                log.error("%s %s: change made but not recorded (%s); left for recovery",
-                          cmd.name, cmd.path, exc)
+                # The physical change happened but could not be recorded (the database is
+                # away): the intent stays in the log, and the change is adopted from the disk
+                # as soon as the database answers again (heal), or at the next start.
+                log.error("%s %s: change made but not recorded (%s); adopted when the database is back",
+                          cmd.name, cmd.path, _first_line(exc))
+                if cmd.backend is not None:
+                    self.unrecorded.append(Intent(cmd.request_id, cmd.name, cmd.backend.id, cmd.paths))
                 raise FsError(errno.EIO, "database unavailable") from exc
         self.intents.resolved(cmd.request_id)
         journal_id, entry_ids = rows[0][0]
@@ -140,6 +149,15 @@ class Orchestrator:
         metrics.COMMAND_SECONDS.labels(cmd.name, backend_label, "committed").observe(
             time.perf_counter() - started)
         return value
+
+    def heal_unrecorded(self) -> None:
+        """Adopt the changes that could not be recorded, oldest first, once the database answers."""
+        while self.unrecorded and self.heal is not None:
+            try:
+                self.heal(self.unrecorded[0])
+            except psycopg.Error:
+                return  # still away: the next command tries again
+            self.intents.resolved(self.unrecorded.pop(0).request_id)
 
     def refuse(self, cmd: Command, code: int, message: str = "") -> FsError:
         """Journal a command refused by validation and return the error to raise."""

@@ -86,6 +86,26 @@ def run(fs) -> Report:
     return report
 
 
+def heal(fs, intent: Intent) -> None:
+    """Adopt a change made while the database was away (called when it answers again)."""
+    recorded = fs.db.query("SELECT 1 FROM filestore.journal_entries WHERE request_id = %s",
+                           (intent.request_id,))
+    backend = fs.ns.backends.get(intent.backend_id)
+    if backend is None:
+        return
+    if recorded:
+        # It committed after all (the connection broke after the commit): reload what it touched.
+        for rel in intent.paths:
+            parent, name = _locate(fs, backend, rel)
+            if parent is not None:
+                child = fs.ns.child(parent.id, name)
+                if child is not None:
+                    fs.ns.nodes.pop(child.id, None)
+                fs.ns.forget_listing(parent.id)
+        return
+    resolve(fs, backend, intent)
+
+
 def mark_clean(fs) -> None:
     """A clean stop: everything on disk; remember the journal position for the next start."""
     for backend in fs.ns.backends.values():

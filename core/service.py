@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from . import backends, embedded_pg, schema, store
+from . import backends, embedded_pg, recovery, schema, store
 from .config import Settings
 from .db import Database, connect
 from .errors import ConfigError
@@ -44,6 +44,7 @@ class Filestore:
         self.intents = IntentLog(settings.intents_path, before_compact=self.db.flush_wal)
         self.orch = Orchestrator(self.db, self.ns, self.intents)
         self.files = FileTable(self.orch, self.ns)
+        self.orch.heal = lambda intent: recovery.heal(self, intent)
         self.unavailable: dict[str, str] = {}
         self.reload_backends()
 

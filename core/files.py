@@ -72,11 +72,12 @@ class FileTable:
             return self._new_handle(of), pending.node
 
     def settle(self, node_id: int) -> None:
-        """Put a file created here but not yet committed on the backend, before another command
-        changes it (rename, unlink, setattr...)."""
+        """Put a file created here, or staged content, on the backend before another command
+        changes the file (rename, link, unlink, setattr...): a hard link made to a file whose
+        rewrite is staged would otherwise be split from it when the staged content lands."""
         with self._lock:
             of = self._by_node.get(node_id)
-            if of is not None and of.pending is not None:
+            if of is not None and (of.pending is not None or of.staging_id is not None):
                 self._commit(of, durable=False)
 
     def open(self, who: Principal, node_id: int, flags: int) -> int:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 S_ISGID = 0o2000
 MAX_CONFLICT_RETRIES = 3
-NODE_RESULT_COMMANDS = frozenset({"mkdir", "create", "symlink", "setattr", "write"})
+NODE_RESULT_COMMANDS = frozenset({"mkdir", "create", "symlink", "mknod", "link", "setattr", "write"})
 
 Apply = Callable[[list[int]], Any]
 
@@ -237,16 +237,26 @@ class Orchestrator:
         return self._add_name("symlink", who, parent_id, name, 0o777, target=target,
                               idempotency_key=idempotency_key)
 
+    @idempotent
+    def mknod(self, who: Principal, parent_id: int, name: bytes, kind: str, mode: int, rdev: int = 0, *,
+              idempotency_key: str | None = None) -> Node:
+        """A FIFO, socket, character or block device (or an empty regular file), as mknod(2)."""
+        return self._add_name("mknod", who, parent_id, name, mode, kind=kind, rdev=rdev,
+                              idempotency_key=idempotency_key)
+
     def _add_name(self, command: str, who: Principal, parent_id: int, name: bytes, mode: int, *,
-                  target: bytes | None = None, idempotency_key: str | None = None) -> Node:
+                  target: bytes | None = None, kind: str | None = None, rdev: int = 0,
+                  idempotency_key: str | None = None) -> Node:
         parent, backend = self._parent(command, who, parent_id, name)
         _, parent_rel = self._path(parent_id)
         rel = self._join(parent_rel, name)
-        kind = {"mkdir": "dir", "create": "file", "symlink": "symlink"}[command]
+        kind = kind or {"mkdir": "dir", "create": "file", "symlink": "symlink"}[command]
         uid, gid, mode = self._new_owner(who, parent, kind, mode & 0o7777)
         args: dict[str, Any] = {"parent_id": parent_id, "name": name_arg(name), "mode": mode}
         if target is not None:
             args["target"] = name_arg(target)
+        if command == "mknod":
+            args.update(kind=kind, rdev=rdev)
         cmd = Command(command, who, backend, path=display_name(rel), args=args, paths=(rel,),
                       idempotency_key=idempotency_key)
         if self.ns.child(parent_id, name) is not None:
@@ -260,10 +270,12 @@ class Orchestrator:
                 return executor.mkdir(parent_rel, name, mode, uid, gid)
             if kind == "file":
                 return executor.create_file(parent_rel, name, mode, uid, gid)
-            return executor.symlink(parent_rel, name, target, uid, gid)
+            if kind == "symlink":
+                return executor.symlink(parent_rel, name, target, uid, gid)
+            return executor.mknod(parent_rel, name, kind, mode, rdev, uid, gid)
 
         def record(st: Stat):
-            node = Node(node_id, backend.id, kind, st.size if kind != "dir" else 0, mode, uid, gid, 0,
+            node = Node(node_id, backend.id, kind, st.size if kind != "dir" else 0, mode, uid, gid, st.rdev,
                         st.atime_ns, st.mtime_ns, st.ctime_ns, target=target,
                         nlink=2 if kind == "dir" else 1)
             change = store.Change(links=[(parent_id, name, node_id)], touches=[(parent_id, st.ctime_ns)])
@@ -275,6 +287,46 @@ class Orchestrator:
                 if kind == "dir":
                     parent.nlink += 1
                 return node
+            return change, apply
+
+        return self._run(cmd, execute, record)
+
+    # == hard links ====================================================================
+    @idempotent
+    def link(self, who: Principal, node_id: int, new_parent_id: int, new_name: bytes, *,
+             idempotency_key: str | None = None) -> Node:
+        """A new name for an existing file (link(2)): one node, several entries."""
+        node = self.ns.node(node_id)
+        new_parent, backend = self._parent("link", who, new_parent_id, new_name)
+        _, parent_rel = self._path(new_parent_id)
+        rel = self._join(parent_rel, new_name)
+        cmd = Command("link", who, backend, node_id=node_id, path=display_name(rel),
+                      args={"parent_id": new_parent_id, "name": name_arg(new_name)},
+                      idempotency_key=idempotency_key)
+        if node.is_dir:
+            raise self.refuse(cmd, errno.EPERM, "hard links to directories are not allowed")
+        if node.backend_id != backend.id:
+            raise self.refuse(cmd, errno.EXDEV, "hard link across backends")
+        if self.ns.child(new_parent_id, new_name) is not None:
+            raise self.refuse(cmd, errno.EEXIST)
+        self.settle(node_id)
+        _, src_rel = self._path(node_id)
+        cmd.paths = (src_rel, rel)
+        executor = backend.executor
+
+        def execute() -> Stat:
+            return executor.link(src_rel, parent_rel, new_name)
+
+        def record(st: Stat):
+            current = self.ns.node(node_id)
+            after = current.changed(nlink=current.nlink + 1, ctime_ns=st.ctime_ns, version=current.version + 1)
+            change = store.Change(links=[(new_parent_id, new_name, node_id)], touches=[(new_parent_id, st.ctime_ns)])
+            change.update(after, current.version, parent_id=new_parent_id, name=name_arg(new_name), added_entry=True)
+
+            def apply(entry_ids):
+                self.ns.link(new_parent_id, new_name, entry_ids[0], after)
+                _touch_cached(new_parent, st.ctime_ns)
+                return after
             return change, apply
 
         return self._run(cmd, execute, record)

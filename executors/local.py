@@ -19,7 +19,7 @@ import stat as stat_mod
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .base import (AlreadyExists, ExecutorError, InvalidArgument, NotFound, Stat, from_os_error,
+from .base import (TYPE_BITS, AlreadyExists, ExecutorError, InvalidArgument, NotFound, Stat, from_os_error,
                    kind_of, validate_name)
 
 STAGING_NAME = b".filestore.staging"
@@ -236,6 +236,23 @@ class LocalExecutor:
             os.symlink(target, name, dir_fd=pfd)
             self._own(name, pfd, uid, gid)
             return stat_from(os.stat(name, dir_fd=pfd, follow_symlinks=False), target)
+
+    def mknod(self, parent: bytes, name: bytes, kind: str, mode: int, rdev: int, uid: int, gid: int) -> Stat:
+        """A FIFO, socket, device or empty file, as mknod(2) makes it (devices need privilege)."""
+        validate_name(name)
+        with self._dir(parent) as pfd, _os_errors():
+            os.mknod(name, TYPE_BITS[kind] | mode, rdev, dir_fd=pfd)
+            os.chmod(name, mode, dir_fd=pfd)  # not filtered by the daemon's umask
+            self._own(name, pfd, uid, gid)
+            return stat_from(os.stat(name, dir_fd=pfd, follow_symlinks=False))
+
+    def link(self, src: bytes, parent: bytes, name: bytes) -> Stat:
+        """A new name for an existing file; neither name is followed if it is a symlink."""
+        validate_name(name)
+        src_parent, src_name = self._split(src)
+        with self._dir(src_parent) as sfd, self._dir(parent) as dfd, _os_errors():
+            os.link(src_name, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+            return stat_from(os.stat(name, dir_fd=dfd, follow_symlinks=False))
 
     def unlink(self, parent: bytes, name: bytes) -> None:
         with self._dir(parent) as pfd, _os_errors():

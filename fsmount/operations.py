@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT = float(os.environ.get("FILESTORE_ATTR_TIMEOUT", "1.0"))
 NAME_MAX = 255
+KINDS = {stat_mod.S_IFIFO: "fifo", stat_mod.S_IFSOCK: "socket", stat_mod.S_IFCHR: "chardev",
+         stat_mod.S_IFBLK: "blockdev", stat_mod.S_IFREG: "file"}
 RENAME_NOREPLACE = getattr(pyfuse3, "RENAME_NOREPLACE", 1)
 RENAME_EXCHANGE = getattr(pyfuse3, "RENAME_EXCHANGE", 2)
 
@@ -233,6 +235,18 @@ class Operations(pyfuse3.Operations):
     @handler
     def symlink(self, parent_inode, name, target, ctx):
         return self._entry(self.fs.orch.symlink(principal(ctx), parent_inode, name, target))
+
+    @handler
+    def mknod(self, parent_inode, name, mode, rdev, ctx):
+        kind = KINDS.get(stat_mod.S_IFMT(mode))
+        if kind is None:
+            raise FUSEError(errno.EINVAL)
+        return self._entry(self.fs.orch.mknod(principal(ctx), parent_inode, name, kind,
+                                              stat_mod.S_IMODE(mode), rdev))
+
+    @handler
+    def link(self, inode, new_parent_inode, new_name, ctx):
+        return self._entry(self.fs.orch.link(principal(ctx), inode, new_parent_inode, new_name))
 
     @handler
     def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):

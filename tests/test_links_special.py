@@ -1,0 +1,152 @@
+"""Hard links and special files (FIFOs, sockets, devices) through the mount: nodes like any
+other, journaled, with the real thing on the local backend."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+
+import pytest
+
+from conftest import add_backend
+
+
+def entries_of(tracked, node_id: int) -> list[bytes]:
+    rows = tracked.db.execute("SELECT name FROM filestore.entries WHERE node_id = %s ORDER BY id",
+                              (node_id,)).fetchall()
+    return [bytes(r[0]) for r in rows]
+
+
+def commands(rows) -> list[tuple[str, str]]:
+    return [(r["command"], r["status"]) for r in rows]
+
+
+def test_hard_link_shares_content_and_metadata(tracked):
+    (tracked.path / "a").write_bytes(b"one")
+    since = tracked.last_journal_id()
+    os.link(tracked.path / "a", tracked.path / "b")
+    st_a, st_b = os.stat(tracked.path / "a"), os.stat(tracked.path / "b")
+    assert st_a.st_ino == st_b.st_ino and st_a.st_nlink == st_b.st_nlink == 2
+    # the backend holds a real hard link
+    disk_a, disk_b = os.stat(tracked.backend_root / "a"), os.stat(tracked.backend_root / "b")
+    assert disk_a.st_ino == disk_b.st_ino and disk_a.st_nlink == 2
+    node = tracked.node("a")
+    assert tracked.node("b")["id"] == node["id"] == st_a.st_ino
+    assert entries_of(tracked, node["id"]) == [b"a", b"b"]
+    assert commands(tracked.journal(since)) == [("link", "committed")]
+    # content and metadata are shared
+    with open(tracked.path / "b", "ab") as f:
+        f.write(b" two")
+    assert (tracked.path / "a").read_bytes() == b"one two"
+    os.chmod(tracked.path / "a", 0o600)
+    assert stat.S_IMODE(os.stat(tracked.path / "b").st_mode) == 0o600
+
+
+def test_unlinking_one_name_keeps_the_other(tracked):
+    (tracked.path / "a").write_bytes(b"kept")
+    os.link(tracked.path / "a", tracked.path / "b")
+    node_id = tracked.node("a")["id"]
+    os.unlink(tracked.path / "a")
+    assert (tracked.path / "b").read_bytes() == b"kept"
+    assert os.stat(tracked.path / "b").st_nlink == 1
+    row = tracked.node("b")
+    assert row["id"] == node_id and row["state"] == "ACTIVE"
+    os.unlink(tracked.path / "b")
+    state = tracked.db.execute("SELECT state FROM filestore.nodes WHERE id = %s", (node_id,)).fetchone()[0]
+    assert state == "DELETED"
+
+
+def test_rename_onto_another_name_of_the_same_file_does_nothing(tracked):
+    (tracked.path / "a").write_bytes(b"x")
+    os.link(tracked.path / "a", tracked.path / "b")
+    since = tracked.last_journal_id()
+    os.rename(tracked.path / "a", tracked.path / "b")
+    assert sorted(os.listdir(tracked.path)) == ["a", "b"]
+    assert sorted(os.listdir(tracked.backend_root)) == [".filestore.staging", "a", "b"]
+    assert commands(tracked.journal(since)) == []
+
+
+def test_truncating_rewrite_of_a_linked_file_is_seen_through_both_names(tracked):
+    (tracked.path / "a").write_bytes(b"old content")
+    os.link(tracked.path / "a", tracked.path / "b")
+    (tracked.path / "a").write_bytes(b"new")
+    assert (tracked.path / "b").read_bytes() == b"new"
+    assert os.stat(tracked.backend_root / "a").st_ino == os.stat(tracked.backend_root / "b").st_ino
+    assert (tracked.backend_root / "b").read_bytes() == b"new"
+
+
+def test_link_errors(tracked):
+    (tracked.path / "f").write_bytes(b"x")
+    os.mkdir(tracked.path / "d")
+    other = add_backend(tracked, "other")
+    del other
+    cases = [
+        (lambda: os.link(tracked.path / "f", tracked.path / "d"), errno.EEXIST),
+        (lambda: os.link(tracked.path / "d", tracked.path / "d2"), errno.EPERM),
+        (lambda: os.link(tracked.path / "missing", tracked.path / "g"), errno.ENOENT),
+        (lambda: os.link(tracked.path / "f", tracked.mount.mountpoint / "other" / "f"), errno.EXDEV),
+    ]
+    for action, expected in cases:
+        with pytest.raises(OSError) as exc:
+            action()
+        assert exc.value.errno == expected
+
+
+def test_fifo_is_a_node_and_a_real_fifo(tracked):
+    since = tracked.last_journal_id()
+    os.mkfifo(tracked.path / "pipe", 0o640)
+    st = os.lstat(tracked.path / "pipe")
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+    assert stat.S_ISFIFO(os.lstat(tracked.backend_root / "pipe").st_mode)
+    node = tracked.node("pipe")
+    assert (node["kind"], node["mode"], node["id"]) == ("fifo", 0o640, st.st_ino)
+    rows = tracked.journal(since)
+    assert commands(rows) == [("mknod", "committed")] and rows[0]["args"]["kind"] == "fifo"
+    # data flows through it (the kernel serves FIFOs itself)
+    reader = subprocess.Popen(["cat", str(tracked.path / "pipe")], stdout=subprocess.PIPE)
+    with open(tracked.path / "pipe", "wb") as w:
+        w.write(b"through the pipe")
+    assert reader.communicate(timeout=10)[0] == b"through the pipe"
+    os.rename(tracked.path / "pipe", tracked.path / "pipe2")
+    assert stat.S_ISFIFO(os.lstat(tracked.backend_root / "pipe2").st_mode)
+    os.unlink(tracked.path / "pipe2")
+    assert not os.path.lexists(tracked.backend_root / "pipe2")
+
+
+def test_socket_and_devices(tracked):
+    os.mknod(tracked.path / "sock", stat.S_IFSOCK | 0o600)
+    assert stat.S_ISSOCK(os.lstat(tracked.path / "sock").st_mode)
+    assert tracked.node("sock")["kind"] == "socket"
+    if os.geteuid() != 0:
+        pytest.skip("devices need root")
+    dev = os.makedev(1, 3)
+    os.mknod(tracked.path / "null", stat.S_IFCHR | 0o666, dev)
+    os.mknod(tracked.path / "blk", stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    st = os.lstat(tracked.path / "null")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == dev
+    assert os.lstat(tracked.backend_root / "null").st_rdev == dev
+    assert stat.S_ISBLK(os.lstat(tracked.path / "blk").st_mode)
+    row = tracked.node("null")
+    assert (row["kind"], row["rdev"]) == ("chardev", dev)
+    tracked.restart()  # kinds and device numbers come back from the database
+    st = os.lstat(tracked.path / "null")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == dev
+
+
+def test_tar_round_trip_keeps_hard_links_and_fifos(tracked, native):
+    src = native / "src"
+    src.mkdir()
+    (src / "data").write_bytes(b"linked data")
+    os.link(src / "data", src / "alias")
+    os.mkfifo(src / "fifo")
+    subprocess.run(["tar", "-cf", str(native / "t.tar"), "-C", str(src), "."], check=True)
+    subprocess.run(["tar", "-xf", str(native / "t.tar"), "-C", str(tracked.path)], check=True)
+    assert os.stat(tracked.path / "data").st_ino == os.stat(tracked.path / "alias").st_ino
+    assert os.stat(tracked.path / "alias").st_nlink == 2
+    assert stat.S_ISFIFO(os.lstat(tracked.path / "fifo").st_mode)
+    out = native / "out"
+    out.mkdir()
+    subprocess.run(f"tar -cf - -C {tracked.path} . | tar -xf - -C {out}", shell=True, check=True)
+    assert os.stat(out / "data").st_ino == os.stat(out / "alias").st_ino
+    assert (out / "alias").read_bytes() == b"linked data"

@@ -487,8 +487,6 @@ class Orchestrator:
         check_name(new_name)
         if backend.read_only:
             raise self.refuse(cmd, errno.EROFS)
-        if exchange:
-            raise self.refuse(cmd, errno.EINVAL, "RENAME_EXCHANGE is not supported")
         if new_parent_id == backend.root_node_id and new_name == STAGING_NAME:
             raise self.refuse(cmd, errno.EINVAL, "name reserved for the executor's staging area")
         if src is None:
@@ -497,6 +495,9 @@ class Orchestrator:
         dst = self.ns.child(new_parent_id, new_name)
         if dst is not None:
             self.settle(dst.id)
+        if exchange:
+            return self._exchange(cmd, src, dst, (old_parent, old_rel_parent, old_name),
+                                  (new_parent, new_rel_parent, new_name))
         if src.is_dir and self._is_within(new_parent_id, src.id):
             raise self.refuse(cmd, errno.EINVAL, "cannot move a directory into itself")
         if dst is not None:
@@ -550,6 +551,52 @@ class Orchestrator:
                     old_parent.nlink -= 1
                     new_parent.nlink += 1
                 self.ns.link(new_parent_id, new_name, entry_ids[0], moved_after)
+                _touch_cached(old_parent, now)
+                _touch_cached(new_parent, now)
+            return change, apply
+
+        self._run(cmd, execute, record)
+
+    def _exchange(self, cmd: Command, src: Node, dst: Node | None, old: tuple[Node, bytes, bytes],
+                  new: tuple[Node, bytes, bytes]) -> None:
+        """renameat2(RENAME_EXCHANGE): both names exist and swap atomically; nothing is removed."""
+        (old_parent, old_rel_parent, old_name), (new_parent, new_rel_parent, new_name) = old, new
+        if dst is None:
+            raise self.refuse(cmd, errno.ENOENT)
+        if dst.id == src.id:
+            return
+        if (src.is_dir and self._is_within(new_parent.id, src.id)) or \
+                (dst.is_dir and self._is_within(old_parent.id, dst.id)):
+            raise self.refuse(cmd, errno.EINVAL, "cannot move a directory into itself")
+        executor = cmd.backend.executor
+
+        def execute() -> None:
+            executor.rename(old_rel_parent, old_name, new_rel_parent, new_name, exchange=True)
+
+        def record(_):
+            now = time.time_ns()
+            a, b = self.ns.node(src.id), self.ns.node(dst.id)
+            a_after = a.changed(ctime_ns=now, version=a.version + 1)
+            b_after = b.changed(ctime_ns=now, version=b.version + 1)
+            change = store.Change(
+                unlinks=[(old_parent.id, old_name, a.id), (new_parent.id, new_name, b.id)],
+                links=[(new_parent.id, new_name, a.id), (old_parent.id, old_name, b.id)],
+                touches=[(old_parent.id, now)] + ([(new_parent.id, now)] if new_parent.id != old_parent.id else []))
+            change.update(a_after, a.version, parent_id=new_parent.id, name=name_arg(new_name), exchanged=True)
+            change.update(b_after, b.version, parent_id=old_parent.id, name=name_arg(old_name), exchanged=True)
+
+            def apply(entry_ids):
+                self.ns.unlink(old_parent.id, old_name, a.id)
+                self.ns.unlink(new_parent.id, new_name, b.id)
+                for node in (a_after, b_after):
+                    if node.is_dir:
+                        self.ns.parents.pop(node.id, None)
+                self.ns.link(new_parent.id, new_name, entry_ids[0], a_after)
+                self.ns.link(old_parent.id, old_name, entry_ids[1], b_after)
+                if new_parent.id != old_parent.id and a.is_dir != b.is_dir:
+                    moved_dir_to_new = 1 if a.is_dir else -1
+                    new_parent.nlink += moved_dir_to_new
+                    old_parent.nlink -= moved_dir_to_new
                 _touch_cached(old_parent, now)
                 _touch_cached(new_parent, now)
             return change, apply

@@ -150,3 +150,42 @@ def test_tar_round_trip_keeps_hard_links_and_fifos(tracked, native):
     subprocess.run(f"tar -cf - -C {tracked.path} . | tar -xf - -C {out}", shell=True, check=True)
     assert os.stat(out / "data").st_ino == os.stat(out / "alias").st_ino
     assert (out / "alias").read_bytes() == b"linked data"
+
+
+def _renameat2(old, new, flags: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+RENAME_EXCHANGE = 2
+
+
+def test_rename_exchange_swaps_atomically(tracked, native):
+    for base in (tracked.path, native):
+        os.makedirs(base / "d" / "inner")
+        (base / "f").write_bytes(b"file")
+        (base / "g").write_bytes(b"other")
+    f_id, d_id = tracked.node("f")["id"], tracked.node("d")["id"]
+    since = tracked.last_journal_id()
+    for base in (tracked.path, native):
+        _renameat2(base / "f", base / "g", RENAME_EXCHANGE)
+        _renameat2(base / "f", base / "d", RENAME_EXCHANGE)  # a file and a directory swap too
+    for base in (tracked.path, native):
+        assert (base / "g").read_bytes() == b"file"
+        assert (base / "d").read_bytes() == b"other"
+        assert os.path.isdir(base / "f" / "inner")
+    assert (tracked.backend_root / "g").read_bytes() == b"file"
+    assert os.path.isdir(tracked.backend_root / "f" / "inner")
+    assert tracked.node("g")["id"] == f_id and tracked.node("f")["id"] == d_id
+    assert commands(tracked.journal(since)) == [("rename", "committed")] * 2
+    for base in (tracked.path, native):  # a missing second name: ENOENT; into itself: EINVAL
+        with pytest.raises(OSError) as exc:
+            _renameat2(base / "g", base / "missing", RENAME_EXCHANGE)
+        assert exc.value.errno == errno.ENOENT
+        with pytest.raises(OSError) as exc:
+            _renameat2(base / "f", base / "f" / "inner", RENAME_EXCHANGE)
+        assert exc.value.errno == errno.EINVAL

@@ -27,7 +27,7 @@ from .errors import FsError, errno_for
 from .faults import crash_point
 from .model import Backend, Principal
 from .namespace import Namespace
-from .orchestrator import Orchestrator, PendingCreate, merge_ranges
+from .orchestrator import Orchestrator, PendingCreate, write_args
 
 
 @dataclass
@@ -279,18 +279,10 @@ class FileTable:
                             request_id=of.request_id, staged=staged, paths=(rel,), durable=durable,
                             attrs=of.attrs)
         except BaseException:
-            if staged:  # the staged content could not land: it is dropped with the error
-                executor.discard(of.staging_id)
-                os.close(of.fd)
-                of.fd = None
+            self._drop_staged(of)
             raise
         finally:
-            # Landed (or dropped): the descriptor, if any, now refers to the file at its name.
-            of.staging_id = None
-            of.request_id = None
-            of.ranges = []
-            of.attrs = {}
-            of.fresh = False
+            self._committed(of)
 
     def _commit_created(self, of: OpenFile, *, durable: bool) -> None:
         """First close (or fsync) of a file created here: land it and record create (+ write)."""
@@ -309,25 +301,33 @@ class FileTable:
 
         write = None
         if staging_id is not None:
-            written = sum(length for _, length in of.ranges)
-            write = {"ranges": [list(r) for r in merge_ranges(of.ranges)][:64], "bytes": written,
-                     "mode": "staged", "durable": durable, **({"attrs": of.attrs} if of.attrs else {})}
+            write = write_args(of.ranges, staged=True, durable=durable, attrs=of.attrs)
         try:
             self.orch.finish_create(pending, land=land, write=write, writer=of.who,
                                     request_id=of.request_id or uuid.uuid4(), durable=durable)
         except BaseException:
-            if staging_id is not None:
-                executor.discard(staging_id)
-                os.close(of.fd)
-                of.fd = None
+            self._drop_staged(of)
             raise
         finally:
-            of.pending = None
-            of.staging_id = None
-            of.request_id = None
-            of.ranges = []
-            of.attrs = {}
-            of.fresh = False
+            self._committed(of)
+
+    @staticmethod
+    def _drop_staged(of: OpenFile) -> None:
+        """Staged content that could not land is dropped with the error of its command."""
+        if of.staging_id is not None:
+            of.backend.executor.discard(of.staging_id)
+            os.close(of.fd)
+            of.fd = None
+
+    @staticmethod
+    def _committed(of: OpenFile) -> None:
+        """Landed (or dropped): the descriptor, if any, now refers to the file at its name."""
+        of.pending = None
+        of.staging_id = None
+        of.request_id = None
+        of.ranges = []
+        of.attrs = {}
+        of.fresh = False
 
     def release(self, handle: int) -> None:
         with self._lock:

@@ -668,12 +668,10 @@ class Orchestrator:
         """Commit content already written to the backend (in place) or staged (landed by `land`)."""
         node = self.ns.node(node_id)
         backend = self.ns.backend_of(node)
-        written = sum(length for _, length in ranges)
+        args = write_args(ranges, staged=staged, durable=durable, attrs=attrs)
+        written = args["bytes"]
         cmd = Command("write", who, backend, node_id=node_id,
-                      path=display_name(paths[0]) if paths else None,
-                      args={"ranges": [list(r) for r in merge_ranges(ranges)][:64], "bytes": written,
-                            "mode": "staged" if staged else "in_place", "durable": durable,
-                            **({"attrs": attrs} if attrs else {})},
+                      path=display_name(paths[0]) if paths else None, args=args,
                       paths=paths, request_id=request_id)
 
         def record(st: Stat):
@@ -709,6 +707,15 @@ def check_name(name: bytes) -> None:
 
 def _touch_cached(directory: Node, when_ns: int) -> None:
     directory.mtime_ns = directory.ctime_ns = when_ns
+
+
+def write_args(ranges: Sequence[tuple[int, int]], *, staged: bool, durable: bool,
+               attrs: dict[str, int] | None) -> dict[str, Any]:
+    """The journal arguments of a write command: byte ranges touched (merged, first 64), bytes."""
+    return {"ranges": [list(r) for r in merge_ranges(ranges)][:64],
+            "bytes": sum(length for _, length in ranges),
+            "mode": "staged" if staged else "in_place", "durable": durable,
+            **({"attrs": attrs} if attrs else {})}
 
 
 def merge_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

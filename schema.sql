@@ -165,17 +165,8 @@ CREATE TABLE IF NOT EXISTS filestore.counters (
 COMMENT ON TABLE filestore.counters IS
     'Scalable event and metadata counters by type (the scalable-stats design): scope global (scope_key ''''), backend (its name) or path. Maintained incrementally (issue 6).';
 
--- Raises when a statement touched an unexpected number of rows: used inside a pipelined
--- transaction, where the client cannot look at a row count before COMMIT is sent.
-CREATE OR REPLACE FUNCTION filestore.expect_rows(actual bigint, expected bigint, what text)
-RETURNS void LANGUAGE plpgsql AS $$
-BEGIN
-    IF actual <> expected THEN
-        RAISE EXCEPTION 'filestore conflict: %', what USING ERRCODE = 'FS409';
-    END IF;
-END $$;
-COMMENT ON FUNCTION filestore.expect_rows IS
-    'Aborts the transaction with SQLSTATE FS409 (optimistic conflict) unless actual = expected.';
+-- Superseded by the checks inside filestore.record_command.
+DROP FUNCTION IF EXISTS filestore.expect_rows(bigint, bigint, text);
 
 -- The one write path of commands (core.store.record): everything a command changes, in one
 -- statement, so the server plans it once (PL/pgSQL caches plans) and the client makes one

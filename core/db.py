@@ -3,7 +3,7 @@
 Every command's transaction goes through `Database.transaction`: the statements are sent as
 one query string (one network round trip for the whole transaction), retried on serialization
 failures and deadlocks by exception class, and an optimistic-version conflict raised by
-`filestore.expect_rows` (SQLSTATE FS409) surfaces as `Conflict`.
+`filestore.record_command` (SQLSTATE FS409) surfaces as `Conflict`.
 """
 from __future__ import annotations
 

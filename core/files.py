@@ -347,5 +347,3 @@ class FileTable:
                     os.close(of.fd)
                 self._by_node.pop(of.node_id, None)
 
-    def open_nodes(self) -> list[int]:
-        return list(self._by_node)

@@ -65,10 +65,6 @@ class IntentLog:
                     self._before_compact()
                 self._rewrite(list(self._open.values()))
 
-    def unresolved_here(self) -> list[Intent]:
-        with self._lock:
-            return list(self._open.values())
-
     def read(self) -> list[Intent]:
         """Every intent in the file (recovery decides which ones finished)."""
         out = []

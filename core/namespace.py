@@ -14,7 +14,7 @@ import threading
 from . import store
 from .db import Database
 from .errors import FsError
-from .model import ROOT_INODE, Backend, Node
+from .model import Backend, Node
 
 
 class Listing:
@@ -153,14 +153,7 @@ class Namespace:
             if self.parents.get(node_id) == (parent_id, name):
                 del self.parents[node_id]
 
-    def subdir_delta(self, dir_id: int, delta: int) -> None:
-        node = self.nodes.get(dir_id)
-        if node is not None:
-            node.nlink += delta
-
     def forget_listing(self, dir_id: int) -> None:
         with self.lock:
             self.listings.pop(dir_id, None)
 
-    def is_root(self, node_id: int) -> bool:
-        return node_id == ROOT_INODE

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from .errors import ConfigError
 from .model import Backend, Principal
 
 _IMPORT_BATCH = 2000
+log = logging.getLogger(__name__)
 
 
 def make_executor(backend: Backend):
@@ -59,11 +61,13 @@ def _register(db, name, root, read_only, executor, who, progress) -> Backend:
             "SELECT count(*) FILTER (WHERE kind <> 'dir'), count(*) FILTER (WHERE kind = 'dir') - 1,"
             " coalesce(sum(size) FILTER (WHERE kind = 'file'), 0) FROM filestore.nodes WHERE backend_id = %s",
             (backend_id,)).fetchone()
-        conn.execute(*store.record(store.Journal(
+        journal_id = conn.execute(*store.record(store.Journal(
             "backend.add", "committed", who, uuid.uuid4(), backend_id, root_id, "",
             {"name": name, "root": root, "read_only": read_only},
             result={"imported_entries": counts[0], "imported_dirs": counts[1],
-                    "imported_bytes": int(counts[2])})))
+                    "imported_bytes": int(counts[2])}))).fetchone()[0]
+    log.info("backend %s added at %s: %d entries imported", name, root, counts[0] + counts[1],
+             extra={"journal_id": journal_id, "backend": name})
     return Backend(backend_id, name, "local", root, read_only, root_id)
 
 

@@ -372,3 +372,15 @@ def test_embedded_homes_are_independent(env, tmp_path):
     finally:
         for e, home in zip(envs, homes):
             _stop_quietly(e, home)
+
+
+def test_json_log_lines_parse_even_with_quotes_in_messages(env, tmp_path):
+    root = make_dir(tmp_path / 'say "hi"', {})
+    done = run_cli(dict(env, FILESTORE_LOG_FORMAT="json"), "-vv", "backend", "add", "quoted", str(root))
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines, "expected log lines at -vv"
+    entries = [json.loads(line) for line in lines]
+    for entry in entries:
+        assert {"time", "level", "logger", "message"} <= set(entry)
+    added = [e for e in entries if e["logger"] == "core.backends"]
+    assert len(added) == 1 and 'say "hi"' in added[0]["message"] and added[0]["journal_id"] >= 1

@@ -12,7 +12,7 @@ import yaml
 from executors.base import Stat
 from executors.local import LocalExecutor
 
-from . import store
+from . import rollups, store
 from .db import Database
 from .errors import ConfigError
 from .model import Backend, Principal
@@ -68,6 +68,7 @@ def _register(db, name, root, read_only, executor, who, progress) -> Backend:
                     "imported_bytes": int(counts[2])}))).fetchone()[0]
     log.info("backend %s added at %s: %d entries imported", name, root, counts[0] + counts[1],
              extra={"journal_id": journal_id, "backend": name})
+    rollups.recalculate(db, root_id)  # the imported tree's rollups, set-based
     return Backend(backend_id, name, "local", root, read_only, root_id)
 
 

@@ -19,6 +19,7 @@ class Settings:
     backends_path: Path | None
     event_channel: str
     log_json: bool
+    recursive_dir_sizes: bool = True  # a directory's st_size is its rollup (FILESTORE_DIR_SIZES=plain: 4096)
 
     @property
     def staging_dir(self) -> Path:
@@ -52,4 +53,5 @@ def load(env: dict[str, str] | None = None) -> Settings:
         backends_path=Path(backends) if backends else None,
         event_channel=env.get("FILESTORE_EVENT_CHANNEL") or "apphub:filestore",
         log_json=(env.get("FILESTORE_LOG_FORMAT", "").lower() == "json"),
+        recursive_dir_sizes=(env.get("FILESTORE_DIR_SIZES", "recursive").lower() != "plain"),
     )

@@ -1,5 +1,5 @@
 """Prometheus metrics, defined in one place so every layer labels them the same way."""
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 COMMAND_SECONDS = Histogram(
     "filestore_command_seconds", "Latency of orchestrator commands", ["command", "backend", "outcome"],
@@ -14,3 +14,11 @@ EXECUTOR_OUTCOMES = Counter(
     "filestore_executor_outcomes_total", "Physical operations by outcome", ["backend", "operation", "outcome"])
 BYTES_WRITTEN = Counter("filestore_bytes_written_total", "Bytes committed by write commands", ["backend"])
 FUSE_ERRORS = Counter("filestore_fuse_unexpected_errors_total", "Handler exceptions answered with EIO", ["op"])
+
+ROLLUP_PENDING = Gauge("filestore_rollup_pending_deltas", "Rollup deltas not folded yet")
+ROLLUP_LAG = Gauge("filestore_rollup_lag_seconds", "Age of the oldest rollup delta not folded yet")
+ROLLUP_FOLDED = Counter("filestore_rollup_deltas_folded_total", "Directory rows changed by folds")
+ROLLUP_RECALC_SECONDS = Histogram(
+    "filestore_rollup_recalculation_seconds", "Latency of subtree rollup recalculations",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120))
+CACHE_REQUESTS = Counter("filestore_cache_requests_total", "Directory summary cache lookups", ["result"])

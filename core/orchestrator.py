@@ -25,7 +25,7 @@ import psycopg
 from executors.base import ExecutorError, Stat
 from executors.local import STAGING_NAME
 
-from . import metrics, store
+from . import metrics, rollups, store
 from .faults import crash_point
 from .db import Conflict, Database, IdPool, _first_line
 from .errors import FsError, errno_for
@@ -96,6 +96,8 @@ class Orchestrator:
         # (core.recovery.heal, wired by core.service).
         self.unrecorded: list[Intent] = []
         self.heal: Callable[[Intent], None] | None = None
+        # Called after a commit that wrote rollup deltas (wakes the folder: core.rollup_worker).
+        self.rollups_changed: Callable[[], None] = lambda: None
 
     # == the template ==================================================================
     def _run(self, cmd: Command, execute: Callable[[], Any],
@@ -124,6 +126,7 @@ class Orchestrator:
             # A record is this command's change, or several commands recorded together
             # (a new file's create and its first write): each keeps its own journal row.
             pairs = recorded if isinstance(recorded, list) else [(cmd, recorded)]
+            rollups.derive(self.ns, [change for _, change in pairs])
             statements = [store.record(self._journal(c, "committed", result=_result_of(outcome, change)), change)
                           for c, change in pairs]
             try:
@@ -144,6 +147,8 @@ class Orchestrator:
                     self.unrecorded.append(Intent(cmd.request_id, cmd.name, cmd.backend.id, cmd.paths))
                 raise FsError(errno.EIO, "database unavailable") from exc
         self.intents.resolved(cmd.request_id)
+        if any(change.rollup or change.moves for _, change in pairs):
+            self.rollups_changed()
         journal_id, entry_ids = rows[0][0]
         value = apply(entry_ids)
         metrics.COMMAND_SECONDS.labels(cmd.name, backend_label, "committed").observe(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from executors.base import NotFound, Stat
 
-from . import store
+from . import rollups, store
 from .intents import Intent
 from .model import Backend, Node, Principal, display_name, name_arg
 
@@ -217,7 +217,9 @@ def resolve(fs, backend: Backend, intent: Intent) -> int:
         {"intent": intent.command, "intent_id": str(intent.request_id),
          "paths": [display_name(p) for p in intent.paths]},
         result={"paths_changed": changed})
+    rollups.derive(ns, [change])
     fs.db.transaction([store.record(journal, change)], label="recover")
+    fs.orch.rollups_changed()
     # The view of what was touched is rebuilt from the database on next use.
     for dir_id in touched_dirs:
         ns.forget_listing(dir_id)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from . import backends, embedded_pg, recovery, schema, store
+from . import backends, embedded_pg, recovery, rollup_worker, schema, store
+from .cache import open_cache
 from .config import Settings
 from .db import Database, connect
 from .errors import ConfigError
@@ -45,6 +46,11 @@ class Filestore:
         self.orch = Orchestrator(self.db, self.ns, self.intents)
         self.files = FileTable(self.orch, self.ns)
         self.orch.heal = lambda intent: recovery.heal(self, intent)
+        self.cache = open_cache(settings.redis_url)
+        self.rollups = rollup_worker.RollupView(self.db, self.cache)
+        self.folder = rollup_worker.RollupFolder(self.db, self.cache)
+        self.orch.rollups_changed = self.folder.poke
+        self._workers: list[tuple[object, object]] = []
         self.unavailable: dict[str, str] = {}
         self.reload_backends()
 
@@ -66,7 +72,19 @@ class Filestore:
             fresh.append(backend)
         self.ns.set_backends(fresh)
 
+    def start_workers(self) -> None:
+        """The background loops a serving process runs: the rollup folder."""
+        self._workers.append(rollup_worker.start(self.folder))
+
+    def stop_workers(self) -> None:
+        for thread, stop in self._workers:
+            stop.set()
+            thread.join(30)
+        self._workers.clear()
+
     def close(self) -> None:
+        self.stop_workers()
+        self.cache.close()
         for backend in self.ns.backends.values():
             if backend.executor is not None:
                 backend.executor.close()

@@ -56,6 +56,11 @@ def load_parent(db: Database, node_id: int) -> tuple[int, bytes] | None:
     return (rows[0][0], bytes(rows[0][1])) if rows else None
 
 
+def load_parents(db: Database, node_id: int) -> list[int]:
+    """The directory of every name of a node (several for a hard-linked file)."""
+    return [r[0] for r in db.query("SELECT parent_id FROM filestore.entries WHERE node_id = %s", (node_id,))]
+
+
 def find_by_idempotency_key(db: Database, key: str) -> dict | None:
     rows = db.query_dicts(
         "SELECT id, command, status, node_id, result, errno, error FROM filestore.journal_entries"
@@ -73,6 +78,30 @@ class Change:
     links: list[tuple] = field(default_factory=list)  # (parent, name, node[, entry id])
     touches: list[tuple[int, int]] = field(default_factory=list)  # (directory, time ns)
     snapshots: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)  # (node, version, data)
+    rollup: dict[int, list[int]] = field(default_factory=dict)  # directory -> [bytes, files, dirs] delta
+    moves: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # (dir, from chain, to chain)
+
+    def add_delta(self, dirs: list[int], size: int, files: int, subdirs: int) -> None:
+        for d in dirs:
+            acc = self.rollup.setdefault(d, [0, 0, 0])
+            acc[0] += size
+            acc[1] += files
+            acc[2] += subdirs
+
+    def add_move(self, dir_id: int, old_chain: list[int], new_chain: list[int]) -> None:
+        # Ancestors both chains share keep the subtree: only the others change.
+        while old_chain and new_chain and old_chain[-1] == new_chain[-1]:
+            old_chain, new_chain = old_chain[:-1], new_chain[:-1]
+        if old_chain or new_chain:
+            self.moves.append((dir_id, old_chain, new_chain))
+
+    def delta_rows(self) -> list[dict[str, Any]]:
+        """Directories with the same delta share one row: a create is one row for its whole chain."""
+        grouped: dict[tuple[int, int, int], list[int]] = {}
+        for d, acc in self.rollup.items():
+            if any(acc):
+                grouped.setdefault(tuple(acc), []).append(d)
+        return [{"dirs": dirs, "size": v[0], "files": v[1], "dirs_count": v[2]} for v, dirs in grouped.items()]
 
     def update(self, after: Node, expected: int, **snapshot_extra: Any) -> None:
         self.updates.append((after, expected))
@@ -118,7 +147,7 @@ def record(journal: Journal, change: Change | None = None) -> Statement:
         ("pid", journal.who.pid), ("request_id", str(journal.request_id)),
         ("idempotency_key", journal.idempotency_key)) if v is not None}
     dumps = json.dumps
-    return ("SELECT journal_id, entry_ids FROM filestore.record_command(%s, %s, %s, %s, %s, %s, %s)", (
+    return ("SELECT journal_id, entry_ids FROM filestore.record_command(%s, %s, %s, %s, %s, %s, %s, %s, %s)", (
         dumps(entry),
         dumps([_node_json(n) for n in change.new_nodes]),
         dumps([{"node": _node_json(n), "expected": v} for n, v in change.updates]),
@@ -127,4 +156,6 @@ def record(journal: Journal, change: Change | None = None) -> Statement:
                 "entry_id": link[3] if len(link) > 3 else None} for link in change.links]),
         dumps([{"id": d, "time_ns": t} for d, t in change.touches]),
         dumps([{"node_id": n, "version": v, "data": d} for n, v, d in change.snapshots]),
+        dumps(change.delta_rows()),
+        dumps([{"node_id": n, "from": old, "to": new} for n, old, new in change.moves]),
     ))

@@ -87,10 +87,12 @@ def serve(settings: Settings, mountpoint: str) -> None:
             options.add("allow_other")
         pyfuse3.init(Operations(fs), path, options)
         log.info("mounted %s", path)
+        fs.start_workers()
         try:
             trio.run(_main)
         finally:
             pyfuse3.close(unmount=True)
+            fs.stop_workers()
         recovery.mark_clean(fs)
     finally:
         fs.close()

@@ -68,6 +68,7 @@ class Operations(pyfuse3.Operations):
         self.ns = fs.ns
         self.files = fs.files
         self.lookups: Counter[int] = Counter()
+        self.recursive_dir_sizes = fs.settings.recursive_dir_sizes
         self._started_ns = time.time_ns()
 
     # -- attributes -------------------------------------------------------------------
@@ -88,7 +89,13 @@ class Operations(pyfuse3.Operations):
             if live is not None:
                 size, mtime, ctime = live.size, live.mtime_ns, live.ctime_ns
         elif node.is_dir:
+            # The recursive size from the rollup; st_blocks stays a plain directory's, so that
+            # `du` through the mount adds up the files once instead of counting them twice.
             size = 4096
+            if self.recursive_dir_sizes:
+                totals = self.fs.rollups.get(node.backend_id, node.id)
+                if totals is not None:
+                    size = totals.size_bytes
         attr.st_size = size
         attr.st_blksize = 4096
         attr.st_blocks = (size + 511) // 512 if node.kind == "file" else (8 if node.is_dir else 0)

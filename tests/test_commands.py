@@ -987,7 +987,7 @@ def test_ls_l_lists_names_and_sizes(tracked):
         fields = line.split(None, 8)
         listed[fields[8]] = (fields[0][0], int(fields[4]))
     assert listed == {**{name: ("-", size) for name, size in sizes.items()},
-                      "sub": ("d", 4096), "ln -> a.txt": ("l", len("a.txt"))}
+                      "sub": ("d", 0), "ln -> a.txt": ("l", len("a.txt"))}  # a directory shows its rollup
     for name, size in sizes.items():
         assert tracked.node(name)["size"] == size
         assert os.path.getsize(tracked.backend_root / name) == size

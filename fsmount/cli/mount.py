@@ -1,6 +1,8 @@
 """`filestore mount|umount`."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from core.service import open_database
@@ -12,14 +14,18 @@ from .. import mount as mounting
 @main.command("mount")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--foreground", "-f", is_flag=True, help="Serve in this process instead of detaching.")
+@click.option("--plain-dir-sizes", is_flag=True,
+              help="Report 4096 as a directory's st_size instead of its recursive size (FILESTORE_DIR_SIZES=plain).")
 @one_line_errors
-def mount(mountpoint: str, foreground: bool) -> None:
+def mount(mountpoint: str, foreground: bool, plain_dir_sizes: bool) -> None:
     """Mount every backend under MOUNTPOINT (/MOUNTPOINT/NAME/...).
 
     Detaches and returns once the mount is ready, like other FUSE tools.
 
     Example: filestore mount /mnt/filestore
     """
+    if plain_dir_sizes:
+        os.environ["FILESTORE_DIR_SIZES"] = "plain"  # the detached server reads it too
     conf = settings()
     if foreground:
         mounting.serve(conf, mountpoint)

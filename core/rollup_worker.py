@@ -1,0 +1,113 @@
+"""Folding rollup deltas in the background, and the directory sizes a mount serves from it.
+
+The mount runs one folder thread (every sidecar may run one too: folders share the work);
+commands poke it after they commit, it waits a moment so that a burst of commands folds as
+one batch, and the new values go straight into the serving view and out to other
+processes through the cache's invalidation channel.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psycopg
+
+from . import metrics, rollups
+from .cache import InlineCache, RedisCache
+from .db import Database
+
+log = logging.getLogger(__name__)
+
+FOLD_DELAY = 0.05  # after a poke: lets a burst of commands land in one fold
+FOLD_INTERVAL = 1.0  # without pokes: deltas written by other processes fold this often
+
+
+class RollupView:
+    """Folded directory totals for serving `stat`: in-process, then the shared cache, then
+    one indexed read. Between folds a directory shows its last folded value; the lag is
+    FOLD_DELAY after a command of this mount, FOLD_INTERVAL for other writers."""
+
+    def __init__(self, db: Database, cache: InlineCache | RedisCache):
+        self.db = db
+        self.cache = cache
+        self._values: dict[int, rollups.Totals] = {}
+        cache.subscribe(self.forget)
+
+    def get(self, backend_id: int, dir_id: int) -> rollups.Totals | None:
+        found = self._values.get(dir_id)
+        if found is not None:
+            return found
+        shared = self.cache.get(backend_id, dir_id)
+        if shared is not None:
+            found = rollups.Totals(**shared)
+        else:
+            with self.db.pool.connection() as conn:
+                found = rollups.folded(conn, [dir_id]).get(dir_id)
+            if found is not None:
+                self.cache.put(backend_id, dir_id, found.__dict__)
+        if found is not None:
+            self._values[dir_id] = found
+        return found
+
+    def forget(self, dir_ids: list[int]) -> None:
+        if not dir_ids:
+            self._values.clear()
+        for dir_id in dir_ids:
+            self._values.pop(dir_id, None)
+
+
+class RollupFolder:
+    """The folding loop: `run(stop)` until the event is set; `poke()` after a commit."""
+
+    def __init__(self, db: Database, cache: InlineCache | RedisCache):
+        self.db = db
+        self.cache = cache
+        self._wake = threading.Event()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            if self._wake.wait(FOLD_INTERVAL):
+                self._wake.clear()
+                stop.wait(FOLD_DELAY)
+            try:
+                self.fold_now()
+            except psycopg.Error as exc:  # the database is away: deltas wait in it, nothing is lost
+                log.warning("rollup fold failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+                stop.wait(FOLD_INTERVAL)
+        try:
+            self.fold_now()  # what this process wrote is folded before it stops
+        except psycopg.Error:
+            pass
+
+    def fold_now(self) -> int:
+        with self.db.pool.connection() as conn:
+            changed = rollups.fold_all(conn)
+            pending, lag = rollups.oldest_pending_age(conn)
+        metrics.ROLLUP_PENDING.set(pending)
+        metrics.ROLLUP_LAG.set(lag)
+        if changed:
+            metrics.ROLLUP_FOLDED.inc(len(changed))
+            self.cache.invalidate({(backend_id, dir_id) for dir_id, backend_id in changed})
+        return len(changed)
+
+
+def start(folder: RollupFolder) -> tuple[threading.Thread, threading.Event]:
+    stop = threading.Event()
+    thread = threading.Thread(target=folder.run, args=(stop,), name="rollup-folder", daemon=True)
+    thread.start()
+    return thread, stop
+
+
+def wait_folded(db: Database, timeout: float = 10.0) -> bool:
+    """For tools and tests: true once no delta is pending."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with db.pool.connection() as conn:
+            if rollups.oldest_pending_age(conn)[0] == 0:
+                return True
+        time.sleep(0.05)
+    return False

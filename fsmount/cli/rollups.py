@@ -1,0 +1,111 @@
+"""`filestore du` and `filestore rollups verify|repair`: directory totals without a walk."""
+from __future__ import annotations
+
+import os
+import time
+
+import click
+
+from core import journal as journal_queries, rollups
+from core.service import open_database
+
+from . import emit_json, main, one_line_errors, settings
+from ..mount import filestore_mounts
+
+
+def _human(size: int) -> str:
+    """Sizes as `du -h` prints them: 1K = 1024, one decimal under 10."""
+    value = float(size)
+    for unit in ("", "K", "M", "G", "T", "P"):
+        if abs(value) < 1024 or unit == "P":
+            if unit == "":
+                return f"{int(value)}"
+            return f"{value:.1f}{unit}" if abs(value) < 10 else f"{value:.0f}{unit}"
+        value /= 1024
+    return str(size)
+
+
+def _target(path: str) -> tuple[object, str, bytes, int]:
+    db = open_database(settings(), apply_schema=False)
+    backend, rel = journal_queries.split_target(path, filestore_mounts())
+    return db, backend, rel, journal_queries.resolve(db, backend, rel)
+
+
+@main.command()
+@click.argument("path")
+@click.option("--depth", "-d", type=click.IntRange(0), default=0, show_default=True,
+              help="Also print directories down to this many levels below PATH (like du -d).")
+@click.option("--bytes", "-b", "exact", is_flag=True, help="Sizes in bytes instead of human units.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@one_line_errors
+def du(path: str, depth: int, exact: bool, as_json: bool) -> None:
+    """Recursive size, file and directory counts of PATH from the rollups, without walking it.
+
+    PATH is a directory inside a mount or BACKEND:/PATH. Values are exact at the moment of
+    asking (folded rollups plus the changes not folded yet).
+
+    Example: filestore du /mnt/filestore/projects --depth 1
+    """
+    db, backend, rel, top = _target(path)
+    started = time.perf_counter()
+    with db.pool.connection() as conn:
+        dirs = rollups.directories_below(conn, top, depth) if depth else [(top, b"")]
+        if not any(d == top for d, _ in dirs):
+            dirs.append((top, b""))
+        values = rollups.totals(conn, [d for d, _ in dirs])
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    base = os.fsdecode(rel)
+    rows = []
+    for dir_id, sub in sorted(dirs, key=lambda item: item[1], reverse=True):
+        t = values[dir_id]
+        shown = "/".join(p for p in (base, os.fsdecode(sub)) if p)
+        rows.append({"path": f"{backend}:/{shown}", "node_id": dir_id, "size_bytes": t.size_bytes,
+                     "file_count": t.file_count, "dir_count": t.dir_count, "consistency_state": t.state,
+                     "last_calculated_at": t.last_calculated_at})
+    if as_json:
+        emit_json({"backend": backend, "path": base, "query_ms": round(elapsed_ms, 3), "directories": rows})
+        return
+    for row in rows:
+        size = str(row["size_bytes"]) if exact else _human(row["size_bytes"])
+        click.echo(f"{size}\t{row['file_count']} files\t{row['dir_count']} dirs\t{row['consistency_state']}\t{row['path']}")
+
+
+@main.group("rollups")
+def rollups_group() -> None:
+    """Check or rebuild directory rollups."""
+
+
+@rollups_group.command("verify")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@one_line_errors
+def verify(path: str, as_json: bool) -> None:
+    """Recount the subtree at PATH and report every directory whose rollup differs.
+
+    Exits 1 when a difference is found. Example: filestore rollups verify local:/projects
+    """
+    db, backend, rel, top = _target(path)
+    differences = rollups.verify(db, top)
+    if as_json:
+        emit_json({"backend": backend, "path": os.fsdecode(rel), "differences": differences})
+    else:
+        for d in differences:
+            click.echo(f"node {d['node_id']}: recorded {d['recorded']}, recount {d['expected']}")
+        click.echo(f"{len(differences)} difference(s) under {backend}:/{os.fsdecode(rel)}")
+    if differences:
+        raise SystemExit(1)
+
+
+@rollups_group.command("repair")
+@click.argument("path")
+@one_line_errors
+def repair(path: str) -> None:
+    """Rebuild the rollups of the subtree at PATH from a recount (only that subtree is read).
+
+    Example: filestore rollups repair local:/projects
+    """
+    db, backend, rel, top = _target(path)
+    before = rollups.verify(db, top)
+    result = rollups.recalculate(db, top)
+    click.echo(f"repaired {backend}:/{os.fsdecode(rel)}: {len(before)} director{'y' if len(before) == 1 else 'ies'}"
+               f" differed; {result['directories']} recounted in {result['milliseconds']} ms")

@@ -1,0 +1,208 @@
+"""Directory rollups through a real mount: every directory's totals equal a fresh count of the
+backend disk after random sequences of commands, `filestore du` answers from them, `stat`
+serves them, and verify/repair find and fix a damaged row.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import threading
+
+import pytest
+
+from conftest import wait_until
+
+
+def disk_totals(root) -> dict[str, tuple[int, int, int]]:
+    """(bytes, non-directory entries, directories) below every directory, counted on the disk."""
+    out: dict[str, list[int]] = {}
+    base = os.fsencode(root)
+    staging = os.path.join(base, b".filestore.staging")
+    for dirpath, dirnames, filenames in os.walk(base, topdown=False):
+        if dirpath == staging:
+            continue
+        if dirpath == base and b".filestore.staging" in dirnames:
+            dirnames.remove(b".filestore.staging")
+        rel = "" if dirpath == base else os.fsdecode(os.path.relpath(dirpath, base))
+        acc = out.setdefault(rel, [0, 0, 0])
+        for name in filenames:
+            acc[0] += os.lstat(os.path.join(dirpath, name)).st_size
+            acc[1] += 1
+        for name in dirnames:
+            child = out.get("/".join(p for p in (rel, os.fsdecode(name)) if p), [0, 0, 0])
+            acc[0] += child[0]
+            acc[1] += child[1]
+            acc[2] += child[2] + 1
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def du_json(tracked, path: str = "local:/", depth: int = 64) -> dict[str, tuple[int, int, int]]:
+    done = tracked.cli("du", path, "--depth", str(depth), "--json")
+    rows = json.loads(done.stdout)["directories"]
+    return {r["path"].split(":/", 1)[1]: (r["size_bytes"], r["file_count"], r["dir_count"]) for r in rows}
+
+
+def random_commands(root, rng: random.Random, count: int) -> None:
+    """Creates, writes, appends, truncates, links, renames (files and directories), removals."""
+    dirs = [""]
+    files: list[str] = []  # regular files
+    symlinks: list[str] = []
+
+    def path(rel: str) -> str:
+        return os.path.join(root, rel) if rel else str(root)
+
+    for step in range(count):
+        op = rng.choice(["mkdir", "create", "create", "append", "truncate", "rename_file", "rename_dir",
+                         "unlink", "rmdir", "link", "symlink"])
+        if op == "mkdir" or (op == "create" and len(dirs) < 3):
+            rel = f"{rng.choice(dirs)}/d{step}".lstrip("/")
+            os.mkdir(path(rel))
+            dirs.append(rel)
+        elif op == "create":
+            rel = f"{rng.choice(dirs)}/f{step}".lstrip("/")
+            with open(path(rel), "wb") as f:
+                f.write(os.urandom(rng.randrange(0, 20_000)))
+            files.append(rel)
+        elif op == "append" and files:
+            with open(path(rng.choice(files)), "ab") as f:
+                f.write(b"x" * rng.randrange(1, 5000))
+        elif op == "truncate" and files:
+            os.truncate(path(rng.choice(files)), rng.randrange(0, 30_000))
+        elif op == "rename_file" and files:
+            src = rng.choice(files)
+            dst = f"{rng.choice(dirs)}/r{step}".lstrip("/")
+            os.rename(path(src), path(dst))
+            files[files.index(src)] = dst
+        elif op == "rename_dir" and len(dirs) > 1:
+            src = rng.choice(dirs[1:])
+            targets = [d for d in dirs if d != src and not (d + "/").startswith(src + "/")]
+            dst = f"{rng.choice(targets)}/m{step}".lstrip("/")
+            os.rename(path(src), path(dst))
+            dirs = [dst + d[len(src):] if d == src or d.startswith(src + "/") else d for d in dirs]
+            files = [dst + f[len(src):] if f.startswith(src + "/") else f for f in files]
+            symlinks = [dst + f[len(src):] if f.startswith(src + "/") else f for f in symlinks]
+        elif op == "unlink" and files + symlinks:
+            victim = rng.choice(files + symlinks)
+            os.unlink(path(victim))
+            (files if victim in files else symlinks).remove(victim)
+        elif op == "rmdir" and len(dirs) > 1:
+            empty = [d for d in dirs[1:] if not os.listdir(path(d))]
+            if empty:
+                victim = rng.choice(empty)
+                os.rmdir(path(victim))
+                dirs.remove(victim)
+        elif op == "link" and files:
+            rel = f"{rng.choice(dirs)}/h{step}".lstrip("/")
+            os.link(path(rng.choice(files)), path(rel))
+            files.append(rel)
+        elif op == "symlink":
+            rel = f"{rng.choice(dirs)}/s{step}".lstrip("/")
+            os.symlink("t" * rng.randrange(1, 50), path(rel))
+            symlinks.append(rel)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_rollups_equal_a_recount_after_random_commands(tracked, seed):
+    random_commands(tracked.path, random.Random(seed), 200)
+    # du is exact at once (folded rows plus pending deltas): no waiting
+    assert du_json(tracked) == disk_totals(tracked.backend_root)
+    verified = tracked.cli("rollups", "verify", "local:/", check=False)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    # the folded rows alone catch up: nothing stays pending
+    wait_until(lambda: tracked.db.execute("SELECT count(*) FROM filestore.rollup_deltas").fetchone()[0] == 0,
+               message="rollup deltas folded")
+    states = tracked.db.execute(
+        "SELECT DISTINCT r.consistency_state FROM filestore.rollups r JOIN filestore.nodes n ON n.id = r.node_id"
+        " WHERE n.state = 'ACTIVE'").fetchall()
+    assert states == [("exact",)]
+
+
+def test_concurrent_writers_in_disjoint_subtrees(tracked):
+    for i in range(4):
+        os.makedirs(tracked.path / f"w{i}" / "deep" / "er")
+    errors = []
+
+    def writer(i: int) -> None:
+        try:
+            random_commands(tracked.path / f"w{i}" / "deep" / "er", random.Random(100 + i), 120)
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert du_json(tracked) == disk_totals(tracked.backend_root)
+    assert tracked.cli("rollups", "verify", "local:/", check=False).returncode == 0
+
+
+def test_stat_of_a_directory_serves_its_recursive_size(tracked):
+    os.makedirs(tracked.path / "a" / "b")
+    (tracked.path / "a" / "b" / "one").write_bytes(b"1" * 1000)
+    (tracked.path / "a" / "two").write_bytes(b"2" * 234)
+    os.mkdir(tracked.path / "a" / "c")
+    wait_until(lambda: os.stat(tracked.path / "a").st_size == 1234, message="a's rollup served")
+    st = os.stat(tracked.path / "a")
+    assert st.st_nlink == 2 + 2  # b and c
+    assert st.st_blocks == 8  # a plain directory's blocks: du must not count the bytes twice
+    wait_until(lambda: os.stat(tracked.path / "a" / "b").st_size == 1000, message="b's rollup served")
+    os.unlink(tracked.path / "a" / "b" / "one")
+    wait_until(lambda: os.stat(tracked.path / "a").st_size == 234, message="rollup after unlink")
+
+
+def test_du_through_the_mount_counts_each_file_once(tracked):
+    os.makedirs(tracked.path / "x" / "y" / "z")
+    (tracked.path / "x" / "y" / "z" / "big").write_bytes(b"b" * (1 << 20))
+    wait_until(lambda: os.stat(tracked.path / "x").st_size == 1 << 20, message="rollup served")
+    kib = int(subprocess.run(["du", "-sk", str(tracked.path / "x")], capture_output=True, text=True,
+                             check=True).stdout.split()[0])
+    assert kib == 1024 + 3 * 4  # the file once, plus three plain directories
+
+
+def test_du_command_prints_human_and_depth(tracked):
+    os.makedirs(tracked.path / "p" / "q")
+    (tracked.path / "p" / "q" / "f").write_bytes(b"f" * 3 * 1024 * 1024)
+    (tracked.path / "p" / "g").write_bytes(b"g" * 100)
+    top = tracked.cli("du", str(tracked.path / "p")).stdout.splitlines()
+    assert top == ["3.0M\t2 files\t1 dirs\tpending\tlocal:/p"] or \
+        top == ["3.0M\t2 files\t1 dirs\texact\tlocal:/p"]
+    lines = tracked.cli("du", "local:/p", "-d", "1", "--bytes").stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(3 * 1024 * 1024), str(3 * 1024 * 1024 + 100)]
+    assert lines[-1].endswith("local:/p")
+    missing = tracked.cli("du", "local:/nope", check=False)
+    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_verify_finds_and_repair_fixes_a_damaged_rollup(tracked):
+    os.makedirs(tracked.path / "v" / "w")
+    (tracked.path / "v" / "w" / "f").write_bytes(b"v" * 5000)
+    wait_until(lambda: tracked.db.execute("SELECT count(*) FROM filestore.rollup_deltas").fetchone()[0] == 0,
+               message="folded")
+    w = tracked.node("v/w")["id"]
+    tracked.db.execute("UPDATE filestore.rollups SET size_bytes = 7 WHERE node_id = %s", (w,))
+    bad = tracked.cli("rollups", "verify", "local:/v", "--json", check=False)
+    assert bad.returncode == 1
+    assert [d["node_id"] for d in json.loads(bad.stdout)["differences"]] == [w]
+    assert "1 directory differed" in tracked.cli("rollups", "repair", "local:/v/w").stdout
+    assert tracked.cli("rollups", "verify", "local:/", check=False).returncode == 0
+    assert du_json(tracked, "local:/v") == {"v": (5000, 1, 1), "v/w": (5000, 1, 0)}
+
+
+def test_import_builds_rollups_and_plain_sizes_option(tracked):
+    root = tracked.tmp / "backend-imported"
+    root.mkdir()
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f").write_bytes(b"i" * 4321)
+    (root / "top").write_bytes(b"t" * 10)
+    tracked.cli("backend", "add", "imported", str(root))
+    tracked.backends["imported"] = root
+    rows = du_json(tracked, "imported:/")
+    assert rows == {"": (4331, 2, 2), "a": (4321, 1, 1), "a/b": (4321, 1, 0)}
+    assert tracked.cli("rollups", "verify", "imported:/", check=False).returncode == 0
+    tracked.mount.stop()
+    tracked.mount.env = {**tracked.env, "FILESTORE_DIR_SIZES": "plain"}
+    tracked.mount.start()
+    assert os.stat(tracked.mount.mountpoint / "imported" / "a").st_size == 4096

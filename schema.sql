@@ -179,7 +179,19 @@ CREATE TABLE IF NOT EXISTS filestore.counters (
     PRIMARY KEY (scope, scope_key, counter)
 );
 COMMENT ON TABLE filestore.counters IS
-    'Scalable event and metadata counters by type (the scalable-stats design): scope global (scope_key ''''), backend (its name) or path. Maintained incrementally (issue 6).';
+    'Scalable event and metadata counters by type (the scalable-stats design): scope global (scope_key ''''), backend (its name) or path (backend:/dir). Folded from the committed journal by core.counters, so commands pay nothing for them.';
+COMMENT ON COLUMN filestore.counters.counter IS 'commands.<command>.<status>, bytes.written, nodes.<kind> (nodes alive by type), ...';
+
+-- How far the counters have read the journal: every transaction below this id has ended, so
+-- no journal row below it can still appear (rows commit out of id order; txid order is safe).
+CREATE TABLE IF NOT EXISTS filestore.counter_watermark (
+    id         boolean PRIMARY KEY DEFAULT true CHECK (id),
+    txid       xid8 NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE filestore.counter_watermark IS
+    'One row: the transaction id below which the journal has been folded into filestore.counters.';
+CREATE INDEX IF NOT EXISTS journal_txid_idx ON filestore.journal_entries (txid);
 
 -- Superseded by the checks inside filestore.record_command.
 DROP FUNCTION IF EXISTS filestore.expect_rows(bigint, bigint, text);

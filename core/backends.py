@@ -61,6 +61,14 @@ def _register(db, name, root, read_only, executor, who, progress) -> Backend:
             "SELECT count(*) FILTER (WHERE kind <> 'dir'), count(*) FILTER (WHERE kind = 'dir') - 1,"
             " coalesce(sum(size) FILTER (WHERE kind = 'file'), 0) FROM filestore.nodes WHERE backend_id = %s",
             (backend_id,)).fetchone()
+        # Imported nodes have no snapshots for the counters to fold: count them here, once.
+        conn.execute(
+            "INSERT INTO filestore.counters AS c (scope, scope_key, counter, value)"
+            " SELECT s.scope, s.scope_key, 'nodes.' || n.kind, count(*) FROM filestore.nodes n,"
+            " (VALUES ('global', ''), ('backend', %s)) AS s(scope, scope_key)"
+            " WHERE n.backend_id = %s AND n.id <> %s GROUP BY 1, 2, 3"
+            " ON CONFLICT (scope, scope_key, counter) DO UPDATE SET value = c.value + excluded.value",
+            (name, backend_id, root_id))
         journal_id = conn.execute(*store.record(store.Journal(
             "backend.add", "committed", who, uuid.uuid4(), backend_id, root_id, "",
             {"name": name, "root": root, "read_only": read_only},

@@ -13,7 +13,7 @@ import time
 
 import psycopg
 
-from . import metrics, rollups
+from . import counters, metrics, rollups
 from .cache import InlineCache, RedisCache
 from .db import Database
 
@@ -87,6 +87,7 @@ class RollupFolder:
         with self.db.pool.connection() as conn:
             changed = rollups.fold_all(conn)
             pending, lag = rollups.oldest_pending_age(conn)
+            counters.fold(conn)
         metrics.ROLLUP_PENDING.set(pending)
         metrics.ROLLUP_LAG.set(lag)
         if changed:

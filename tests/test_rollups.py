@@ -202,7 +202,40 @@ def test_import_builds_rollups_and_plain_sizes_option(tracked):
     rows = du_json(tracked, "imported:/")
     assert rows == {"": (4331, 2, 2), "a": (4321, 1, 1), "a/b": (4321, 1, 0)}
     assert tracked.cli("rollups", "verify", "imported:/", check=False).returncode == 0
+    assert {k: v for k, v in stats_json(tracked, "imported").items() if k.startswith("nodes.")} == \
+        {"nodes.dir": 2, "nodes.file": 2}
     tracked.mount.stop()
     tracked.mount.env = {**tracked.env, "FILESTORE_DIR_SIZES": "plain"}
     tracked.mount.start()
     assert os.stat(tracked.mount.mountpoint / "imported" / "a").st_size == 4096
+
+
+def stats_json(tracked, *target: str) -> dict[str, int]:
+    return json.loads(tracked.cli("stats", *target, "--json").stdout)["counters"]
+
+
+def test_counters_follow_the_journal_in_every_scope(tracked):
+    os.makedirs(tracked.path / "c" / "d")
+    for i in range(5):
+        (tracked.path / "c" / "d" / f"f{i}").write_bytes(b"x" * 100)
+    (tracked.path / "top").write_bytes(b"y" * 7)
+    os.unlink(tracked.path / "c" / "d" / "f0")
+    with pytest.raises(FileExistsError):
+        os.mkdir(tracked.path / "c")
+    expected_creates = 6
+    wait_until(lambda: stats_json(tracked).get("commands.create.committed") == expected_creates,
+               message="counters folded")
+    everything = stats_json(tracked)
+    assert everything["commands.mkdir.committed"] == 2
+    assert everything["commands.unlink.committed"] == 1
+    assert everything["bytes.written"] == 5 * 100 + 7
+    assert everything["nodes.file"] == 5  # six created, one deleted
+    assert everything["nodes.dir"] == 2
+    backend = stats_json(tracked, "local")
+    assert backend["commands.create.committed"] == expected_creates and backend["nodes.file"] == 5
+    below_c = stats_json(tracked, "local:/c")
+    assert below_c["commands.create.committed"] == 5 and below_c["commands.mkdir.committed"] == 1
+    assert stats_json(tracked, "local:/c/d")["bytes.written"] == 500
+    assert stats_json(tracked, str(tracked.path / "c" / "d"))["commands.unlink.committed"] == 1
+    refused = tracked.cli("stats", "local:/missing", check=False)
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1

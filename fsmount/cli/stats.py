@@ -1,4 +1,4 @@
-"""`filestore du` and `filestore rollups verify|repair`: directory totals without a walk."""
+"""`filestore du`, `filestore rollups verify|repair` and `filestore stats`: answers without a walk."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import time
 
 import click
 
-from core import journal as journal_queries, rollups
+from core import counters, journal as journal_queries, rollups
 from core.service import open_database
 
 from . import emit_json, main, one_line_errors, settings
@@ -109,3 +109,35 @@ def repair(path: str) -> None:
     result = rollups.recalculate(db, top)
     click.echo(f"repaired {backend}:/{os.fsdecode(rel)}: {len(before)} director{'y' if len(before) == 1 else 'ies'}"
                f" differed; {result['directories']} recounted in {result['milliseconds']} ms")
+
+
+@main.command()
+@click.argument("target", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@one_line_errors
+def stats(target: str | None, as_json: bool) -> None:
+    """Counters of commands, bytes and nodes by type: global, for a BACKEND, or for a PATH.
+
+    PATH is a directory inside a mount or BACKEND:/PATH (commands on anything below it).
+    Counters trail the journal by about a second (they are folded from it).
+
+    Example: filestore stats local:/projects
+    """
+    db = open_database(settings(), apply_schema=False)
+    if target is None:
+        scope, key = "global", ""
+    elif ":" not in target and not target.startswith("/") and not os.path.exists(target):
+        scope, key = "backend", target
+        if not db.query("SELECT 1 FROM filestore.backend_mounts WHERE name = %s AND state = 'active'", (target,)):
+            raise click.ClickException(f"no backend named {target!r}")
+    else:
+        backend, rel = journal_queries.split_target(target, filestore_mounts())
+        journal_queries.resolve(db, backend, rel)  # ENOENT for a path that does not exist
+        scope, key = "path", f"{backend}:/{os.fsdecode(rel).strip('/')}"
+    values = counters.read(db, scope, key)
+    if as_json:
+        emit_json({"scope": scope, "key": key, "counters": values})
+        return
+    click.echo(f"{scope} {key}".rstrip())
+    for name, value in values.items():
+        click.echo(f"  {name:<40} {value:>14,}")

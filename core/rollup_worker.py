@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import psycopg
 
@@ -28,9 +29,11 @@ class RollupView:
     one indexed read. Between folds a directory shows its last folded value; the lag is
     FOLD_DELAY after a command of this mount, FOLD_INTERVAL for other writers."""
 
-    def __init__(self, db: Database, cache: InlineCache | RedisCache):
+    def __init__(self, db: Database, cache: InlineCache | RedisCache,
+                 parent_of: Callable[[int], tuple[int, bytes] | None]):
         self.db = db
         self.cache = cache
+        self.parent_of = parent_of
         self._values: dict[int, rollups.Totals] = {}
         cache.subscribe(self.forget)
 
@@ -40,14 +43,19 @@ class RollupView:
             return found
         shared = self.cache.get(backend_id, dir_id)
         if shared is not None:
-            found = rollups.Totals(**shared)
-        else:
-            with self.db.pool.connection() as conn:
-                found = rollups.folded(conn, [dir_id]).get(dir_id)
-            if found is not None:
-                self.cache.put(backend_id, dir_id, found.__dict__)
+            found = self._values[dir_id] = rollups.Totals(**shared)
+            return found
+        # `ls -l` asks for every subdirectory in turn: load the directory's siblings at once.
+        parent = self.parent_of(dir_id)
+        with self.db.pool.connection() as conn:
+            loaded = rollups.folded_children(conn, parent[0]) if parent else {}
+            if dir_id not in loaded:
+                loaded.update(rollups.folded(conn, [dir_id]))
+        for node_id, totals in loaded.items():
+            self._values.setdefault(node_id, totals)
+        found = loaded.get(dir_id)
         if found is not None:
-            self._values[dir_id] = found
+            self.cache.put(backend_id, dir_id, found.__dict__)
         return found
 
     def forget(self, dir_ids: list[int]) -> None:

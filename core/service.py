@@ -47,7 +47,7 @@ class Filestore:
         self.files = FileTable(self.orch, self.ns)
         self.orch.heal = lambda intent: recovery.heal(self, intent)
         self.cache = open_cache(settings.redis_url)
-        self.rollups = rollup_worker.RollupView(self.db, self.cache)
+        self.rollups = rollup_worker.RollupView(self.db, self.cache, self.ns.parent_of)
         self.folder = rollup_worker.RollupFolder(self.db, self.cache)
         self.orch.rollups_changed = self.folder.poke
         self._workers: list[tuple[object, object]] = []

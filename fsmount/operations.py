@@ -69,6 +69,8 @@ class Operations(pyfuse3.Operations):
         self.files = fs.files
         self.lookups: Counter[int] = Counter()
         self.recursive_dir_sizes = fs.settings.recursive_dir_sizes
+        if self.recursive_dir_sizes:
+            fs.cache.subscribe(self._directory_totals_changed)
         self._started_ns = time.time_ns()
 
     # -- attributes -------------------------------------------------------------------
@@ -103,6 +105,17 @@ class Operations(pyfuse3.Operations):
         attr.st_mtime_ns = mtime
         attr.st_ctime_ns = ctime
         return attr
+
+    def _directory_totals_changed(self, dir_ids: list[int]) -> None:
+        """New rollups (folded here or by another process): make the kernel ask for the
+        attributes again instead of serving its cached size until the attribute timeout.
+        Runs on the folder's or the cache listener's thread, never inside a request."""
+        for dir_id in dir_ids or list(self.lookups):
+            if dir_id in self.lookups:
+                try:
+                    pyfuse3.invalidate_inode(dir_id, attr_only=True)
+                except Exception:  # unknown to the kernel by now, or not mounted yet
+                    pass
 
     def _root_attrs(self) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()

@@ -92,6 +92,9 @@ class Orchestrator:
         # Called with the id of every existing node a command is about to change, so that a
         # file created but not yet on the backend (core.files) gets there first.
         self.settle: Callable[[int], None] = lambda node_id: None
+        # Called with the id of a file whose last name a command is about to remove, so that
+        # an open of the inode the kernel still holds keeps working (core.files.retain).
+        self.retain: Callable[[int], None] = lambda node_id: None
         # Changes made on a backend while the database was away, and how to adopt them
         # (core.recovery.heal, wired by core.service).
         self.unrecorded: list[Intent] = []
@@ -382,9 +385,10 @@ class Orchestrator:
                 created = current.changed(size=0, version=1, atime_ns=node.atime_ns,
                                           mtime_ns=node.ctime_ns, ctime_ns=node.ctime_ns)
                 link.insert(created, parent_id=parent_id, name=name_arg(name))
+                # the times the backend gave the landed file: the clock of our own create
+                # (fine-grained) can be ahead of the disk's (coarse), and atime must not pass mtime
                 final = created.changed(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
-                                        atime_ns=st.atime_ns if "atime_ns" in write.get("attrs", {})
-                                        else created.atime_ns, version=2)
+                                        atime_ns=st.atime_ns, version=2)
                 content = store.Change()
                 content.update(final, 1)
                 pairs = [(cmd, link), (write_cmd, content)]
@@ -434,6 +438,8 @@ class Orchestrator:
                 raise self.refuse(cmd, errno.ENOTDIR)
             if self.ns.listing(node.id).by_name:
                 raise self.refuse(cmd, errno.ENOTEMPTY)
+        if command == "unlink":
+            self.retain(node.id)
         executor = backend.executor
 
         def execute() -> None:
@@ -511,6 +517,7 @@ class Orchestrator:
                 raise self.refuse(cmd, errno.EISDIR)
             if dst.is_dir and self.ns.listing(dst.id).by_name:
                 raise self.refuse(cmd, errno.ENOTEMPTY)
+            self.retain(dst.id)
         executor = backend.executor
 
         def execute() -> None:

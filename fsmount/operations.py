@@ -148,6 +148,7 @@ class Operations(pyfuse3.Operations):
                 self.lookups[inode] = left
             else:
                 self.lookups.pop(inode, None)
+                self.files.forget(inode)
 
     @handler
     def getattr(self, inode, ctx=None):

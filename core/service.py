@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import logging
 
-from . import backends, embedded_pg, recovery, schema, store
+import errno
+
+from . import backends, embedded_pg, recovery, schema, store, xattrs
 from .config import Settings
 from .db import Database, connect
-from .errors import ConfigError
+from .errors import ConfigError, FsError
 from .files import FileTable
 from .intents import IntentLog
+from .model import ROOT_INODE, Node
 from .namespace import Namespace
 from .orchestrator import Orchestrator
 
@@ -65,6 +68,31 @@ class Filestore:
             self.unavailable.pop(backend.name, None)
             fresh.append(backend)
         self.ns.set_backends(fresh)
+
+    # -- extended attributes (reads; changes are orchestrator commands) ----------------
+    def virtual_xattrs(self, node: Node) -> dict[bytes, bytes]:
+        """The read-only user.filestore.* attributes of a node: none yet (issue 6 adds the
+        rollup fields of directories here)."""
+        return {}
+
+    def getxattr(self, node_id: int, name: bytes) -> bytes:
+        # security.capability is asked before writes and ls asks for ACLs and labels: these
+        # are answered here, from no table, without a query.
+        if node_id == ROOT_INODE or not xattrs.check_readable(name):
+            raise FsError(errno.ENODATA)
+        if name.startswith(xattrs.VIRTUAL):
+            value = self.virtual_xattrs(self.ns.node(node_id)).get(name)
+        else:
+            value = self.orch.xattrs.of(node_id).get(name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def listxattr(self, node_id: int) -> list[bytes]:
+        if node_id == ROOT_INODE:
+            return []
+        names = list(self.orch.xattrs.of(node_id))
+        return names + sorted(self.virtual_xattrs(self.ns.node(node_id)))
 
     def close(self) -> None:
         for backend in self.ns.backends.values():

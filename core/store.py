@@ -73,6 +73,7 @@ class Change:
     links: list[tuple] = field(default_factory=list)  # (parent, name, node[, entry id])
     touches: list[tuple[int, int]] = field(default_factory=list)  # (directory, time ns)
     snapshots: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)  # (node, version, data)
+    xattrs: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)  # (node, name, value; None: remove)
 
     def update(self, after: Node, expected: int, **snapshot_extra: Any) -> None:
         self.updates.append((after, expected))
@@ -128,3 +129,17 @@ def record(journal: Journal, change: Change | None = None) -> Statement:
         dumps([{"id": d, "time_ns": t} for d, t in change.touches]),
         dumps([{"node_id": n, "version": v, "data": d} for n, v, d in change.snapshots]),
     ))
+
+
+def xattr_statements(change: Change) -> list[Statement]:
+    """The extended-attribute writes of a command, sent in the transaction of its journal row
+    (after `record`, so a failed version check there rolls them back too)."""
+    out: list[Statement] = []
+    for node_id, name, value in change.xattrs:
+        if value is None:
+            out.append(("DELETE FROM filestore.xattrs WHERE node_id = %s AND name = %s", (node_id, name)))
+        else:
+            out.append(("INSERT INTO filestore.xattrs (node_id, name, value) VALUES (%s, %s, %s)"
+                        " ON CONFLICT (node_id, name) DO UPDATE SET value = EXCLUDED.value",
+                        (node_id, name, value)))
+    return out

@@ -4,7 +4,7 @@ it, and `conform`, which runs one scenario on both and compares what it saw and 
 A scenario is a plain function of a `Run`: it makes syscalls under `run.root` through
 `run.do(label, fn, ...)`, which records the return value or the errno, and notes what it
 observes (`run.note`). The two sides must record the same list and end with the same tree
-(kinds, modes, owners, sizes, link counts, contents, symlink targets). Inode numbers and
+(kinds, modes, owners, sizes, link counts, contents, symlink targets, extended attributes). Inode numbers and
 absolute times differ between filesystems, so scenarios record relations (same inode,
 ctime moved) instead of raw values.
 
@@ -96,7 +96,10 @@ def tree_state(root: Path) -> dict[bytes, tuple]:
                         extra = hashlib.sha256(f.read()).hexdigest()
                 except PermissionError:
                     extra = "unreadable"
-            out[rel] = (*meta(st), extra)
+            xattrs = None
+            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                xattrs = tuple(sorted((n, os.getxattr(full, n)) for n in os.listxattr(full)))
+            out[rel] = (*meta(st), extra, xattrs)
     return out
 
 

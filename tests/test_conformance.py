@@ -597,6 +597,76 @@ def name_lengths(r: Run):
     r.note("listing", sorted(os.listdir(r.root)))
 
 
+# == extended attributes ====================================================================
+def _xattr(fn, path, *args, **kwargs):
+    return fn(os.fsencode(path), *args, **kwargs)
+
+
+@scenario("xattr")
+def user_xattrs(r: Run):
+    write(r.p("f"), b"x")
+    os.mkdir(r.p("d"))
+    os.symlink("f", r.p("l"))
+    os.mkfifo(r.p("p"))
+    r.do("get missing", os.getxattr, r.p("f"), "user.a")
+    r.do("set", os.setxattr, r.p("f"), "user.a", b"1")
+    r.do("get", os.getxattr, r.p("f"), "user.a", keep=bytes)
+    r.do("set CREATE existing", os.setxattr, r.p("f"), "user.a", b"2", os.XATTR_CREATE)
+    r.do("set REPLACE missing", os.setxattr, r.p("f"), "user.b", b"2", os.XATTR_REPLACE)
+    r.do("set REPLACE existing", os.setxattr, r.p("f"), "user.a", b"3", os.XATTR_REPLACE)
+    r.do("set CREATE new", os.setxattr, r.p("f"), "user.b", b"\0binary\xff", os.XATTR_CREATE)
+    r.do("empty value", os.setxattr, r.p("f"), "user.empty", b"")
+    r.do("get empty", os.getxattr, r.p("f"), "user.empty", keep=bytes)
+    r.do("list", os.listxattr, r.p("f"), keep=sorted)
+    r.do("remove", os.removexattr, r.p("f"), "user.a")
+    r.do("remove missing", os.removexattr, r.p("f"), "user.a")
+    r.do("list after remove", os.listxattr, r.p("f"), keep=sorted)
+    r.do("on a dir", os.setxattr, r.p("d"), "user.dir", b"v")
+    r.do("dir list", os.listxattr, r.p("d"), keep=sorted)
+    r.do("on a symlink (not followed)", os.setxattr, r.p("l"), "user.x", b"v", follow_symlinks=False)
+    r.do("through a symlink", os.getxattr, r.p("l"), "user.b", keep=bytes)
+    r.do("list of a symlink", os.listxattr, r.p("l"), follow_symlinks=False, keep=sorted)
+    r.do("on a fifo", os.setxattr, r.p("p"), "user.x", b"v")
+    r.do("name of 255 bytes", os.setxattr, r.p("f"), "user." + "n" * 250, b"v")
+    r.do("name of 256 bytes", os.setxattr, r.p("f"), "user." + "n" * 251, b"v")
+    r.do("empty user name", os.setxattr, r.p("f"), "user.", b"v")
+    r.do("value over 64 KiB", os.setxattr, r.p("f"), "user.big", b"v" * 65537)
+    r.do("unknown namespace set", os.setxattr, r.p("f"), "nonsense.x", b"v")
+    r.do("unknown namespace get", os.getxattr, r.p("f"), "nonsense.x")
+    r.do("security get", os.getxattr, r.p("f"), "security.capability")
+    r.do("acl get", os.getxattr, r.p("f"), "system.posix_acl_access")
+    r.do("missing file", os.getxattr, r.p("missing"), "user.a")
+    fd = os.open(r.p("f"), os.O_RDONLY)
+    r.do("fsetxattr on a read-only fd", os.setxattr, fd, "user.fd", b"v")
+    r.do("fgetxattr", os.getxattr, fd, "user.fd", keep=bytes)
+    os.close(fd)
+    before = os.stat(r.p("f"))
+    wait_tick()
+    os.setxattr(r.p("f"), "user.t", b"t")
+    r.note("setxattr moves ctime only", moved(before, os.stat(r.p("f")))[1:])
+    os.link(r.p("f"), r.p("f2"))
+    r.do("shared by hard links", os.getxattr, r.p("f2"), "user.t", keep=bytes)
+    write(r.p("f"), b"rewritten", os.O_WRONLY | os.O_TRUNC)
+    r.do("kept by an O_TRUNC rewrite", os.listxattr, r.p("f"), keep=sorted)
+    write(r.p("n"), b"old")
+    os.setxattr(r.p("n"), "user.keep", b"k")
+    write(r.p("n"), b"new", os.O_WRONLY | os.O_TRUNC)
+    r.do("kept by a rewrite of a single-link file", os.getxattr, r.p("n"), "user.keep", keep=bytes)
+    os.rename(r.p("n"), r.p("m"))
+    r.do("kept by rename", os.getxattr, r.p("m"), "user.keep", keep=bytes)
+
+
+@scenario("xattr")
+def xattr_on_a_new_open_file(r: Run):
+    fd = os.open(r.p("new"), os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, b"data")
+    r.do("set before the first close", os.setxattr, r.p("new"), "user.early", b"e")
+    os.write(fd, b" more")
+    os.close(fd)
+    r.do("get after close", os.getxattr, r.p("new"), "user.early", keep=bytes)
+    r.do("content", read, r.p("new"), keep=bytes)
+
+
 # == the parametrized runner ================================================================
 def _param(key: str):
     entry = SCENARIOS[key]

@@ -192,7 +192,30 @@ def links(r: Run):
     r.do("mkfifo as a user", os.mkfifo, r.p("fifo"))
 
 
+# == extended attributes as another user =========================================================
+def setup_xattrs(root):
+    make(root, "theirs-r", mode=0o644, uid=BOB.uid, gid=BOB.gid)
+    make(root, "theirs-private", mode=0o600, uid=BOB.uid, gid=BOB.gid)
+    make(root, "theirs-rw", mode=0o666, uid=BOB.uid, gid=BOB.gid)
+    make(root, "sticky-dir", kind="dir", mode=0o1777, uid=BOB.uid, gid=BOB.gid)
+    for name in ("theirs-r", "theirs-private", "theirs-rw", "sticky-dir"):
+        os.setxattr(os.path.join(root, name), "user.tag", b"bob")
+
+
+def xattrs_as_another_user(r: Run):
+    r.do("get readable", os.getxattr, r.p("theirs-r"), "user.tag", keep=bytes)
+    r.do("list readable", os.listxattr, r.p("theirs-r"), keep=sorted)
+    r.do("get unreadable", os.getxattr, r.p("theirs-private"), "user.tag")
+    r.do("set without write permission", os.setxattr, r.p("theirs-r"), "user.mine", b"a")
+    r.do("remove without write permission", os.removexattr, r.p("theirs-r"), "user.tag")
+    r.do("set with write permission", os.setxattr, r.p("theirs-rw"), "user.mine", b"a")
+    r.do("remove with write permission", os.removexattr, r.p("theirs-rw"), "user.tag")
+    r.do("set on another user's sticky dir", os.setxattr, r.p("sticky-dir"), "user.mine", b"a")
+    r.do("list after", os.listxattr, r.p("theirs-rw"), keep=sorted)
+
+
 CASES = {
+    "xattrs": (xattrs_as_another_user, setup_xattrs, ALICE),
     "mode_bits": (mode_bits, setup_mode_bits, ALICE),
     "owner_rules": (owner_rules, setup_owner_rules, ALICE),
     "setid_cleared": (setid_cleared, setup_setid, ALICE),

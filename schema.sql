@@ -325,3 +325,16 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION filestore.record_command IS
     'Records one command atomically: new nodes, version-checked node updates (SQLSTATE FS409 on conflict), entries removed and added, directory times, the journal row, its snapshots and its rollup deltas. Called by core.store.record only.';
+
+-- == Extended attributes (issue 4) =====================================================
+CREATE TABLE IF NOT EXISTS filestore.xattrs (
+    node_id     bigint NOT NULL REFERENCES filestore.nodes(id),
+    name        bytea NOT NULL CHECK (length(name) BETWEEN 6 AND 255),
+    value       bytea NOT NULL CHECK (length(value) <= 65536),
+    PRIMARY KEY (node_id, name)
+);
+COMMENT ON TABLE filestore.xattrs IS
+    'Extended attributes in the user. namespace, one row per (node, name); hard links share them. Written by the setxattr and removexattr commands (core.store.xattr_statements) in the transaction of their journal row; the authority over the copy a local backend keeps on disk where it can.';
+COMMENT ON COLUMN filestore.xattrs.node_id IS 'The node (inode number); rows of DELETED nodes are kept with their history.';
+COMMENT ON COLUMN filestore.xattrs.name IS 'The full name with its namespace prefix, e.g. user.mime_type (bytes, no NUL, at most 255 like XATTR_NAME_MAX). Names user.filestore.* are never stored: they are computed (Filestore.virtual_xattrs).';
+COMMENT ON COLUMN filestore.xattrs.value IS 'The value, any bytes, at most 65,536 (XATTR_SIZE_MAX).';

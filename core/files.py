@@ -56,7 +56,11 @@ class FileTable:
         self.orch = orchestrator
         self.ns = ns
         orchestrator.settle = self.settle
+        orchestrator.retain = self.retain
         self._by_node: dict[int, OpenFile] = {}
+        # Descriptors of files whose last name was removed while the kernel may still hold
+        # them (looked up, not yet forgotten): an open of such an inode works, as natively.
+        self._retained: dict[int, int] = {}
         self._handles: dict[int, OpenFile] = {}
         self._next = itertools.count(1)
         self._lock = threading.RLock()
@@ -77,15 +81,47 @@ class FileTable:
         rewrite is staged would otherwise be split from it when the staged content lands."""
         with self._lock:
             of = self._by_node.get(node_id)
-            if of is not None and (of.pending is not None or of.staging_id is not None):
+            if of is None:
+                return
+            if of.pending is not None or of.staging_id is not None:
                 self._commit(of, durable=False)
+            if of.fd is None and not of.fresh:
+                # The command may remove the name (unlink, rename over): an open file stays
+                # readable and writable until its last close, so take its descriptor now.
+                self._descriptor(of)
+
+    def retain(self, node_id: int) -> None:
+        """Called before a command removes a regular file's last name (unlink, rename over).
+
+        A reader that looked the name up just before may open the inode just after, as a
+        native open holds the inode it resolved; keep a descriptor until the kernel forgets.
+        """
+        node = self.ns.node(node_id)
+        if node.kind != "file" or node.nlink > 1 or node_id in self._retained:
+            return
+        with self._lock:
+            of = self._by_node.get(node_id)
+            if of is not None and of.fresh:
+                return
+            backend, rel = self.ns.path_of(node_id)
+            try:
+                self._retained[node_id] = backend.executor.open_file(rel, write=not backend.read_only)
+            except ExecutorError:
+                pass  # nothing to keep: the removal itself will report what is wrong
+
+    def forget(self, node_id: int) -> None:
+        """The kernel dropped its last reference to the inode: a retained descriptor goes."""
+        fd = self._retained.pop(node_id, None)
+        if fd is not None:
+            os.close(fd)
 
     def open(self, who: Principal, node_id: int, flags: int) -> int:
         node = self.ns.node(node_id)
         if node.kind != "file":
             raise FsError(errno.EISDIR if node.is_dir else errno.EINVAL)
         backend = self.ns.backend_of(node)
-        wants_write = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+        # Linux truncates on O_TRUNC even with O_RDONLY (the kernel checked write permission)
+        wants_write = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR) or bool(flags & os.O_TRUNC)
         if wants_write and backend.read_only:
             raise FsError(errno.EROFS)
         with self._lock:
@@ -119,6 +155,8 @@ class FileTable:
             raise FsError(errno.EBADF) from None
 
     def _descriptor(self, of: OpenFile) -> int:
+        if of.fd is None and of.node_id in self._retained:
+            of.fd = os.dup(self._retained[of.node_id])
         if of.fd is None:
             backend, rel = self.ns.path_of(of.node_id)
             try:

@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 
-from executors.base import ExecutorError, Stat
+from executors.base import ExecutorError, NoSpace, Stat, Unsupported
 from executors.local import STAGING_NAME
 
 from . import metrics, rollups, store
@@ -32,6 +32,7 @@ from .errors import FsError, errno_for
 from .intents import Intent, IntentLog
 from .model import ROOT_INODE, Backend, Node, Principal, display_name, name_arg
 from .namespace import Namespace
+from .xattrs import XattrCache, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,13 @@ class Orchestrator:
         self.intents = intents
         self.ids = IdPool(db)
         self.entry_ids = IdPool(db, "filestore.entry_ids")
+        self.xattrs = XattrCache(db)
         # Called with the id of every existing node a command is about to change, so that a
         # file created but not yet on the backend (core.files) gets there first.
         self.settle: Callable[[int], None] = lambda node_id: None
+        # Called with the id of a file whose last name a command is about to remove, so that
+        # an open of the inode the kernel still holds keeps working (core.files.retain).
+        self.retain: Callable[[int], None] = lambda node_id: None
         # Changes made on a backend while the database was away, and how to adopt them
         # (core.recovery.heal, wired by core.service).
         self.unrecorded: list[Intent] = []
@@ -127,8 +132,11 @@ class Orchestrator:
             # (a new file's create and its first write): each keeps its own journal row.
             pairs = recorded if isinstance(recorded, list) else [(cmd, recorded)]
             rollups.derive(self.ns, [change for _, change in pairs])
-            statements = [store.record(self._journal(c, "committed", result=_result_of(outcome, change)), change)
-                          for c, change in pairs]
+            statements = []
+            for c, change in pairs:
+                statements.append(store.record(self._journal(c, "committed", result=_result_of(outcome, change)),
+                                               change))
+                statements.extend(store.xattr_statements(change))
             try:
                 rows = self.db.transaction(statements, label=cmd.name)
                 break
@@ -387,9 +395,10 @@ class Orchestrator:
                 created = current.changed(size=0, version=1, atime_ns=node.atime_ns,
                                           mtime_ns=node.ctime_ns, ctime_ns=node.ctime_ns)
                 link.insert(created, parent_id=parent_id, name=name_arg(name))
+                # the times the backend gave the landed file: the clock of our own create
+                # (fine-grained) can be ahead of the disk's (coarse), and atime must not pass mtime
                 final = created.changed(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
-                                        atime_ns=st.atime_ns if "atime_ns" in write.get("attrs", {})
-                                        else created.atime_ns, version=2)
+                                        atime_ns=st.atime_ns, version=2)
                 content = store.Change()
                 content.update(final, 1)
                 pairs = [(cmd, link), (write_cmd, content)]
@@ -439,6 +448,8 @@ class Orchestrator:
                 raise self.refuse(cmd, errno.ENOTDIR)
             if self.ns.listing(node.id).by_name:
                 raise self.refuse(cmd, errno.ENOTEMPTY)
+        if command == "unlink":
+            self.retain(node.id)
         executor = backend.executor
 
         def execute() -> None:
@@ -516,6 +527,7 @@ class Orchestrator:
                 raise self.refuse(cmd, errno.EISDIR)
             if dst.is_dir and self.ns.listing(dst.id).by_name:
                 raise self.refuse(cmd, errno.ENOTEMPTY)
+            self.retain(dst.id)
         executor = backend.executor
 
         def execute() -> None:
@@ -661,6 +673,78 @@ class Orchestrator:
 
             def apply(_entry_ids):
                 self.ns.put(after)
+                return after
+            return change, apply
+
+        return self._run(cmd, execute, record)
+
+    # == extended attributes ==========================================================
+    @idempotent
+    def setxattr(self, who: Principal, node_id: int, name: bytes, value: bytes, *, flags: int = 0,
+                 idempotency_key: str | None = None) -> Node:
+        """setxattr(2) in the user namespace; flags XATTR_CREATE (1) and XATTR_REPLACE (2)."""
+        return self._xattr_change("setxattr", who, node_id, name, value, flags, idempotency_key)
+
+    @idempotent
+    def removexattr(self, who: Principal, node_id: int, name: bytes, *,
+                    idempotency_key: str | None = None) -> Node:
+        return self._xattr_change("removexattr", who, node_id, name, None, 0, idempotency_key)
+
+    def _xattr_change(self, command: str, who: Principal, node_id: int, name: bytes, value: bytes | None,
+                      flags: int, idempotency_key: str | None) -> Node:
+        if node_id == ROOT_INODE:
+            raise FsError(errno.EPERM)
+        node = self.ns.node(node_id)
+        backend, rel = self._path(node_id)
+        args: dict[str, Any] = {"name": name_arg(name)}
+        if value is not None:
+            args.update(size=len(value), flags=flags)
+        cmd = Command(command, who, backend, node_id=node_id, path=display_name(rel), args=args, paths=(rel,),
+                      idempotency_key=idempotency_key)
+        try:
+            check_writable(name, value)
+        except FsError as exc:
+            if exc.errno == errno.EOPNOTSUPP:
+                # cp -p and mv probe system.posix_acl_* and security.* on every file they copy:
+                # a namespace this filesystem has no place for is not a change to journal.
+                raise
+            raise self.refuse(cmd, exc.errno, str(exc)) from None
+        if backend.read_only:
+            raise self.refuse(cmd, errno.EROFS)
+        if node.kind not in ("file", "dir"):  # Linux keeps user xattrs on files and directories only
+            raise self.refuse(cmd, errno.EPERM, f"user xattrs on a {node.kind}")
+        present = name in self.xattrs.of(node_id)
+        if (value is None or flags & 2) and not present:
+            raise self.refuse(cmd, errno.ENODATA)
+        if flags & 1 and present:
+            raise self.refuse(cmd, errno.EEXIST)
+        self.settle(node_id)
+        executor = backend.executor
+
+        def execute() -> Stat:
+            # The database holds the attribute; the disk keeps a copy where it can (D18).
+            try:
+                st = (executor.set_xattr(rel, name, value) if value is not None
+                      else executor.remove_xattr(rel, name))
+                cmd.args["on_disk"] = True
+            except (Unsupported, NoSpace):
+                st = executor.stat_node(rel)
+                cmd.args["on_disk"] = False
+            return st
+
+        def record(st: Stat):
+            current = self.ns.node(node_id)
+            ctime = st.ctime_ns if cmd.args["on_disk"] else max(time.time_ns(), current.ctime_ns)
+            after = current.changed(ctime_ns=ctime, version=current.version + 1)
+            change = store.Change(xattrs=[(node_id, name, value)])
+            change.update(after, current.version)
+
+            def apply(_entry_ids):
+                self.ns.put(after)
+                if value is None:
+                    self.xattrs.drop(node_id, name)
+                else:
+                    self.xattrs.put(node_id, name, value)
                 return after
             return change, apply
 

@@ -1,19 +1,24 @@
 """Wiring: one `Filestore` per process holds the database, the tree view and the commands."""
 from __future__ import annotations
 
+import errno
 import logging
+from datetime import datetime, timezone
 
-from . import backends, embedded_pg, recovery, rollup_worker, schema, store
+from . import backends, embedded_pg, recovery, rollup_worker, rollups, schema, store, xattrs
 from .cache import open_cache
 from .config import Settings
 from .db import Database, connect
-from .errors import ConfigError
+from .errors import ConfigError, FsError
 from .files import FileTable
 from .intents import IntentLog
+from .model import ROOT_INODE, Node
 from .namespace import Namespace
 from .orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
+
+ROLLUP_XATTRS = (b"size_bytes", b"file_count", b"dir_count", b"consistency_state", b"last_calculated_at")
 
 
 def database_url(settings: Settings) -> str:
@@ -81,6 +86,39 @@ class Filestore:
             stop.set()
             thread.join(30)
         self._workers.clear()
+
+    # -- extended attributes (reads; changes are orchestrator commands) ----------------
+    def virtual_xattrs(self, node: Node) -> dict[bytes, bytes]:
+        """The read-only user.filestore.* attributes: a directory's rollup fields (DESIGN.md
+        section 5), exact at the moment of asking (the folded row plus pending deltas)."""
+        if not node.is_dir:
+            return {}
+        with self.db.pool.connection() as conn:
+            totals = rollups.totals(conn, [node.id])[node.id]
+        calculated = ("" if totals.last_calculated_at is None else
+                      datetime.fromtimestamp(totals.last_calculated_at, timezone.utc).isoformat())
+        values = (totals.size_bytes, totals.file_count, totals.dir_count, totals.state, calculated)
+        return {xattrs.VIRTUAL + name: str(value).encode() for name, value in zip(ROLLUP_XATTRS, values)}
+
+    def getxattr(self, node_id: int, name: bytes) -> bytes:
+        # security.capability is asked before writes and ls asks for ACLs and labels: these
+        # are answered here, from no table, without a query.
+        if node_id == ROOT_INODE or not xattrs.check_readable(name):
+            raise FsError(errno.ENODATA)
+        if name.startswith(xattrs.VIRTUAL):
+            value = self.virtual_xattrs(self.ns.node(node_id)).get(name)
+        else:
+            value = self.orch.xattrs.of(node_id).get(name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def listxattr(self, node_id: int) -> list[bytes]:
+        if node_id == ROOT_INODE:
+            return []
+        names = list(self.orch.xattrs.of(node_id))
+        # the names alone: listing must not cost the rollup query that reading one does
+        return names + (sorted(xattrs.VIRTUAL + n for n in ROLLUP_XATTRS) if self.ns.node(node_id).is_dir else [])
 
     def close(self) -> None:
         self.stop_workers()

@@ -78,6 +78,7 @@ class Change:
     links: list[tuple] = field(default_factory=list)  # (parent, name, node[, entry id])
     touches: list[tuple[int, int]] = field(default_factory=list)  # (directory, time ns)
     snapshots: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)  # (node, version, data)
+    xattrs: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)  # (node, name, value; None: remove)
     rollup: dict[int, list[int]] = field(default_factory=dict)  # directory -> [bytes, files, dirs] delta
     moves: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # (dir, from chain, to chain)
 
@@ -159,3 +160,17 @@ def record(journal: Journal, change: Change | None = None) -> Statement:
         dumps(change.delta_rows()),
         dumps([{"node_id": n, "from": old, "to": new} for n, old, new in change.moves]),
     ))
+
+
+def xattr_statements(change: Change) -> list[Statement]:
+    """The extended-attribute writes of a command, sent in the transaction of its journal row
+    (after `record`, so a failed version check there rolls them back too)."""
+    out: list[Statement] = []
+    for node_id, name, value in change.xattrs:
+        if value is None:
+            out.append(("DELETE FROM filestore.xattrs WHERE node_id = %s AND name = %s", (node_id, name)))
+        else:
+            out.append(("INSERT INTO filestore.xattrs (node_id, name, value) VALUES (%s, %s, %s)"
+                        " ON CONFLICT (node_id, name) DO UPDATE SET value = EXCLUDED.value",
+                        (node_id, name, value)))
+    return out

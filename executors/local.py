@@ -297,6 +297,65 @@ class LocalExecutor:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             return stat_from(st, os.readlink(name, dir_fd=pfd) if is_link else None)
 
+    # -- extended attributes ------------------------------------------------------------
+    def _magic_path(self, fd: int) -> str:
+        # *xattr(2) take no dir_fd and refuse O_PATH descriptors; the /proc link of the
+        # descriptor names the very inode that was resolved beneath the root.
+        return f"/proc/self/fd/{fd}"
+
+    def set_xattr(self, rel: bytes, name: bytes, value: bytes) -> Stat:
+        """Set an extended attribute on a file or directory. Raises Unsupported or NoSpace
+        when this disk cannot keep it (no user xattrs, or a value over its per-inode room)."""
+        fd = self._resolve(rel, os.O_PATH)
+        try:
+            with _os_errors():
+                try:
+                    os.setxattr(self._magic_path(fd), name, value)
+                except OSError as exc:
+                    if exc.errno in (errno.E2BIG, errno.ERANGE):
+                        raise OSError(errno.EOPNOTSUPP, f"this disk cannot keep {name!r}") from exc
+                    raise
+                return stat_from(os.stat(fd))
+        finally:
+            os.close(fd)
+
+    def remove_xattr(self, rel: bytes, name: bytes) -> Stat:
+        """Remove an extended attribute; one the disk never had is not an error."""
+        fd = self._resolve(rel, os.O_PATH)
+        try:
+            with _os_errors():
+                try:
+                    os.removexattr(self._magic_path(fd), name)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                        raise
+                return stat_from(os.stat(fd))
+        finally:
+            os.close(fd)
+
+    def stat_node(self, rel: bytes) -> Stat:
+        """Stat of the file or directory at rel (for a change kept in the database only)."""
+        fd = self._resolve(rel, os.O_PATH)
+        try:
+            with _os_errors():
+                return stat_from(os.stat(fd))
+        finally:
+            os.close(fd)
+
+    def _carry_xattrs(self, staged: bytes, pfd: int, name: bytes) -> None:
+        """A rewrite lands by rename over the old file: give the new inode its user xattrs."""
+        old = f"/proc/self/fd/{pfd}/".encode() + name
+        try:
+            names = [n for n in os.listxattr(old, follow_symlinks=False) if n.startswith("user.")]
+        except OSError:
+            return  # no old file, or no xattrs on this disk
+        target = f"/proc/self/fd/{self._staging_fd}/".encode() + staged
+        for n in names:
+            try:
+                os.setxattr(target, n, os.getxattr(old, n, follow_symlinks=False))
+            except OSError:
+                pass  # best effort: the database holds them
+
     # -- staging ----------------------------------------------------------------------
     def stage(self, staging_id: str) -> int:
         """A new, empty staging file opened read-write; `staging_id` names it."""
@@ -324,6 +383,7 @@ class LocalExecutor:
             if noreplace:
                 _renameat2(self._staging_fd, sname, pfd, name, _RENAME_NOREPLACE)
             else:
+                self._carry_xattrs(sname, pfd, name)
                 os.rename(sname, name, src_dir_fd=self._staging_fd, dst_dir_fd=pfd)
             if durable:
                 self._fsync_dir(pfd)

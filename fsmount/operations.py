@@ -26,6 +26,9 @@ from core.service import Filestore
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT = float(os.environ.get("FILESTORE_ATTR_TIMEOUT", "1.0"))
+# off: every xattr call answers ENOSYS, after which the kernel never asks again (no probe
+# round trip per `ls -l` entry or per write); see docs/architecture.md D18
+XATTRS = os.environ.get("FILESTORE_XATTRS", "on").lower() not in ("off", "0", "no", "false")
 NAME_MAX = 255
 KINDS = {stat_mod.S_IFIFO: "fifo", stat_mod.S_IFSOCK: "socket", stat_mod.S_IFCHR: "chardev",
          stat_mod.S_IFBLK: "blockdev", stat_mod.S_IFREG: "file"}
@@ -168,6 +171,7 @@ class Operations(pyfuse3.Operations):
                 self.lookups[inode] = left
             else:
                 self.lookups.pop(inode, None)
+                self.files.forget(inode)
 
     @handler
     def getattr(self, inode, ctx=None):
@@ -304,6 +308,32 @@ class Operations(pyfuse3.Operations):
     @handler
     def release(self, fh):
         self.files.release(fh)
+
+    # -- extended attributes ----------------------------------------------------------
+    # pyfuse3 checks XATTR_CREATE and XATTR_REPLACE itself, through getxattr.
+    @handler
+    def setxattr(self, inode, name, value, ctx):
+        if not XATTRS:
+            raise FUSEError(errno.ENOSYS)
+        self.fs.orch.setxattr(principal(ctx), inode, name, value)
+
+    @handler
+    def getxattr(self, inode, name, ctx):
+        if not XATTRS:
+            raise FUSEError(errno.ENOSYS)
+        return self.fs.getxattr(inode, name)
+
+    @handler
+    def listxattr(self, inode, ctx):
+        if not XATTRS:
+            raise FUSEError(errno.ENOSYS)
+        return self.fs.listxattr(inode)
+
+    @handler
+    def removexattr(self, inode, name, ctx):
+        if not XATTRS:
+            raise FUSEError(errno.ENOSYS)
+        self.fs.orch.removexattr(principal(ctx), inode, name)
 
     # -- the filesystem ---------------------------------------------------------------
     @handler

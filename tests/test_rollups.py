@@ -239,3 +239,21 @@ def test_counters_follow_the_journal_in_every_scope(tracked):
     assert stats_json(tracked, str(tracked.path / "c" / "d"))["commands.unlink.committed"] == 1
     refused = tracked.cli("stats", "local:/missing", check=False)
     assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_rollup_fields_as_extended_attributes(tracked):
+    os.makedirs(tracked.path / "x" / "y")
+    (tracked.path / "x" / "y" / "f").write_bytes(b"a" * 321)
+    d = tracked.path / "x"
+    assert os.getxattr(d, "user.filestore.size_bytes") == b"321"  # exact at once: pending deltas count
+    assert os.getxattr(d, "user.filestore.file_count") == b"1"
+    assert os.getxattr(d, "user.filestore.dir_count") == b"1"
+    assert os.getxattr(d, "user.filestore.consistency_state") in (b"exact", b"pending")
+    wait_until(lambda: os.getxattr(d, "user.filestore.consistency_state") == b"exact", message="folded")
+    assert os.getxattr(d, "user.filestore.last_calculated_at").startswith(b"20")
+    assert {n for n in os.listxattr(d) if n.startswith("user.filestore.")} == {
+        "user.filestore.size_bytes", "user.filestore.file_count", "user.filestore.dir_count",
+        "user.filestore.consistency_state", "user.filestore.last_calculated_at"}
+    with pytest.raises(PermissionError):
+        os.setxattr(d, "user.filestore.size_bytes", b"1")
+    assert not [n for n in os.listxattr(d / "y" / "f") if n.startswith("user.filestore.")]

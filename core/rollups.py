@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from . import store
+from . import metrics, store
 from .db import Database
 from .model import Node
 from .namespace import Namespace
@@ -222,6 +222,7 @@ def recalculate(db: Database, top: int) -> dict[str, int]:
             conn.isolation_level = None
             conn.autocommit = True
             conn.execute("SELECT pg_advisory_unlock(%s)", (FOLD_LOCK,))
+    metrics.ROLLUP_RECALC_SECONDS.observe(time.monotonic() - started)
     return {"directories": len(fresh), "milliseconds": int((time.monotonic() - started) * 1000),
             "size_delta": diff[0], "file_delta": diff[1], "dir_delta": diff[2]}
 

@@ -1,9 +1,13 @@
-"""The shared cache of hot directory summaries and its invalidation channel (DESIGN.md section 5).
+"""Shared cache of hot directory summaries, and the invalidation channel that keeps every
+process's in-memory views coherent (DESIGN.md sections 5 and 9).
 
 With a Redis (`REDIS_URL`), summaries live under `filestore:rollup:<backend>:<node>` with a
-TTL and every process that changes them publishes the node ids on `filestore:invalidate`, so
-every mount and sidecar drops what it holds. `REDIS_URL=inline` keeps both in this process.
-A cache is only ever a copy: when Redis is away, readers go to PostgreSQL and nothing fails.
+TTL, and every change is announced on `filestore:invalidate`: directories whose rollups a fold
+changed, and nodes and directories a command changed. Every mount and sidecar drops what it
+holds of them (its namespace, its rollup values, the kernel's caches). `REDIS_URL=inline` keeps
+the cache and the listeners in this process: one process needs no channel.
+A cache is only ever a copy: when Redis is away, readers go to PostgreSQL and nothing fails;
+a process that lost the channel drops everything it holds once it is back.
 """
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from . import metrics
 
@@ -19,8 +25,22 @@ log = logging.getLogger(__name__)
 
 INVALIDATE_CHANNEL = "filestore:invalidate"
 DEFAULT_TTL = 300.0
+PUBLISH_DELAY = 0.005  # command announcements are batched this long, off the command's path
 
-Listener = Callable[[list[int]], None]
+
+@dataclass
+class Invalidation:
+    rollups: list[int] = field(default_factory=list)  # directories with new rollup values
+    nodes: list[int] = field(default_factory=list)  # nodes whose attributes or content changed
+    dirs: list[int] = field(default_factory=list)  # directories whose entries changed
+    remote: bool = False  # announced by another process
+    everything: bool = False  # announcements may have been missed: drop all
+
+    def as_json(self, origin: str) -> str:
+        return json.dumps({"origin": origin, "rollups": self.rollups, "nodes": self.nodes, "dirs": self.dirs})
+
+
+Listener = Callable[[Invalidation], None]
 
 
 class InlineCache:
@@ -47,27 +67,41 @@ class InlineCache:
         for key in keys:
             self._items.pop(key, None)
             ids.append(key[1])
-        for listener in self._listeners:
-            listener(ids)
+        self._tell(Invalidation(rollups=ids))
+
+    def announce(self, nodes: Iterable[int], dirs: Iterable[int]) -> None:
+        """A command changed these: nobody else holds them in this mode."""
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def _tell(self, change: Invalidation) -> None:
+        for listener in self._listeners:
+            try:
+                listener(change)
+            except Exception:  # one listener's failure must not stop the others
+                log.exception("invalidation listener failed")
 
     def close(self) -> None:
         self._listeners.clear()
 
 
-class RedisCache:
+class RedisCache(InlineCache):
     """Summaries in Redis with a TTL; invalidations fanned out with pub/sub."""
 
     def __init__(self, url: str, ttl: float = DEFAULT_TTL):
         import redis
 
-        self.ttl = ttl
+        super().__init__(ttl)
         self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-        self._listeners: list[Listener] = []
-        self._thread: threading.Thread | None = None
+        self.origin = uuid.uuid4().hex
         self._stopped = threading.Event()
+        self._listening: threading.Thread | None = None
+        self._outbox: list[tuple[list[int], list[int]]] = []
+        self._outbox_lock = threading.Lock()
+        self._outbox_ready = threading.Event()
+        self._publisher = threading.Thread(target=self._publish_loop, name="cache-announce", daemon=True)
+        self._publisher.start()
 
     @staticmethod
     def _key(backend_id: int, node_id: int) -> str:
@@ -92,44 +126,77 @@ class RedisCache:
         keys = list(keys)
         if not keys:
             return
+        change = Invalidation(rollups=[n for _, n in keys])
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.delete(*(self._key(b, n) for b, n in keys))
-            pipe.publish(INVALIDATE_CHANNEL, json.dumps([n for _, n in keys]))
+            pipe.publish(INVALIDATE_CHANNEL, change.as_json(self.origin))
             pipe.execute()
         except Exception as exc:
             # Entries expire with their TTL; the listeners of this process still hear it now.
             log.warning("cache invalidation not published: %s", exc)
-        for listener in self._listeners:
-            listener([n for _, n in keys])
+        self._tell(change)
+
+    def announce(self, nodes: Iterable[int], dirs: Iterable[int]) -> None:
+        with self._outbox_lock:
+            self._outbox.append((list(nodes), list(dirs)))
+        self._outbox_ready.set()
+
+    def _publish_loop(self) -> None:
+        while not self._stopped.is_set():
+            self._outbox_ready.wait(1.0)
+            self._stopped.wait(PUBLISH_DELAY)
+            self._outbox_ready.clear()
+            with self._outbox_lock:
+                batch, self._outbox = self._outbox, []
+            if not batch:
+                continue
+            change = Invalidation(nodes=sorted({n for nodes, _ in batch for n in nodes}),
+                                  dirs=sorted({d for _, dirs in batch for d in dirs}))
+            try:
+                self.client.publish(INVALIDATE_CHANNEL, change.as_json(self.origin))
+            except Exception as exc:
+                log.warning("change announcement not published (%s): other mounts see it after their"
+                            " attribute timeout or when they next load the directory", exc)
 
     def subscribe(self, listener: Listener) -> None:
-        self._listeners.append(listener)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._listen, name="cache-invalidations", daemon=True)
-            self._thread.start()
+        super().subscribe(listener)
+        if self._listening is None:
+            self._listening = threading.Thread(target=self._listen, name="cache-invalidations", daemon=True)
+            self._listening.start()
 
     def _listen(self) -> None:
+        lost = False
         while not self._stopped.is_set():
             try:
                 pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(INVALIDATE_CHANNEL)
+                if lost:  # announcements were missed while away: drop everything held
+                    self._tell(Invalidation(remote=True, everything=True))
+                    lost = False
                 while not self._stopped.is_set():
                     message = pubsub.get_message(timeout=1.0)
-                    if message and message["type"] == "message":
-                        ids = json.loads(message["data"])
-                        for listener in self._listeners:
-                            listener(ids)
+                    if not message or message["type"] != "message":
+                        continue
+                    data = json.loads(message["data"])
+                    if data.get("origin") == self.origin:
+                        continue
+                    self._tell(Invalidation(data.get("rollups", []), data.get("nodes", []), data.get("dirs", []),
+                                            remote=True))
             except Exception as exc:
-                # Missed invalidations while away: drop everything (empty list = all).
-                log.warning("cache invalidation channel lost (%s); retrying", exc)
-                for listener in self._listeners:
-                    listener([])
-                self._stopped.wait(1.0)
+                if not self._stopped.is_set():
+                    log.warning("invalidation channel lost (%s); retrying", exc)
+                    lost = True
+                    self._stopped.wait(1.0)
 
     def close(self) -> None:
         self._stopped.set()
-        self.client.close()
+        self._outbox_ready.set()
+        super().close()
+        try:
+            self.client.close()
+        except Exception:
+            pass
 
 
 def open_cache(redis_url: str, ttl: float = DEFAULT_TTL) -> InlineCache | RedisCache:

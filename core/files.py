@@ -25,7 +25,7 @@ from executors.local import stat_from
 
 from .errors import FsError, errno_for
 from .faults import crash_point
-from .model import Backend, Principal
+from .model import Backend, Node, Principal
 from .namespace import Namespace
 from .orchestrator import Orchestrator, PendingCreate, write_args
 
@@ -108,6 +108,19 @@ class FileTable:
                 self._retained[node_id] = backend.executor.open_file(rel, write=not backend.read_only)
             except ExecutorError:
                 pass  # nothing to keep: the removal itself will report what is wrong
+
+    def unrecorded_in(self, dir_id: int) -> list[tuple[int, bytes, Node]]:
+        """Files created in this directory by this process and not recorded yet (namespace
+        listings re-add them when they load the directory from the database)."""
+        with self._lock:
+            return [(of.pending.entry_id, of.pending.name, self.ns.nodes.get(of.node_id, of.pending.node))
+                    for of in self._by_node.values()
+                    if of.pending is not None and of.pending.parent_id == dir_id]
+
+    def holds(self, node_id: int) -> bool:
+        """True while this process has changes to the node that are not recorded yet."""
+        of = self._by_node.get(node_id)
+        return of is not None and (of.pending is not None or of.dirty or bool(of.attrs))
 
     def forget(self, node_id: int) -> None:
         """The kernel dropped its last reference to the inode: a retained descriptor goes."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import errno
 import threading
+from collections.abc import Callable
 
 from . import store
 from .db import Database
@@ -55,6 +56,9 @@ class Namespace:
         self.parents: dict[int, tuple[int, bytes]] = {}  # one name of each node: (parent, name)
         self.backends: dict[int, Backend] = {}  # by id
         self.backend_roots: dict[int, Backend] = {}  # by root node id
+        # Names this process holds that the database does not have yet (files created here,
+        # recorded at their first close: core.files), re-added whenever a listing is loaded.
+        self.unrecorded: Callable[[int], list[tuple[int, bytes, Node]]] = lambda dir_id: []
 
     # -- backends ---------------------------------------------------------------------
     def set_backends(self, backends: list[Backend]) -> None:
@@ -100,7 +104,7 @@ class Namespace:
             listing = self.listings.get(dir_id)
             if listing is None:
                 listing = Listing()
-                for entry_id, name, node in store.load_listing(self.db, dir_id):
+                for entry_id, name, node in [*store.load_listing(self.db, dir_id), *self.unrecorded(dir_id)]:
                     listing.add(entry_id, name, node.id)
                     self.nodes.setdefault(node.id, node)
                     self.parents.setdefault(node.id, (dir_id, name))
@@ -156,4 +160,21 @@ class Namespace:
     def forget_listing(self, dir_id: int) -> None:
         with self.lock:
             self.listings.pop(dir_id, None)
+
+    def forget(self, nodes: list[int], dirs: list[int], *, keep: Callable[[int], bool]) -> None:
+        """Drop what another process changed; it is loaded again on next use. `keep` names
+        nodes this process holds unrecorded changes of (they are not in the database)."""
+        with self.lock:
+            for node_id in (*nodes, *dirs):
+                if node_id not in self.backend_roots and not keep(node_id):
+                    self.nodes.pop(node_id, None)
+                    self.parents.pop(node_id, None)
+            for dir_id in dirs:
+                self.listings.pop(dir_id, None)
+
+    def forget_everything(self, *, keep: Callable[[int], bool]) -> None:
+        with self.lock:
+            self.nodes = {k: v for k, v in self.nodes.items() if keep(k)}
+            self.listings.clear()
+            self.parents = {k: v for k, v in self.parents.items() if keep(k)}
 

@@ -103,6 +103,9 @@ class Orchestrator:
         self.heal: Callable[[Intent], None] | None = None
         # Called after a commit that wrote rollup deltas (wakes the folder: core.rollup_worker).
         self.rollups_changed: Callable[[], None] = lambda: None
+        # Called after every commit with the nodes and directories it changed, so that other
+        # processes drop their copies (core.cache announces them).
+        self.changed: Callable[[set[int], set[int]], None] = lambda nodes, dirs: None
 
     # == the template ==================================================================
     def _run(self, cmd: Command, execute: Callable[[], Any],
@@ -157,6 +160,7 @@ class Orchestrator:
         self.intents.resolved(cmd.request_id)
         if any(change.rollup or change.moves for _, change in pairs):
             self.rollups_changed()
+        self.changed(*_touched(change for _, change in pairs))
         journal_id, entry_ids = rows[0][0]
         value = apply(entry_ids)
         metrics.COMMAND_SECONDS.labels(cmd.name, backend_label, "committed").observe(
@@ -785,6 +789,18 @@ class Orchestrator:
 
     def record_intent(self, request_id: uuid.UUID, command: str, backend: Backend, paths: tuple[bytes, ...]) -> None:
         self.intents.record(Intent(request_id, command, backend.id, paths))
+
+
+def _touched(changes) -> tuple[set[int], set[int]]:
+    nodes: set[int] = set()
+    dirs: set[int] = set()
+    for change in changes:
+        nodes.update(n.id for n in change.new_nodes)
+        nodes.update(n.id for n, _ in change.updates)
+        dirs.update(link[0] for link in change.links)
+        dirs.update(parent for parent, _, _ in change.unlinks)
+        dirs.update(d for d, _ in change.touches)
+    return nodes, dirs
 
 
 def check_name(name: bytes) -> None:

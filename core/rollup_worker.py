@@ -15,7 +15,7 @@ from collections.abc import Callable
 import psycopg
 
 from . import counters, metrics, rollups
-from .cache import InlineCache, RedisCache
+from .cache import InlineCache, Invalidation, RedisCache
 from .db import Database
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,10 @@ class RollupView:
             self.cache.put(backend_id, dir_id, found.__dict__)
         return found
 
-    def forget(self, dir_ids: list[int]) -> None:
-        if not dir_ids:
+    def forget(self, change: Invalidation) -> None:
+        if change.everything:
             self._values.clear()
-        for dir_id in dir_ids:
+        for dir_id in change.rollups:
             self._values.pop(dir_id, None)
 
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from . import backends, embedded_pg, recovery, rollup_worker, rollups, schema, store, xattrs
-from .cache import open_cache
+from .cache import Invalidation, open_cache
 from .config import Settings
 from .db import Database, connect
 from .errors import ConfigError, FsError
@@ -55,6 +56,11 @@ class Filestore:
         self.rollups = rollup_worker.RollupView(self.db, self.cache, self.ns.parent_of)
         self.folder = rollup_worker.RollupFolder(self.db, self.cache)
         self.orch.rollups_changed = self.folder.poke
+        self.orch.changed = self.cache.announce
+        self.ns.unrecorded = self.files.unrecorded_in
+        # Set by a serving mount: runs a function on the thread that serves requests.
+        self.serving_call: Callable[[Callable[[], None]], None] = lambda fn: fn()
+        self.cache.subscribe(self._changed_elsewhere)
         self._workers: list[tuple[object, object]] = []
         self.unavailable: dict[str, str] = {}
         self.reload_backends()
@@ -76,6 +82,17 @@ class Filestore:
             self.unavailable.pop(backend.name, None)
             fresh.append(backend)
         self.ns.set_backends(fresh)
+
+    def _changed_elsewhere(self, change: Invalidation) -> None:
+        """Another process changed nodes or directories: drop this process's copies (on the
+        serving thread, between requests), so they are read again from the database."""
+        if not change.remote or not (change.nodes or change.dirs or change.everything):
+            return
+        keep = self.files.holds
+        if change.everything:
+            self.serving_call(lambda: self.ns.forget_everything(keep=keep))
+        else:
+            self.serving_call(lambda: self.ns.forget(change.nodes, change.dirs, keep=keep))
 
     def start_workers(self) -> None:
         """The background loops a serving process runs: the rollup folder."""

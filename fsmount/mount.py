@@ -89,7 +89,7 @@ def serve(settings: Settings, mountpoint: str) -> None:
         log.info("mounted %s", path)
         fs.start_workers()
         try:
-            trio.run(_main)
+            trio.run(_main, fs)
         finally:
             pyfuse3.close(unmount=True)
             fs.stop_workers()
@@ -99,7 +99,15 @@ def serve(settings: Settings, mountpoint: str) -> None:
         os.close(lock_fd)
 
 
-async def _main() -> None:
+async def _main(fs: Filestore) -> None:
+    token = trio.lowlevel.current_trio_token()
+
+    def on_serving_thread(fn) -> None:
+        try:
+            trio.from_thread.run_sync(fn, trio_token=token)
+        except trio.RunFinishedError:
+            fn()  # the mount is gone: nothing serves concurrently any more
+    fs.serving_call = on_serving_thread
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
         await pyfuse3.main()

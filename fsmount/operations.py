@@ -19,6 +19,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from core import metrics
+from core.cache import Invalidation
 from core.errors import FsError
 from core.model import ROOT_INODE, Node, Principal
 from core.service import Filestore
@@ -72,8 +73,7 @@ class Operations(pyfuse3.Operations):
         self.files = fs.files
         self.lookups: Counter[int] = Counter()
         self.recursive_dir_sizes = fs.settings.recursive_dir_sizes
-        if self.recursive_dir_sizes:
-            fs.cache.subscribe(self._directory_totals_changed)
+        fs.cache.subscribe(self._caches_changed)
         self._started_ns = time.time_ns()
 
     # -- attributes -------------------------------------------------------------------
@@ -109,14 +109,20 @@ class Operations(pyfuse3.Operations):
         attr.st_ctime_ns = ctime
         return attr
 
-    def _directory_totals_changed(self, dir_ids: list[int]) -> None:
-        """New rollups (folded here or by another process): make the kernel ask for the
-        attributes again instead of serving its cached size until the attribute timeout.
-        Runs on the folder's or the cache listener's thread, never inside a request."""
-        for dir_id in dir_ids or list(self.lookups):
-            if dir_id in self.lookups:
+    def _caches_changed(self, change: Invalidation) -> None:
+        """Make the kernel ask again for what changed: new rollups (folded here or elsewhere:
+        attributes only), or nodes and directories another mount changed (attributes, and the
+        cached pages or listing). Runs on the folder's or the channel listener's thread, never
+        on the serving thread: an invalidation can wait for a request the kernel has queued."""
+        if change.everything:
+            targets = [(inode, False) for inode in list(self.lookups)]
+        else:
+            targets = [(d, True) for d in change.rollups if self.recursive_dir_sizes]
+            targets += [(n, False) for n in (*change.nodes, *change.dirs)]
+        for inode, attr_only in targets:
+            if inode in self.lookups:
                 try:
-                    pyfuse3.invalidate_inode(dir_id, attr_only=True)
+                    pyfuse3.invalidate_inode(inode, attr_only=attr_only)
                 except Exception:  # unknown to the kernel by now, or not mounted yet
                     pass
 

@@ -76,7 +76,7 @@ def _register(db, name, root, read_only, executor, who, progress) -> Backend:
                     "imported_bytes": int(counts[2])}))).fetchone()[0]
     log.info("backend %s added at %s: %d entries imported", name, root, counts[0] + counts[1],
              extra={"journal_id": journal_id, "backend": name})
-    rollups.recalculate(db, root_id)  # the imported tree's rollups, set-based
+    rollups.recalculate(db, root_id, who, reason="import")  # the imported tree's rollups, set-based
     return Backend(backend_id, name, "local", root, read_only, root_id)
 
 

@@ -16,6 +16,7 @@ file with two names counts twice, as it does for `ls`), `dir_count` the director
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import psycopg
 
 from . import metrics, store
 from .db import Database
-from .model import Node
+from .model import Node, Principal
 from .namespace import Namespace
 
 # Folds take this advisory lock shared (several folders may run: they split batches with
@@ -186,10 +187,11 @@ def recount(conn: psycopg.Connection, top: int) -> dict[int, tuple[int, int, int
     return {row[0]: tuple(row[1:]) for row in conn.execute(_RECOUNT, {"top": top}).fetchall()}
 
 
-def recalculate(db: Database, top: int) -> dict[str, int]:
+def recalculate(db: Database, top: int, who: Principal | None = None, reason: str = "repair") -> dict[str, int]:
     """Rebuild the rollups of a subtree from a recount and move the difference up to its
     ancestors. Every delta visible in the snapshot is folded first; deltas committed later
-    stay pending and fold on top, so nothing is counted twice or lost."""
+    stay pending and fold on top, so nothing is counted twice or lost. Journaled (command
+    `rollups.recalculate`, in the same transaction), so it is an event like any command."""
     started = time.monotonic()
     with db.pool.connection() as conn:
         conn.autocommit = True
@@ -218,13 +220,17 @@ def recalculate(db: Database, top: int) -> dict[str, int]:
                 # first: right whether the subtree's row or the ancestors held the error.
                 for ancestor in _ancestors_in_db(conn, top):
                     conn.execute(_FROM_CHILDREN, {"dir": ancestor})
+                result = {"directories": len(fresh), "size_delta": diff[0], "file_delta": diff[1],
+                          "dir_delta": diff[2]}
+                conn.execute(*store.record(store.Journal(
+                    "rollups.recalculate", "committed", who or Principal.system("rollups"), uuid.uuid4(),
+                    backend_id, top, None, {"reason": reason}, result=result)))
         finally:
             conn.isolation_level = None
             conn.autocommit = True
             conn.execute("SELECT pg_advisory_unlock(%s)", (FOLD_LOCK,))
     metrics.ROLLUP_RECALC_SECONDS.observe(time.monotonic() - started)
-    return {"directories": len(fresh), "milliseconds": int((time.monotonic() - started) * 1000),
-            "size_delta": diff[0], "file_delta": diff[1], "dir_delta": diff[2]}
+    return {**result, "milliseconds": int((time.monotonic() - started) * 1000)}
 
 
 _FROM_CHILDREN = """

@@ -186,7 +186,11 @@ def test_verify_finds_and_repair_fixes_a_damaged_rollup(tracked):
     bad = tracked.cli("rollups", "verify", "local:/v", "--json", check=False)
     assert bad.returncode == 1
     assert [d["node_id"] for d in json.loads(bad.stdout)["differences"]] == [w]
+    since = tracked.last_journal_id()
     assert "1 directory differed" in tracked.cli("rollups", "repair", "local:/v/w").stdout
+    [row] = tracked.journal(since)
+    assert (row["command"], row["node_id"], row["actor"], row["result"]["size_delta"]) == \
+        ("rollups.recalculate", w, "cli", 5000 - 7)
     assert tracked.cli("rollups", "verify", "local:/", check=False).returncode == 0
     assert du_json(tracked, "local:/v") == {"v": (5000, 1, 1), "v/w": (5000, 1, 0)}
 

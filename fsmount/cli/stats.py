@@ -7,6 +7,7 @@ import time
 import click
 
 from core import counters, journal as journal_queries, rollups
+from core.model import Principal
 from core.service import open_database
 
 from . import emit_json, main, one_line_errors, settings
@@ -106,7 +107,7 @@ def repair(path: str) -> None:
     """
     db, backend, rel, top = _target(path)
     before = rollups.verify(db, top)
-    result = rollups.recalculate(db, top)
+    result = rollups.recalculate(db, top, Principal.current_process(), reason="repair")
     click.echo(f"repaired {backend}:/{os.fsdecode(rel)}: {len(before)} director{'y' if len(before) == 1 else 'ies'}"
                f" differed; {result['directories']} recounted in {result['milliseconds']} ms")
 

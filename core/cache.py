@@ -33,11 +33,13 @@ class Invalidation:
     rollups: list[int] = field(default_factory=list)  # directories with new rollup values
     nodes: list[int] = field(default_factory=list)  # nodes whose attributes or content changed
     dirs: list[int] = field(default_factory=list)  # directories whose entries changed
+    names: list[tuple[int, bytes]] = field(default_factory=list)  # (directory, name) removed or replaced
     remote: bool = False  # announced by another process
     everything: bool = False  # announcements may have been missed: drop all
 
     def as_json(self, origin: str) -> str:
-        return json.dumps({"origin": origin, "rollups": self.rollups, "nodes": self.nodes, "dirs": self.dirs})
+        return json.dumps({"origin": origin, "rollups": self.rollups, "nodes": self.nodes, "dirs": self.dirs,
+                           "names": [[d, n.hex()] for d, n in self.names]})
 
 
 Listener = Callable[[Invalidation], None]
@@ -69,7 +71,7 @@ class InlineCache:
             ids.append(key[1])
         self._tell(Invalidation(rollups=ids))
 
-    def announce(self, nodes: Iterable[int], dirs: Iterable[int]) -> None:
+    def announce(self, nodes: Iterable[int], dirs: Iterable[int], names: Iterable[tuple[int, bytes]] = ()) -> None:
         """A command changed these: nobody else holds them in this mode."""
 
     def subscribe(self, listener: Listener) -> None:
@@ -97,7 +99,7 @@ class RedisCache(InlineCache):
         self.origin = uuid.uuid4().hex
         self._stopped = threading.Event()
         self._listening: threading.Thread | None = None
-        self._outbox: list[tuple[list[int], list[int]]] = []
+        self._outbox: list[tuple[list[int], list[int], list[tuple[int, bytes]]]] = []
         self._outbox_lock = threading.Lock()
         self._outbox_ready = threading.Event()
         self._publisher = threading.Thread(target=self._publish_loop, name="cache-announce", daemon=True)
@@ -137,9 +139,9 @@ class RedisCache(InlineCache):
             log.warning("cache invalidation not published: %s", exc)
         self._tell(change)
 
-    def announce(self, nodes: Iterable[int], dirs: Iterable[int]) -> None:
+    def announce(self, nodes: Iterable[int], dirs: Iterable[int], names: Iterable[tuple[int, bytes]] = ()) -> None:
         with self._outbox_lock:
-            self._outbox.append((list(nodes), list(dirs)))
+            self._outbox.append((list(nodes), list(dirs), list(names)))
         self._outbox_ready.set()
 
     def _publish_loop(self) -> None:
@@ -151,8 +153,9 @@ class RedisCache(InlineCache):
                 batch, self._outbox = self._outbox, []
             if not batch:
                 continue
-            change = Invalidation(nodes=sorted({n for nodes, _ in batch for n in nodes}),
-                                  dirs=sorted({d for _, dirs in batch for d in dirs}))
+            change = Invalidation(nodes=sorted({n for nodes, _, _ in batch for n in nodes}),
+                                  dirs=sorted({d for _, dirs, _ in batch for d in dirs}),
+                                  names=sorted({name for _, _, names in batch for name in names}))
             try:
                 self.client.publish(INVALIDATE_CHANNEL, change.as_json(self.origin))
             except Exception as exc:
@@ -182,6 +185,7 @@ class RedisCache(InlineCache):
                     if data.get("origin") == self.origin:
                         continue
                     self._tell(Invalidation(data.get("rollups", []), data.get("nodes", []), data.get("dirs", []),
+                                            [(d, bytes.fromhex(n)) for d, n in data.get("names", [])],
                                             remote=True))
             except Exception as exc:
                 if not self._stopped.is_set():

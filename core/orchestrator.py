@@ -105,7 +105,9 @@ class Orchestrator:
         self.rollups_changed: Callable[[], None] = lambda: None
         # Called after every commit with the nodes and directories it changed, so that other
         # processes drop their copies (core.cache announces them).
-        self.changed: Callable[[set[int], set[int]], None] = lambda nodes, dirs: None
+        self.changed: Callable[[set[int], set[int], set[tuple[int, bytes]]], None] = lambda *changed: None
+        # Called after every commit on a backend: backends whose roots overlap adopt it too.
+        self.mirror: Callable[[Backend, str, uuid.UUID, tuple[bytes, ...]], None] = lambda *args: None
 
     # == the template ==================================================================
     def _run(self, cmd: Command, execute: Callable[[], Any],
@@ -161,6 +163,8 @@ class Orchestrator:
         if any(change.rollup or change.moves for _, change in pairs):
             self.rollups_changed()
         self.changed(*_touched(change for _, change in pairs))
+        if cmd.backend is not None and cmd.paths:
+            self.mirror(cmd.backend, cmd.name, cmd.request_id, cmd.paths)
         journal_id, entry_ids = rows[0][0]
         value = apply(entry_ids)
         metrics.COMMAND_SECONDS.labels(cmd.name, backend_label, "committed").observe(
@@ -214,7 +218,7 @@ class Orchestrator:
         parent = self.ns.dir(parent_id)
         backend = self.ns.backend_of(parent)
         check_name(name)
-        if parent_id == backend.root_node_id and name == STAGING_NAME:
+        if name == STAGING_NAME:  # reserved in every directory: nested backends keep theirs there
             raise FsError(errno.EINVAL, "name reserved for the executor's staging area")
         if backend.read_only:
             raise FsError(errno.EROFS)
@@ -507,7 +511,7 @@ class Orchestrator:
         check_name(new_name)
         if backend.read_only:
             raise self.refuse(cmd, errno.EROFS)
-        if new_parent_id == backend.root_node_id and new_name == STAGING_NAME:
+        if new_name == STAGING_NAME:
             raise self.refuse(cmd, errno.EINVAL, "name reserved for the executor's staging area")
         if src is None:
             raise self.refuse(cmd, errno.ENOENT)
@@ -791,16 +795,19 @@ class Orchestrator:
         self.intents.record(Intent(request_id, command, backend.id, paths))
 
 
-def _touched(changes) -> tuple[set[int], set[int]]:
+def _touched(changes) -> tuple[set[int], set[int], set[tuple[int, bytes]]]:
+    """Nodes, directories and removed names (directory, name) that some changes touched."""
     nodes: set[int] = set()
     dirs: set[int] = set()
+    names: set[tuple[int, bytes]] = set()
     for change in changes:
+        names.update((parent, name) for parent, name, _ in change.unlinks)
         nodes.update(n.id for n in change.new_nodes)
         nodes.update(n.id for n, _ in change.updates)
         dirs.update(link[0] for link in change.links)
         dirs.update(parent for parent, _, _ in change.unlinks)
         dirs.update(d for d, _ in change.touches)
-    return nodes, dirs
+    return nodes, dirs, names
 
 
 def check_name(name: bytes) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from executors.base import NotFound, Stat
 
 from . import rollups, store
+from .cache import Invalidation
 from .intents import Intent
 from .model import Backend, Node, Principal, display_name, name_arg
 
@@ -155,8 +156,10 @@ def _verify_since(fs, checkpoint: int) -> tuple[int, int]:
     return verified, changed
 
 
-def resolve(fs, backend: Backend, intent: Intent) -> int:
-    """Make the database match the disk for the paths of one intent; journal it. Returns paths changed."""
+def resolve(fs, backend: Backend, intent: Intent, *, command: str = "recover", who: Principal = RECOVERY,
+            source: dict | None = None) -> int:
+    """Make the database match the disk for the paths of one intent; journal it (as `recover`,
+    or as `command` for the changes a nested backend saw: core.overlaps). Returns paths changed."""
     ns = fs.ns
     change = store.Change()
     touched_dirs: list[int] = []
@@ -210,12 +213,15 @@ def resolve(fs, backend: Backend, intent: Intent) -> int:
         touched_dirs.append(parent.id)
         changed += 1
 
+    if command != "recover" and not changed:
+        return 0  # nothing to adopt: no row for a path that already agrees
+    own_request = command == "recover" and intent.command != "verify"
     journal = store.Journal(
-        "recover", "committed", RECOVERY, intent.request_id if intent.command != "verify" else uuid.uuid4(),
+        command, "committed", who, intent.request_id if own_request else uuid.uuid4(),
         backend.id, change.snapshots[0][0] if change.snapshots else None,
         display_name(intent.paths[0]) if intent.paths else None,
         {"intent": intent.command, "intent_id": str(intent.request_id),
-         "paths": [display_name(p) for p in intent.paths]},
+         "paths": [display_name(p) for p in intent.paths], **(source or {})},
         result={"paths_changed": changed})
     rollups.derive(ns, [change])
     fs.db.transaction([store.record(journal, change)], label="recover")
@@ -226,6 +232,10 @@ def resolve(fs, backend: Backend, intent: Intent) -> int:
     for node_id, _, _ in change.snapshots:
         ns.nodes.pop(node_id, None)
         ns.parents.pop(node_id, None)
+    changed_nodes = {n for n, _, _ in change.snapshots}
+    removed = {(parent, name) for parent, name, _ in change.unlinks}
+    fs.orch.changed(changed_nodes, set(touched_dirs), removed)  # other mounts drop their copies
+    fs.kernel_invalidate(Invalidation(nodes=sorted(changed_nodes | set(touched_dirs)), names=sorted(removed)))
     if changed:
         log.info("recovered %s %s: %d path(s) adopted from disk", intent.command,
                  [display_name(p) for p in intent.paths], changed)

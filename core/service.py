@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from . import backends, embedded_pg, recovery, rollup_worker, rollups, schema, store, xattrs
+from . import backends, embedded_pg, overlaps, recovery, rollup_worker, rollups, schema, store, xattrs
 from .cache import Invalidation, open_cache
 from .config import Settings
 from .db import Database, connect
@@ -61,6 +61,12 @@ class Filestore:
         # Set by a serving mount: runs a function on the thread that serves requests.
         self.serving_call: Callable[[Callable[[], None]], None] = lambda fn: fn()
         self.cache.subscribe(self._changed_elsewhere)
+        # Set by a serving mount: asks the kernel to drop what it caches of these inodes
+        # (from a thread of its own: never inside a request).
+        self.kernel_invalidate: Callable[[Invalidation], None] = lambda change: None
+        self.overlaps: dict[int, list[overlaps.Overlap]] = {}
+        self.orch.mirror = lambda backend, command, request_id, paths: overlaps.mirror(
+            self, backend, command, request_id, paths)
         self._workers: list[tuple[object, object]] = []
         self.unavailable: dict[str, str] = {}
         self.reload_backends()
@@ -82,11 +88,12 @@ class Filestore:
             self.unavailable.pop(backend.name, None)
             fresh.append(backend)
         self.ns.set_backends(fresh)
+        self.overlaps = overlaps.find(fresh)
 
     def _changed_elsewhere(self, change: Invalidation) -> None:
         """Another process changed nodes or directories: drop this process's copies (on the
         serving thread, between requests), so they are read again from the database."""
-        if not change.remote or not (change.nodes or change.dirs or change.everything):
+        if not change.remote or not (change.nodes or change.dirs or change.names or change.everything):
             return
         keep = self.files.holds
         if change.everything:

@@ -173,7 +173,7 @@ class LocalExecutor:
                 os.close(dfd)
             for name in names:
                 name = os.fsencode(name)
-                if not rel.strip(b"/") and name == STAGING_NAME:
+                if name == STAGING_NAME:  # ours, or a nested backend's: never part of the tree
                     continue
                 try:
                     st = os.stat(name, dir_fd=pfd, follow_symlinks=False)

@@ -11,7 +11,9 @@ import errno
 import functools
 import logging
 import os
+import queue
 import stat as stat_mod
+import threading
 import time
 from collections import Counter
 
@@ -74,6 +76,9 @@ class Operations(pyfuse3.Operations):
         self.lookups: Counter[int] = Counter()
         self.recursive_dir_sizes = fs.settings.recursive_dir_sizes
         fs.cache.subscribe(self._caches_changed)
+        self._to_invalidate: queue.SimpleQueue[Invalidation] = queue.SimpleQueue()
+        threading.Thread(target=self._invalidate_for_core, name="kernel-invalidations", daemon=True).start()
+        fs.kernel_invalidate = self._to_invalidate.put
         self._started_ns = time.time_ns()
 
     # -- attributes -------------------------------------------------------------------
@@ -125,6 +130,18 @@ class Operations(pyfuse3.Operations):
                     pyfuse3.invalidate_inode(inode, attr_only=attr_only)
                 except Exception:  # unknown to the kernel by now, or not mounted yet
                     pass
+        for parent, name in change.names:  # a removed name must not stay in the dentry cache
+            if parent in self.lookups or parent == ROOT_INODE:
+                try:
+                    pyfuse3.invalidate_entry(parent, name)
+                except Exception:
+                    pass
+
+    def _invalidate_for_core(self) -> None:
+        """Inodes core changed behind the kernel's back (adopted from the disk): drop the
+        kernel's attributes, pages and listings of them, from this thread of its own."""
+        while True:
+            self._caches_changed(self._to_invalidate.get())
 
     def _root_attrs(self) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()

@@ -229,7 +229,7 @@ def disk_tree(root: Path) -> dict[bytes, tuple]:
     out = {}
     base = os.fsencode(root)
     for dirpath, dirnames, filenames in os.walk(base):
-        if dirpath == base and os.fsencode(STAGING) in dirnames:
+        if os.fsencode(STAGING) in dirnames:  # ours at the root, a nested backend's below
             dirnames.remove(os.fsencode(STAGING))
         for name in dirnames + filenames:
             full = os.path.join(dirpath, name)

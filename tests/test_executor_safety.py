@@ -297,7 +297,7 @@ def test_planted_file_symlink_is_not_followed_through_the_mount(tracked, outside
 
 
 # -- the staging area through the mount -----------------------------------------------------
-def test_staging_name_is_reserved_at_the_backend_root(tracked):
+def test_staging_name_is_reserved(tracked):
     staging = tracked.path / STAGING
     assert STAGING not in os.listdir(tracked.path)
     assert _errno_of(lambda: os.stat(staging)) == errno.ENOENT
@@ -317,7 +317,9 @@ def test_staging_name_is_reserved_at_the_backend_root(tracked):
         assert _errno_of(lambda: os.listdir(staging)) == errno.ENOENT
     assert STAGING not in os.listdir(tracked.path)
     assert tracked.node(STAGING) is None
-    # Only the backend root reserves the name: deeper down it is an ordinary name.
+    # Reserved in every directory too: a backend nested in this one keeps its staging area there.
     os.mkdir(tracked.path / "sub")
-    os.mkdir(tracked.path / "sub" / STAGING)
-    assert os.listdir(tracked.path / "sub") == [STAGING]
+    assert _errno_of(lambda: os.mkdir(tracked.path / "sub" / STAGING)) == errno.EINVAL
+    (tracked.backend_root / "sub" / STAGING).mkdir()  # a nested backend's, made on the disk
+    assert os.listdir(tracked.path / "sub") == []
+    (tracked.backend_root / "sub" / STAGING).rmdir()

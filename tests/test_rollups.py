@@ -19,11 +19,10 @@ def disk_totals(root) -> dict[str, tuple[int, int, int]]:
     """(bytes, non-directory entries, directories) below every directory, counted on the disk."""
     out: dict[str, list[int]] = {}
     base = os.fsencode(root)
-    staging = os.path.join(base, b".filestore.staging")
     for dirpath, dirnames, filenames in os.walk(base, topdown=False):
-        if dirpath == staging:
+        if os.path.basename(dirpath) == b".filestore.staging":
             continue
-        if dirpath == base and b".filestore.staging" in dirnames:
+        if b".filestore.staging" in dirnames:
             dirnames.remove(b".filestore.staging")
         rel = "" if dirpath == base else os.fsdecode(os.path.relpath(dirpath, base))
         acc = out.setdefault(rel, [0, 0, 0])

@@ -255,3 +255,23 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION filestore.record_command IS
     'Records one command atomically: new nodes, version-checked node updates (SQLSTATE FS409 on conflict), entries removed and added, directory times, the journal row and its snapshots. Called by core.store.record only.';
+
+-- == Events (issue 7): the relay's read path and position ==================================
+-- The relay reads committed journal rows in (txid, id) order, only those whose transaction
+-- has ended (txid below the xmin of its snapshot), so rows that commit out of id order are
+-- never skipped (docs/architecture.md, the relay decision).
+CREATE INDEX IF NOT EXISTS journal_txid_idx ON filestore.journal_entries (txid, id);
+-- Events carry the node state after the command: the relay reads a row's snapshots by journal id.
+CREATE INDEX IF NOT EXISTS snapshots_journal_idx ON filestore.snapshots (journal_id);
+
+CREATE TABLE IF NOT EXISTS filestore.relay_positions (
+    stream           text PRIMARY KEY,
+    last_txid        xid8 NOT NULL DEFAULT '0'::xid8,
+    last_journal_id  bigint NOT NULL DEFAULT 0,
+    seq              bigint NOT NULL DEFAULT 0 CHECK (seq >= 0),
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE filestore.relay_positions IS
+    'How far the event relay has published the journal, one row per destination (a Redis stream key, or inline:<channel>). Moved only after the destination accepted the batch. Written by core.relay.';
+COMMENT ON COLUMN filestore.relay_positions.last_txid IS 'txid of the last journal row published; with last_journal_id the (txid, id) cursor of the relay.';
+COMMENT ON COLUMN filestore.relay_positions.seq IS 'Events published so far; each event carries its own number (contiguous), which is also its Redis stream entry id seq-0.';

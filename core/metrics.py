@@ -14,3 +14,13 @@ EXECUTOR_OUTCOMES = Counter(
     "filestore_executor_outcomes_total", "Physical operations by outcome", ["backend", "operation", "outcome"])
 BYTES_WRITTEN = Counter("filestore_bytes_written_total", "Bytes committed by write commands", ["backend"])
 FUSE_ERRORS = Counter("filestore_fuse_unexpected_errors_total", "Handler exceptions answered with EIO", ["op"])
+
+# -- the event relay (core.relay) --------------------------------------------------------
+from prometheus_client import Gauge  # noqa: E402
+
+RELAY_EVENTS = Counter("filestore_relay_events_total", "Events published by the relay", ["stream"])
+RELAY_FAILURES = Counter("filestore_relay_failures_total", "Relay batches that failed and will be retried", ["stage"])
+RELAY_BATCH_SECONDS = Histogram("filestore_relay_publish_seconds", "Time to publish one relay batch",
+                                buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+RELAY_LAG_SECONDS = Gauge("filestore_relay_lag_seconds",
+                          "Age of the last journal row published when it was published")

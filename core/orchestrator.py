@@ -96,6 +96,8 @@ class Orchestrator:
         # (core.recovery.heal, wired by core.service).
         self.unrecorded: list[Intent] = []
         self.heal: Callable[[Intent], None] | None = None
+        # Called after every journal row commits: wakes the in-process event relay (core.relay).
+        self.committed: Callable[[], None] = lambda: None
 
     # == the template ==================================================================
     def _run(self, cmd: Command, execute: Callable[[], Any],
@@ -144,6 +146,7 @@ class Orchestrator:
                     self.unrecorded.append(Intent(cmd.request_id, cmd.name, cmd.backend.id, cmd.paths))
                 raise FsError(errno.EIO, "database unavailable") from exc
         self.intents.resolved(cmd.request_id)
+        self.committed()
         journal_id, entry_ids = rows[0][0]
         value = apply(entry_ids)
         metrics.COMMAND_SECONDS.labels(cmd.name, backend_label, "committed").observe(
@@ -172,6 +175,7 @@ class Orchestrator:
         try:
             journal = self._journal(cmd, "failed", error=message or errno.errorcode.get(code), errno=code)
             self.db.transaction([store.record(journal)], label=f"{cmd.name}.failed")
+            self.committed()
         except (psycopg.Error, Conflict) as exc:
             log.warning("could not journal failed %s: %s", cmd.name, exc)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from core import recovery
+from core import eventloops, recovery
 from core.config import Settings
 from core.errors import ConfigError
 from core.service import Filestore
@@ -81,6 +81,7 @@ def serve(settings: Settings, mountpoint: str) -> None:
         report = recovery.run(fs)
         if report.total:
             log.info("recovery: %s", report)
+        loops = eventloops.start_in_mount(fs)
         options = set(pyfuse3.default_options)
         options |= {"fsname=filestore", "subtype=filestore"}
         if os.geteuid() == 0:
@@ -91,6 +92,7 @@ def serve(settings: Settings, mountpoint: str) -> None:
             trio.run(_main)
         finally:
             pyfuse3.close(unmount=True)
+            loops.stop()
         recovery.mark_clean(fs)
     finally:
         fs.close()

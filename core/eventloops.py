@@ -1,0 +1,70 @@
+"""The event loops a process runs in the background: the relay and the enabled consumers.
+
+The sidecar runs them (each has `run(stop)`); in inline mode (REDIS_URL=inline) the mount
+runs them in daemon threads, started after recovery and stopped after the unmount.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from .eventconf import EventSettings, load as load_event_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loops:
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+    wakers: list = field(default_factory=list)
+
+    def start(self, name: str, target) -> None:
+        thread = threading.Thread(target=target, args=(self.stop_event,), name=f"filestore-{name}", daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        for wake in self.wakers:
+            wake()
+        for thread in self.threads:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("%s did not stop within %.0fs", thread.name, timeout)
+
+
+def loops_for(fs, conf: EventSettings | None = None) -> list[tuple[str, object]]:
+    """(name, object with run(stop)) for every loop this configuration switches on."""
+    from .relay import Relay
+
+    conf = conf or load_event_settings(fs.settings)
+    out: list[tuple[str, object]] = []
+    if conf.relay_in_mount:
+        out.append(("relay", Relay(fs.db, conf=conf, settings=fs.settings)))
+    from . import consumers
+    out += consumers.enabled(fs.db, conf)
+    return out
+
+
+def start_in_mount(fs) -> Loops:
+    """Inline mode: the mount is the only process, so it runs the loops itself."""
+    loops = Loops()
+    conf = load_event_settings(fs.settings)
+    if not conf.inline:
+        return loops  # with Redis the sidecar runs them
+    for name, loop in loops_for(fs, conf):
+        if hasattr(loop, "wake"):
+            previous = fs.orch.committed
+            fs.orch.committed = _chain(previous, loop.wake)
+            loops.wakers.append(loop.wake)
+        loops.start(name, loop.run)
+    return loops
+
+
+def _chain(first, second):
+    def both() -> None:
+        first()
+        second()
+    return both

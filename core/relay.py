@@ -30,6 +30,7 @@ from .eventconf import EventSettings, load as load_event_settings
 
 log = logging.getLogger(__name__)
 
+COALESCE_SECONDS = 0.01
 _LOCK_CLASS = 0x52454C59  # "RELY": advisory lock space of relays, keyed by hashtext(position key)
 
 
@@ -130,6 +131,7 @@ class Relay:
         self._conn: psycopg.Connection | None = None
         self._leading = False
         self._wake = threading.Event()
+        self._full_batch = False  # the last batch hit the row limit: more is waiting
         self.published = 0
 
     # -- leadership and the position --------------------------------------------------
@@ -164,6 +166,7 @@ class Relay:
             return 0
         txid, journal_id, seq = self._position(conn)
         rows = events.final_rows(conn, (txid, journal_id), limit=self.conf.batch_rows)
+        self._full_batch = len(rows) == self.conf.batch_rows
         if not rows:
             return 0
         batch: list[dict] = []
@@ -210,9 +213,12 @@ class Relay:
                     log.info("relay %s publishing again", self.key)
                 failing = False
                 backoff = self.conf.poll_seconds
-            if published:
-                continue  # more may be waiting: no sleep while catching up
-            self._wake.wait(backoff)
+            if published and self._full_batch:
+                continue  # catching up: no sleep
+            if self._wake.wait(backoff) and not failing:
+                # Woken by a commit in this process: let the commits of the next few ms join the
+                # batch, so a burst of commands costs the mount one relay query per COALESCE, not one each.
+                stop.wait(COALESCE_SECONDS)
             self._wake.clear()
             if failing:
                 backoff = min(backoff * 2, 2.0)

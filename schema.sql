@@ -260,7 +260,7 @@ COMMENT ON FUNCTION filestore.record_command IS
 -- The relay reads committed journal rows in (txid, id) order, only those whose transaction
 -- has ended (txid below the xmin of its snapshot), so rows that commit out of id order are
 -- never skipped (docs/architecture.md, the relay decision).
-CREATE INDEX IF NOT EXISTS journal_txid_idx ON filestore.journal_entries (txid, id);
+CREATE INDEX IF NOT EXISTS journal_txid_id_idx ON filestore.journal_entries (txid, id);
 -- Events carry the node state after the command: the relay reads a row's snapshots by journal id.
 CREATE INDEX IF NOT EXISTS snapshots_journal_idx ON filestore.snapshots (journal_id);
 

@@ -35,13 +35,16 @@ class Loops:
                 log.warning("%s did not stop within %.0fs", thread.name, timeout)
 
 
-def loops_for(fs, conf: EventSettings | None = None) -> list[tuple[str, object]]:
-    """(name, object with run(stop)) for every loop this configuration switches on."""
+def loops_for(fs, conf: EventSettings | None = None, *, relay: bool = True) -> list[tuple[str, object]]:
+    """(name, object with run(stop)) for the relay and every consumer the configuration switches on.
+
+    The sidecar calls this with the defaults; several sidecars may each run all of them (the
+    relays share the work through their lock, see core.relay)."""
     from .relay import Relay
 
     conf = conf or load_event_settings(fs.settings)
     out: list[tuple[str, object]] = []
-    if conf.relay_in_mount:
+    if relay:
         out.append(("relay", Relay(fs.db, conf=conf, settings=fs.settings)))
     from . import consumers
     out += consumers.enabled(fs.db, conf)
@@ -54,7 +57,7 @@ def start_in_mount(fs) -> Loops:
     conf = load_event_settings(fs.settings)
     if not conf.inline:
         return loops  # with Redis the sidecar runs them
-    for name, loop in loops_for(fs, conf):
+    for name, loop in loops_for(fs, conf, relay=conf.relay_in_mount):
         if hasattr(loop, "wake"):
             previous = fs.orch.committed
             fs.orch.committed = _chain(previous, loop.wake)

@@ -218,6 +218,10 @@ def test_redis_outage_delays_events_and_loses_none(tracked, redis_server):
     assert ids == sorted(ids)
     assert [e["seq"] for e in published] == list(range(1, len(published) + 1))
     assert {e["path"] for e in published} >= {f"during-{i}" for i in range(10)} | {"renamed"}
+    # With REDIS_URL set, `events tail` reads the stream: the same events, seq included.
+    redis_env = dict(tracked.env, REDIS_URL=redis_server.url)
+    assert tail(redis_env, "--from", "1") == published
+    assert tail(redis_env) == published[-50:]
 
     # A consumer reading the stream after the outage applies every event once.
     sync = MetadataSync(tracked.tmp / "meta.sqlite3")

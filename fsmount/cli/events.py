@@ -39,7 +39,7 @@ def _event_text(e: dict) -> str:
 
 @events_group.command("tail")
 @click.option("--from", "from_id", type=int, default=None,
-              help="Start with the events of this journal id (default: the last 20 journal rows).")
+              help="Start with the events of this journal id (default: the last 20 journal rows; with Redis the last 50 events).")
 @click.option("--type", "types", multiple=True, type=click.Choice(ev.TYPES),
               help="Only events of this type (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
@@ -52,20 +52,20 @@ def tail(from_id: int | None, types: tuple[str, ...], as_json: bool, follow: boo
     Example: filestore events tail --from 1200 --type filestore.node.deleted --json --follow
     """
     conf = eventconf.load(settings())
-    db = open_database(settings())
-    if from_id is None:
-        last = db.query("SELECT coalesce(max(id), 0) FROM filestore.journal_entries")[0][0]
-        from_id = max(last - 19, 1)
 
     def show(batch: list[dict]) -> None:
         for e in batch:
-            if e["journal_id"] < from_id or (types and e["type"] not in types):
+            if (from_id is not None and e["journal_id"] < from_id) or (types and e["type"] not in types):
                 continue
             click.echo(ev.dumps(e) if as_json else _event_text(e))
 
     stop = threading.Event()
     try:
         if conf.inline:
+            db = open_database(settings())
+            if from_id is None:
+                last = db.query("SELECT coalesce(max(id), 0) FROM filestore.journal_entries")[0][0]
+                from_id = max(last - 19, 1)
             _tail_journal(db, from_id, follow, show, stop)
         else:
             _tail_stream(conf, from_id, follow, show, stop)
@@ -86,12 +86,18 @@ def _tail_journal(db, from_id: int, follow: bool, show, stop: threading.Event) -
         stop.wait(0.2)
 
 
-def _tail_stream(conf, from_id: int, follow: bool, show, stop: threading.Event) -> None:
+def _tail_stream(conf, from_id: int | None, follow: bool, show, stop: threading.Event) -> None:
     import redis
 
     client = redis.Redis.from_url(conf.redis_url, socket_timeout=10, socket_connect_timeout=2)
     try:
         last = "0-0"
+        if from_id is None:  # the last 50 events of the stream
+            recent = client.xrevrange(conf.stream, count=50)
+            if recent:
+                last = recent[-1][0].decode()
+                first = int(last.split("-")[0])
+                last = f"{first - 1}-0" if first > 1 else "0-0"
         while not stop.is_set():
             reply = client.xread({conf.stream: last}, count=1000, block=1000 if follow else None)
             entries = [entry for _, items in reply for entry in items]

@@ -366,3 +366,60 @@ def test_admin_errors_are_one_line(tracked):
     assert done.stderr.startswith("filestore: no activity data") and len(done.stderr.strip().splitlines()) == 1
     done = run_cli(dict(tracked.env, REDIS_URL="redis://127.0.0.1:1/0"), "events", "tail", "--from", "1", check=False)
     assert done.returncode == 1 and done.stderr.startswith("filestore: Redis unreachable")
+
+
+def test_reconciler_rows_give_drift_missing_and_reconciled(journal_db):
+    """The reconciler (issue 7, other half) journals with actor `reconciler` and a snapshot per node."""
+    backend = journal_db.execute("INSERT INTO filestore.backend_mounts (name, kind, root) VALUES ('b', 'local', '/x')"
+                                 " RETURNING id").fetchone()[0]
+    node = {"id": 900, "backend_id": backend, "kind": "file", "size": 5, "mode": 420, "uid": 0, "gid": 0, "rdev": 0,
+            "atime_ns": 0, "mtime_ns": 0, "ctime_ns": 0, "symlink_target": None, "checksum": None,
+            "state": "ACTIVE", "version": 1}
+
+    def record(command: str, state: str, version: int, new: bool = False) -> None:
+        n = dict(node, state=state, version=version)
+        entry = {"command": command, "status": "committed", "actor": "reconciler", "backend_id": backend,
+                 "node_id": 900, "path": "f.txt", "request_id": str(uuid.uuid4())}
+        journal_db.execute(
+            "SELECT filestore.record_command(%s, %s, %s, '[]', '[]', '[]', %s)",
+            (json.dumps(entry), json.dumps([n] if new else []),
+             json.dumps([] if new else [{"node": n, "expected": version - 1}]),
+             json.dumps([{"node_id": 900, "version": version, "data": {"kind": "file", "size": 5, "state": state}}])))
+
+    record("reconcile", "ACTIVE", 1, new=True)      # a file found on disk
+    record("drift", "INCONSISTENT", 2)              # a change seen behind Filestore's back
+    record("reconcile", "MISSING", 3)               # gone from the backend
+    record("reconcile", "ACTIVE", 4)                # back again
+    got = valid([e for row in events.final_rows(journal_db) for e in events.derive(row)])
+    assert [(e["type"], e["version"]) for e in got if e["type"] != events.COMPLETED] == [
+        (events.RECONCILED, 1), (events.DRIFT, 2), (events.MISSING, 3), (events.RECONCILED, 4)]
+    assert {e["principal"]["actor"] for e in got} == {"reconciler"}
+    assert all(e["backend"] == "b" and e["path"] == "f.txt" for e in got)
+
+
+def test_inline_mount_runs_the_consumers_switched_on(tracked):
+    tracked.mount.env.update(FILESTORE_METADATA_SYNC="on", FILESTORE_ACTIVITY="on")
+    tracked.restart()
+    (tracked.path / "d").mkdir()
+    (tracked.path / "d" / "f").write_bytes(b"12345")
+    home = Path(tracked.env["FILESTORE_HOME"]) / "consumers"
+    wanted = _live_paths(tracked)
+
+    def synced() -> bool:
+        if not (home / "metadata-sync.sqlite3").exists():
+            return False
+        sync = MetadataSync(home / "metadata-sync.sqlite3")
+        try:
+            return {n: r["path"] for n, r in sync.records().items()
+                    if r["backend"] == "local" and r["path"]} == wanted
+        finally:
+            sync.close()
+    wait_until(synced, timeout=20, message="metadata-sync in the mount to apply the new nodes")
+
+    def grown() -> bool:
+        with duck_connect(home / "activity.duckdb", read_only=True) as con:  # waits out a batch being written
+            return con.execute("SELECT sum(size_delta) FROM activity WHERE path = 'd/f'").fetchone()[0] == 5
+    wait_until(grown, timeout=20, message="the activity consumer in the mount to record the write")
+    tracked.mount.stop()
+    tracked.mount.env.update(FILESTORE_METADATA_SYNC="off", FILESTORE_ACTIVITY="off")
+    tracked.mount.start()

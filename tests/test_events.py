@@ -423,3 +423,45 @@ def test_inline_mount_runs_the_consumers_switched_on(tracked):
     tracked.mount.stop()
     tracked.mount.env.update(FILESTORE_METADATA_SYNC="off", FILESTORE_ACTIVITY="off")
     tracked.mount.start()
+
+
+def test_a_consumer_fills_a_gap_in_the_stream_from_the_journal(tracked, redis_server):
+    """Events trimmed from the stream (or lost by a Redis without persistence) before a consumer
+    read them are derived again from the journal: the consumer still applies every event once."""
+    from core.db import Database
+
+    relay = Relay(tracked.env["DATABASE_URL"], conf=conf(redis_server.url))
+    db = Database(tracked.env["DATABASE_URL"])
+    activity_path = tracked.tmp / "activity.duckdb"
+
+    def consumer() -> Consumer:
+        return Consumer(Activity(activity_path), RedisStreamSource(redis_server.url, "filestore:events"),
+                        wait=0.05, backfill=JournalSource(db))
+
+    (tracked.path / "a").write_bytes(b"a")
+    while relay.run_once():
+        pass
+    first = consumer()
+    while first.step():
+        pass
+    for name in "bcd":
+        (tracked.path / name).write_bytes(name.encode() * 3)
+    while relay.run_once():
+        pass
+    client = redis.Redis.from_url(redis_server.url)
+    client.xtrim("filestore:events", maxlen=0)  # gone before the consumer read them
+    (tracked.path / "e").write_bytes(b"eeee")
+    while relay.run_once():
+        pass
+    client.close()
+    second = consumer()
+    while second.step():
+        pass
+    relay.close()
+    db.close()
+    derived = tail(tracked.env, "--from", "1")
+    with duck_connect(activity_path, read_only=True) as con:
+        applied = [f"{j}.{i}" for j, i in con.execute("SELECT journal_id, idx FROM activity ORDER BY journal_id, idx").fetchall()]
+        net = con.execute("SELECT sum(size_delta) FROM activity").fetchone()[0]
+    assert applied == [e["id"] for e in derived]
+    assert net == 1 + 9 + 4

@@ -11,10 +11,12 @@ __all__ = ["Checkpoint", "Consumer", "JournalSource", "RedisStreamSource", "fres
 def enabled(db: Database, conf: EventSettings) -> list[tuple[str, Consumer]]:
     """(name, consumer) for each reference consumer the configuration switches on."""
     out: list[tuple[str, Consumer]] = []
+    backfill = None if conf.inline else JournalSource(db)
     if conf.metadata_sync:
         from .metadata_sync import MetadataSync
-        out.append(("metadata-sync", Consumer(MetadataSync(conf.metadata_sync_path), source_for(conf, db))))
+        out.append(("metadata-sync", Consumer(MetadataSync(conf.metadata_sync_path), source_for(conf, db),
+                                              backfill=backfill)))
     if conf.activity:
         from .activity import Activity
-        out.append(("activity", Consumer(Activity(conf.activity_path), source_for(conf, db))))
+        out.append(("activity", Consumer(Activity(conf.activity_path), source_for(conf, db), backfill=backfill)))
     return out

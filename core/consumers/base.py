@@ -104,8 +104,10 @@ def fresh(batch: list[dict], checkpoint: Checkpoint) -> list[dict]:
 class Consumer:
     """`run(stop)`: the loop the sidecar (or the inline mount) runs for one applier."""
 
-    def __init__(self, applier: Applier, source: Source, batch: int = 500, wait: float = 0.2):
+    def __init__(self, applier: Applier, source: Source, batch: int = 500, wait: float = 0.2,
+                 backfill: JournalSource | None = None):
         self.applier, self.source, self.batch, self.wait = applier, source, batch, wait
+        self.backfill = backfill  # where to re-derive events the stream no longer has
         self.checkpoint = applier.load_checkpoint()
         self.applied = 0
 
@@ -115,13 +117,27 @@ class Consumer:
         if not todo:
             return 0
         if self.checkpoint.seq and todo[0].get("seq") and todo[0]["seq"] > self.checkpoint.seq + 1:
-            log.warning("%s: events %d..%d are no longer in the stream (trimmed or lost by Redis)",
-                        self.applier.name, self.checkpoint.seq + 1, todo[0]["seq"] - 1)
+            log.warning("%s: events %d..%d are no longer in the stream (trimmed or lost by Redis)%s",
+                        self.applier.name, self.checkpoint.seq + 1, todo[0]["seq"] - 1,
+                        ": derived again from the journal" if self.backfill else "")
+            if self.backfill is not None:
+                todo = self._missing(events.cursor(todo[0])) + todo
         checkpoint = Checkpoint.after(todo[-1])
         self.applier.apply(todo, checkpoint)
         self.checkpoint = checkpoint
         self.applied += len(todo)
         return len(todo)
+
+    def _missing(self, before: tuple[int, int, int]) -> list[dict]:
+        """The events between the checkpoint and `before`, derived from the journal."""
+        out: list[dict] = []
+        at = self.checkpoint
+        while True:
+            more = [e for e in fresh(self.backfill.read(at, self.batch), at) if events.cursor(e) < before]
+            if not more:
+                return out
+            out += more
+            at = Checkpoint.after(more[-1])
 
     def run(self, stop: threading.Event) -> None:
         failing = False

@@ -79,7 +79,7 @@ class InlineBus:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_channel(cls, channel: str, maxlen: int = 10_000) -> "InlineBus":
+    def for_channel(cls, channel: str, maxlen: int = 1_000) -> "InlineBus":
         with cls._guard:
             return cls._buses.setdefault(channel, cls(maxlen))
 

@@ -15,9 +15,10 @@ import redis
 
 from conftest import run_cli, wait_until
 from core import events, schema
-from core.consumers import Checkpoint, Consumer, JournalSource, RedisStreamSource
+from core.consumers import Consumer, JournalSource, RedisStreamSource
 from core.consumers.activity import Activity, connect as duck_connect
 from core.consumers.metadata_sync import MetadataSync
+from core.db import Database
 from core.eventconf import EventSettings
 from core.relay import Relay
 
@@ -291,7 +292,7 @@ def _live_paths(tracked) -> dict[int, str]:
 
 
 def test_consumers_resume_after_a_restart_and_apply_each_event_once(tracked):
-    db = __import__("core.db", fromlist=["Database"]).Database(tracked.env["DATABASE_URL"])
+    db = Database(tracked.env["DATABASE_URL"])
     meta_path, duck_path = tracked.tmp / "meta.sqlite3", tracked.tmp / "activity.duckdb"
 
     def catch_up() -> tuple[int, int]:
@@ -428,7 +429,6 @@ def test_inline_mount_runs_the_consumers_switched_on(tracked):
 def test_a_consumer_fills_a_gap_in_the_stream_from_the_journal(tracked, redis_server):
     """Events trimmed from the stream (or lost by a Redis without persistence) before a consumer
     read them are derived again from the journal: the consumer still applies every event once."""
-    from core.db import Database
 
     relay = Relay(tracked.env["DATABASE_URL"], conf=conf(redis_server.url))
     db = Database(tracked.env["DATABASE_URL"])

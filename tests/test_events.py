@@ -270,9 +270,11 @@ def test_a_batch_republished_after_a_crash_is_not_duplicated(database_url, journ
     for i in range(5):
         journal_row(journal_db, f"r{i}")
     assert relay.run_once() == 5
-    # The relay died after Redis took the batch but before its position moved.
+    relay.close()
+    # The relay died after Redis took the batch but before its position moved; another starts.
     journal_db.execute("UPDATE filestore.relay_positions SET last_txid = '0', last_journal_id = 0, seq = 0")
     journal_row(journal_db, "r5")
+    relay = Relay(database_url, conf=conf(redis_server.url))
     assert relay.run_once() == 6
     relay.close()
     assert [e["path"] for e in stream_events(redis_server.url)] == [f"r{i}" for i in range(6)]
@@ -465,3 +467,19 @@ def test_a_consumer_fills_a_gap_in_the_stream_from_the_journal(tracked, redis_se
         net = con.execute("SELECT sum(size_delta) FROM activity").fetchone()[0]
     assert applied == [e["id"] for e in derived]
     assert net == 1 + 9 + 4
+
+
+def test_the_inline_publisher_delivers_to_subscribers_in_the_process(database_url, journal_db):
+    from core.relay import InlineBus
+
+    bus = InlineBus(100)
+    relay = Relay(database_url, publisher=bus, conf=conf())
+    journal_row(journal_db, "unheard")
+    assert relay.run_once() == 1  # nobody listens: counted, not built
+    assert not bus.backlog
+    inbox = bus.subscribe()
+    journal_row(journal_db, "heard")
+    assert relay.run_once() == 1
+    event = valid([inbox.get(timeout=5)])[0]
+    assert (event["path"], event["seq"]) == ("heard", 2)
+    relay.close()

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from conftest import run_cli, wait_until
-from core import events, schema
+from core import config, events, schema
 from core.consumers import Consumer, JournalSource, RedisStreamSource
 from core.consumers.activity import Activity, connect as duck_connect
 from core.consumers.metadata_sync import MetadataSync
@@ -236,11 +236,15 @@ def test_redis_outage_delays_events_and_loses_none(tracked, redis_server):
     sync.close()
 
 
-def test_two_relays_publish_each_event_once(database_url, journal_db, redis_server):
+def test_two_relays_publish_each_event_once(database_url, journal_db, redis_server, tmp_path):
     subscriber = redis.Redis.from_url(redis_server.url).pubsub()
     subscriber.subscribe("apphub:filestore")
     subscriber.get_message(timeout=2)  # the subscribe confirmation
-    relays = [Relay(database_url, conf=conf(redis_server.url)) for _ in range(2)]
+    # One built as the sidecar builds it, from Settings (the environment); one from a URL.
+    settings = config.load({"FILESTORE_HOME": str(tmp_path / "home"), "DATABASE_URL": database_url,
+                            "REDIS_URL": redis_server.url})
+    relays = [Relay(settings), Relay(database_url, conf=conf(redis_server.url))]
+    assert relays[0].conf.stream == "filestore:events" and relays[0].conf.poll_seconds == 0.025
     stop = threading.Event()
     threads = [threading.Thread(target=r.run, args=(stop,), daemon=True) for r in relays]
     for t in threads:

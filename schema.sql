@@ -226,8 +226,8 @@ CREATE OR REPLACE FUNCTION filestore.record_command(
     p_links     jsonb,  -- [{"parent_id", "name" (hex), "node_id", "entry_id" (optional)}, ...] entries to add
     p_touches   jsonb,  -- [{"id", "time_ns"}, ...] directories whose mtime/ctime change
     p_snapshots jsonb,  -- [{"node_id", "version", "data"}, ...]
-    p_deltas    jsonb,  -- [{"dirs": [id, ...], "size", "files", "dirs_count"}, ...] rollup changes
-    p_moves     jsonb   -- [{"node_id", "from": [id, ...], "to": [id, ...]}, ...] directories moved
+    p_deltas    jsonb DEFAULT '[]',  -- [{"dirs": [id, ...], "size", "files", "dirs_count"}, ...] rollup changes
+    p_moves     jsonb DEFAULT '[]'   -- [{"node_id", "from": [id, ...], "to": [id, ...]}, ...] directories moved
 ) RETURNS TABLE (journal_id bigint, entry_ids bigint[])
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -338,3 +338,23 @@ COMMENT ON TABLE filestore.xattrs IS
 COMMENT ON COLUMN filestore.xattrs.node_id IS 'The node (inode number); rows of DELETED nodes are kept with their history.';
 COMMENT ON COLUMN filestore.xattrs.name IS 'The full name with its namespace prefix, e.g. user.mime_type (bytes, no NUL, at most 255 like XATTR_NAME_MAX). Names user.filestore.* are never stored: they are computed (Filestore.virtual_xattrs).';
 COMMENT ON COLUMN filestore.xattrs.value IS 'The value, any bytes, at most 65,536 (XATTR_SIZE_MAX).';
+
+-- == Events (issue 7): the relay's read path and position ==================================
+-- The relay reads committed journal rows in (txid, id) order, only those whose transaction
+-- has ended (txid below the xmin of its snapshot), so rows that commit out of id order are
+-- never skipped (docs/architecture.md, the relay decision).
+CREATE INDEX IF NOT EXISTS journal_txid_id_idx ON filestore.journal_entries (txid, id);
+-- Events carry the node state after the command: the relay reads a row's snapshots by journal id.
+CREATE INDEX IF NOT EXISTS snapshots_journal_idx ON filestore.snapshots (journal_id);
+
+CREATE TABLE IF NOT EXISTS filestore.relay_positions (
+    stream           text PRIMARY KEY,
+    last_txid        xid8 NOT NULL DEFAULT '0'::xid8,
+    last_journal_id  bigint NOT NULL DEFAULT 0,
+    seq              bigint NOT NULL DEFAULT 0 CHECK (seq >= 0),
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE filestore.relay_positions IS
+    'How far the event relay has published the journal, one row per destination (a Redis stream key, or inline:<channel>). Moved only after the destination accepted the batch. Written by core.relay.';
+COMMENT ON COLUMN filestore.relay_positions.last_txid IS 'txid of the last journal row published; with last_journal_id the (txid, id) cursor of the relay.';
+COMMENT ON COLUMN filestore.relay_positions.seq IS 'Events published so far; each event carries its own number (contiguous), which is also its Redis stream entry id seq-0.';

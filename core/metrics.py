@@ -22,3 +22,10 @@ ROLLUP_RECALC_SECONDS = Histogram(
     "filestore_rollup_recalculation_seconds", "Latency of subtree rollup recalculations",
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120))
 CACHE_REQUESTS = Counter("filestore_cache_requests_total", "Directory summary cache lookups", ["result"])
+# -- the event relay (core.relay) --------------------------------------------------------
+RELAY_EVENTS = Counter("filestore_relay_events_total", "Events published by the relay", ["stream"])
+RELAY_FAILURES = Counter("filestore_relay_failures_total", "Relay batches that failed and will be retried", ["stage"])
+RELAY_BATCH_SECONDS = Histogram("filestore_relay_publish_seconds", "Time to publish one relay batch",
+                                buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+RELAY_LAG_SECONDS = Gauge("filestore_relay_lag_seconds",
+                          "Age of the last journal row published when it was published")

@@ -108,6 +108,8 @@ class Orchestrator:
         self.changed: Callable[[set[int], set[int], set[tuple[int, bytes]]], None] = lambda *changed: None
         # Called after every commit on a backend: backends whose roots overlap adopt it too.
         self.mirror: Callable[[Backend, str, uuid.UUID, tuple[bytes, ...]], None] = lambda *args: None
+        # Called after every journal row commits: wakes the in-process event relay (core.relay).
+        self.committed: Callable[[], None] = lambda: None
 
     # == the template ==================================================================
     def _run(self, cmd: Command, execute: Callable[[], Any],
@@ -163,10 +165,11 @@ class Orchestrator:
         if any(change.rollup or change.moves for _, change in pairs):
             self.rollups_changed()
         self.changed(*_touched(change for _, change in pairs))
-        if cmd.backend is not None and cmd.paths:
-            self.mirror(cmd.backend, cmd.name, cmd.request_id, cmd.paths)
+        self.committed()
         journal_id, entry_ids = rows[0][0]
         value = apply(entry_ids)
+        if cmd.backend is not None and cmd.paths:
+            self.mirror(cmd.backend, cmd.name, cmd.request_id, cmd.paths)
         metrics.COMMAND_SECONDS.labels(cmd.name, backend_label, "committed").observe(
             time.perf_counter() - started)
         return value
@@ -193,6 +196,7 @@ class Orchestrator:
         try:
             journal = self._journal(cmd, "failed", error=message or errno.errorcode.get(code), errno=code)
             self.db.transaction([store.record(journal)], label=f"{cmd.name}.failed")
+            self.committed()
         except (psycopg.Error, Conflict) as exc:
             log.warning("could not journal failed %s: %s", cmd.name, exc)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from core import recovery
+from core import eventloops, recovery
 from core.config import Settings
 from core.errors import ConfigError
 from core.service import Filestore
@@ -81,6 +81,7 @@ def serve(settings: Settings, mountpoint: str) -> None:
         report = recovery.run(fs)
         if report.total:
             log.info("recovery: %s", report)
+        loops = eventloops.start_in_mount(fs)
         options = set(pyfuse3.default_options)
         options |= {"fsname=filestore", "subtype=filestore"}
         if os.geteuid() == 0:
@@ -93,6 +94,7 @@ def serve(settings: Settings, mountpoint: str) -> None:
         finally:
             pyfuse3.close(unmount=True)
             fs.stop_workers()
+            loops.stop()
         recovery.mark_clean(fs)
     finally:
         fs.close()

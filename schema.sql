@@ -117,6 +117,9 @@ CREATE TABLE IF NOT EXISTS filestore.journal_entries (
     completed_at     timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS journal_node_idx ON filestore.journal_entries (node_id, id);
+ALTER TABLE filestore.journal_entries ADD COLUMN IF NOT EXISTS rollup jsonb;
+COMMENT ON COLUMN filestore.journal_entries.rollup IS
+    'The rollup deltas the command recorded, as its events carry them: [{"dirs": [directory ids, nearest first], "size_bytes", "file_count", "dir_count"}], moved directories included; NULL when none.';
 COMMENT ON TABLE filestore.journal_entries IS
     'Append-only log of every command, committed or failed, in the same transaction as its effect. It is also the outbox from which events are derived. Written by core.orchestrator and core.recovery.';
 COMMENT ON COLUMN filestore.journal_entries.command IS 'create, write, mkdir, rename, unlink, rmdir, setattr, symlink, recover, import, ...';
@@ -237,6 +240,8 @@ DECLARE
     new_entry bigint;
     ids bigint[] := '{}';
     jid bigint;
+    moved record;
+    v_deltas jsonb := p_deltas;
 BEGIN
     IF jsonb_array_length(p_new_nodes) > 0 THEN  -- an empty loop still costs a query
         FOR item IN SELECT * FROM jsonb_array_elements(p_new_nodes) LOOP
@@ -290,36 +295,41 @@ BEGIN
                    updated_at = now() WHERE id = touched;
         END LOOP;
     END IF;
+    IF jsonb_array_length(p_moves) > 0 THEN
+        -- A moved directory takes its whole subtree along: its exact totals (row + pending
+        -- deltas, read in one snapshot) plus itself leave the old ancestors and join the new.
+        FOR item IN SELECT * FROM jsonb_array_elements(p_moves) LOOP
+            SELECT * INTO moved FROM filestore.rollup_totals((item->>'node_id')::bigint);
+            v_deltas := v_deltas || (
+                SELECT coalesce(jsonb_agg(jsonb_build_object(
+                           'dirs', item->side, 'size', sign * moved.size_bytes, 'files', sign * moved.file_count,
+                           'dirs_count', sign * (moved.dir_count + 1))), '[]'::jsonb)
+                  FROM (VALUES ('from', -1), ('to', 1)) AS s(side, sign)
+                 WHERE jsonb_array_length(item->side) > 0);
+        END LOOP;
+    END IF;
+    IF jsonb_array_length(v_deltas) > 0 THEN
+        INSERT INTO filestore.rollup_deltas (dirs, size_bytes, file_count, dir_count)
+        SELECT ARRAY(SELECT jsonb_array_elements_text(d->'dirs')::bigint), (d->>'size')::bigint,
+               (d->>'files')::bigint, (d->>'dirs_count')::bigint
+          FROM jsonb_array_elements(v_deltas) AS d;
+    END IF;
     INSERT INTO filestore.journal_entries (command, status, backend_id, node_id, path, args, result, error,
-                                           errno, actor, uid, gid, pid, request_id, idempotency_key)
+                                           errno, actor, uid, gid, pid, request_id, idempotency_key, rollup)
     VALUES (p_journal->>'command', p_journal->>'status', (p_journal->>'backend_id')::int,
             (p_journal->>'node_id')::bigint, p_journal->>'path', coalesce(p_journal->'args', '{}'::jsonb),
             p_journal->'result', p_journal->>'error', (p_journal->>'errno')::int, p_journal->>'actor',
             (p_journal->>'uid')::int, (p_journal->>'gid')::int, (p_journal->>'pid')::int,
-            (p_journal->>'request_id')::uuid, p_journal->>'idempotency_key')
+            (p_journal->>'request_id')::uuid, p_journal->>'idempotency_key',
+            CASE WHEN jsonb_array_length(v_deltas) > 0 THEN (
+                SELECT jsonb_agg(jsonb_build_object('dirs', d->'dirs', 'size_bytes', d->'size',
+                                                    'file_count', d->'files', 'dir_count', d->'dirs_count'))
+                  FROM jsonb_array_elements(v_deltas) AS d) END)
     RETURNING id INTO jid;
     IF jsonb_array_length(p_snapshots) > 0 THEN
         INSERT INTO filestore.snapshots (node_id, version, journal_id, data)
         SELECT (s->>'node_id')::bigint, (s->>'version')::bigint, jid, s->'data'
           FROM jsonb_array_elements(p_snapshots) AS s;
-    END IF;
-    IF jsonb_array_length(p_deltas) > 0 THEN
-        INSERT INTO filestore.rollup_deltas (dirs, size_bytes, file_count, dir_count)
-        SELECT ARRAY(SELECT jsonb_array_elements_text(d->'dirs')::bigint), (d->>'size')::bigint,
-               (d->>'files')::bigint, (d->>'dirs_count')::bigint
-          FROM jsonb_array_elements(p_deltas) AS d;
-    END IF;
-    IF jsonb_array_length(p_moves) > 0 THEN
-        -- A moved directory takes its whole subtree along: its exact totals (row + pending
-        -- deltas, read in one snapshot) plus itself leave the old ancestors and join the new.
-        FOR item IN SELECT * FROM jsonb_array_elements(p_moves) LOOP
-            INSERT INTO filestore.rollup_deltas (dirs, size_bytes, file_count, dir_count)
-            SELECT ARRAY(SELECT jsonb_array_elements_text(item->side)::bigint),
-                   sign * t.size_bytes, sign * t.file_count, sign * (t.dir_count + 1)
-              FROM filestore.rollup_totals((item->>'node_id')::bigint) AS t,
-                   (VALUES ('from', -1), ('to', 1)) AS s(side, sign)
-             WHERE jsonb_array_length(item->side) > 0;
-        END LOOP;
     END IF;
     RETURN QUERY SELECT jid, ids;
 END $$;

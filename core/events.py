@@ -40,7 +40,7 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "docs" / "events.schema.j
 # One journal row with its backend name and snapshots, as the relay and `events tail` read it.
 ROWS_SQL = """
 SELECT j.id, j.txid::text AS txid, j.command, j.status, j.backend_id, b.name AS backend, j.node_id, j.path,
-       j.args, j.result, j.error, j.errno, j.actor, j.uid, j.gid, j.pid, j.completed_at,
+       j.args, j.result, j.error, j.errno, j.actor, j.uid, j.gid, j.pid, j.completed_at, j.rollup,
        (SELECT coalesce(jsonb_agg(jsonb_build_object('node_id', s.node_id, 'version', s.version, 'data', s.data)
                                   ORDER BY s.node_id, s.version), '[]'::jsonb)
           FROM filestore.snapshots s WHERE s.journal_id = j.id) AS snapshots
@@ -94,7 +94,8 @@ def derive(row: dict) -> list[dict[str, Any]]:
         "time": _iso(row["completed_at"]), "backend": row["backend"], "command": row["command"],
         "status": row["status"],
         "principal": {"actor": row["actor"], "uid": row["uid"], "gid": row["gid"], "pid": row["pid"]},
-        "rollup": None,  # rollup deltas arrive with issue 6
+        # the directory totals the command changed: {"deltas": [{"dirs": [nearest first, ...], ...}]}
+        "rollup": {"deltas": row["rollup"]} if row.get("rollup") else None,
     }
     events: list[dict[str, Any]] = []
     if row["status"] == "committed":

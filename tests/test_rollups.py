@@ -260,3 +260,21 @@ def test_rollup_fields_as_extended_attributes(tracked):
     with pytest.raises(PermissionError):
         os.setxattr(d, "user.filestore.size_bytes", b"1")
     assert not [n for n in os.listxattr(d / "y" / "f") if n.startswith("user.filestore.")]
+
+
+def test_commands_carry_their_rollup_deltas_into_journal_and_events(tracked):
+    os.makedirs(tracked.path / "a" / "b")
+    root = tracked.db.execute("SELECT root_node_id FROM filestore.backend_mounts WHERE name = 'local'").fetchone()[0]
+    a, b = tracked.node("a")["id"], tracked.node("a/b")["id"]
+    since = tracked.last_journal_id()
+    (tracked.path / "a" / "b" / "f").write_bytes(b"z" * 42)
+    os.rename(tracked.path / "a" / "b", tracked.path / "b2")
+    rows = {r["command"]: r for r in tracked.journal(since)}
+    assert rows["create"]["rollup"] == [{"dirs": [b, a, root], "size_bytes": 0, "file_count": 1, "dir_count": 0}]
+    assert rows["write"]["rollup"] == [{"dirs": [b, a, root], "size_bytes": 42, "file_count": 0, "dir_count": 0}]
+    # the moved directory's totals, computed in the rename's own statement, leave a for the root
+    assert rows["rename"]["rollup"] == [{"dirs": [a], "size_bytes": -42, "file_count": -1, "dir_count": -1}]
+    tail = tracked.cli("events", "tail", "--from", str(since), "--json", "--type", "filestore.command.completed")
+    events = [json.loads(line) for line in tail.stdout.splitlines() if line.strip()]
+    by_command = {e["command"]: e for e in events}
+    assert by_command["rename"]["rollup"] == {"deltas": rows["rename"]["rollup"]}

@@ -100,7 +100,12 @@ def test_every_command_through_the_mount_gives_its_events(tracked):
     assert by_command["mknod"]["kind"] == "fifo" and by_command["symlink"]["kind"] == "symlink"
     assert by_command["rmdir"]["state"] == "DELETED"
     assert all(e["principal"]["actor"] == "fuse" and e["principal"]["uid"] == os.getuid() for e in got)
-    assert all(e["backend"] == "local" and e["rollup"] is None for e in got)
+    assert all(e["backend"] == "local" for e in got)
+    # each event carries its command's rollup deltas: the create counts one file in docs and above
+    docs = by_command["mkdir"]["node_id"]
+    [create_delta] = by_command["create"]["rollup"]["deltas"]
+    assert create_delta["dirs"][0] == docs and create_delta["file_count"] == 1
+    assert by_command["setattr"]["rollup"] is None  # a mode change moves no directory totals
 
     # One command.completed per journal row, committed or failed, last among its row's events.
     completed = [e for e in got if e["type"] == events.COMPLETED]

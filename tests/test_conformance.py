@@ -527,6 +527,19 @@ def utimensat_now_omit_and_ns(r: Run):
 
 
 @scenario("times")
+def atime_relatime(r: Run):
+    """relatime: a read updates atime when it is not after mtime (or older than a day)."""
+    write(r.p("f"), b"content")
+    os.utime(r.p("f"), ns=(1_000_000_000, 2_000_000_000))  # atime before mtime
+    read(r.p("f"))
+    st = os.stat(r.p("f"))
+    r.note("read moved atime", (st.st_atime_ns > 2_000_000_000, st.st_mtime_ns))
+    os.utime(r.p("f"), ns=(4_000_000_000_000_000_000, 3_000_000_000_000_000_000))  # atime after mtime, recent
+    read(r.p("f"))
+    r.note("second read leaves a later atime", os.stat(r.p("f")).st_atime_ns)
+
+
+@scenario("times")
 def times_of_new_entries(r: Run):
     before = os.stat(r.root)
     wait_tick()

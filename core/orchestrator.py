@@ -32,7 +32,7 @@ from .errors import FsError, errno_for
 from .intents import Intent, IntentLog
 from .model import ROOT_INODE, S_ISGID, Backend, Node, Principal, display_name, drops_sgid, name_arg
 from .namespace import Namespace
-from .xattrs import XattrCache, check_writable
+from .xattrs import XattrCache, check_namespace, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -691,6 +691,7 @@ class Orchestrator:
                       flags: int, idempotency_key: str | None) -> Node:
         if node_id == ROOT_INODE:
             raise FsError(errno.EPERM)
+        check_namespace(name)  # not journaled: what a filesystem without these answers
         node = self.ns.node(node_id)
         backend, rel = self._path(node_id)
         args: dict[str, Any] = {"name": name_arg(name)}

@@ -54,6 +54,8 @@ def test_refused_setxattr_is_journaled_as_failed_and_changes_nothing(tracked):
     since = tracked.last_journal_id()
     assert errno_of(os.removexattr, path, "user.missing") == errno.ENODATA
     assert errno_of(os.setxattr, path, "user.filestore.size", b"1") == errno.EPERM
+    # other namespaces are not refusals but what a filesystem without them answers: no row
+    assert errno_of(os.setxattr, path, "trusted.x", b"1") == errno.EOPNOTSUPP
     rows = tracked.journal(since)
     assert [(r["command"], r["status"], r["errno"]) for r in rows] == [
         ("removexattr", "failed", errno.ENODATA), ("setxattr", "failed", errno.EPERM)]

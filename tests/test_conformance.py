@@ -751,3 +751,51 @@ def test_rename_over_is_atomic_for_a_concurrent_reader(sides):
     out, _ = reader.communicate(timeout=120)
     assert reader.returncode == 0 and rounds > 10
     assert out.split()[0] == "0", f"reads that saw no file or a torn one: {out.strip()}"
+
+
+def test_descriptors_kept_for_removed_files_are_released(tracked):
+    """A removed file's descriptor is kept only until the kernel forgets the inode: after
+    removing many files, the daemon holds no more descriptors than before."""
+    from conftest import wait_until
+
+    fd_dir = f"/proc/{tracked.mount.process.pid}/fd"
+    for i in range(300):
+        write(tracked.path / f"f{i}", b"x")
+    baseline = len(os.listdir(fd_dir))
+    for i in range(300):
+        os.unlink(tracked.path / f"f{i}")
+    subprocess.run(["sync"], check=True)
+    # the kernel sends its forgets in batches, soon after each inode is evicted
+    wait_until(lambda: len(os.listdir(fd_dir)) <= baseline + 2, timeout=30, message="descriptors released")
+
+
+@pytest.fixture
+def low_open_file_limit():
+    """A soft limit of 1,024 descriptors, as on most machines, inherited by the mount started after."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 3000:
+        pytest.skip(f"the hard limit ({hard}) is too low to open 2,000 files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    yield hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_many_files_open_at_once(low_open_file_limit, tracked):
+    """More open files than the usual soft limit of 1,024 descriptors: the daemon raises its own."""
+    import resource
+
+    hard = low_open_file_limit
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process opens 2,000 too
+    fds = []
+    for i in range(2000):
+        write(tracked.path / f"f{i}", b"%d" % i)
+    try:
+        for i in range(2000):  # a write makes the daemon hold the backend file open until close
+            fds.append(os.open(tracked.path / f"f{i}", os.O_RDWR | os.O_APPEND))
+            os.write(fds[-1], b"+")
+        assert [os.pread(fd, 10, 0) for fd in fds[::500]] == [b"0+", b"500+", b"1000+", b"1500+"]
+    finally:
+        for fd in fds:
+            os.close(fd)

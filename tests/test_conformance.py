@@ -15,14 +15,16 @@ import textwrap
 
 import pytest
 
-from fixtures_posix import Run, meta, wait_tick
+from fixtures_posix import ALICE, Run, meta, wait_tick
 
 SCENARIOS: dict[str, dict] = {}
 
 
-def scenario(group: str, *, xfail: str | None = None):
+def scenario(group: str, *, xfail: str | None = None, root_only: bool = False):
+    """Register a scenario; `root_only` for those that chown, make devices or rely on root
+    bypassing permission checks (the others also run as an unprivileged user)."""
     def register(fn):
-        SCENARIOS[f"{group}:{fn.__name__}"] = {"fn": fn, "xfail": xfail}
+        SCENARIOS[f"{group}:{fn.__name__}"] = {"fn": fn, "xfail": xfail, "root_only": root_only}
         return fn
     return register
 
@@ -375,7 +377,7 @@ def symlink_semantics(r: Run):
     r.note("made", read(r.p("made")))
 
 
-@scenario("symlink")
+@scenario("symlink", root_only=True)
 def symlink_times_and_owner(r: Run):
     os.symlink("nowhere", r.p("l"))
     os.utime(r.p("l"), ns=(1_000_000_001, 2_000_000_002), follow_symlinks=False)
@@ -411,7 +413,7 @@ def hard_links(r: Run):
 
 
 # == chmod and chown ========================================================================
-@scenario("chmod")
+@scenario("chmod", root_only=True)
 def chmod_chown(r: Run):
     write(r.p("f"), b"x")
     os.mkdir(r.p("d"))
@@ -430,7 +432,7 @@ def chmod_chown(r: Run):
     os.close(fd)
 
 
-@scenario("chmod")
+@scenario("chmod", root_only=True)
 def chown_clears_setuid_setgid(r: Run):
     write(r.p("f"), b"x")
     os.chmod(r.p("f"), 0o6755)
@@ -468,7 +470,7 @@ def moved(before: os.stat_result, after: os.stat_result) -> tuple[str, ...]:
     return tuple(n for n, a, b in zip(("atime", "mtime", "ctime"), times(before), times(after)) if a != b)
 
 
-@scenario("times")
+@scenario("times", root_only=True)
 def ctime_and_mtime_rules(r: Run):
     write(r.p("f"), b"x")
     os.mkdir(r.p("d"))
@@ -551,7 +553,7 @@ def times_of_new_entries(r: Run):
 
 
 # == mknod ==================================================================================
-@scenario("mknod")
+@scenario("mknod", root_only=True)
 def special_files(r: Run):
     r.do("fifo", os.mknod, r.p("p"), stat.S_IFIFO | 0o640)
     r.do("socket", os.mknod, r.p("s"), stat.S_IFSOCK | 0o600)
@@ -690,8 +692,17 @@ def _param(key: str):
 @pytest.mark.parametrize("key", [_param(k) for k in SCENARIOS])
 def test_scenario_matches_native(sides, key):
     if os.geteuid() != 0:
-        pytest.skip("the scenarios chown and make devices: they run as root (unprivileged ones: test_permissions)")
+        pytest.skip("run as root; each scenario also runs as another user (test_scenario_as_a_user_matches_native)")
     sides.conform(SCENARIOS[key]["fn"])
+
+
+@pytest.mark.parametrize("key", [_param(k) for k in SCENARIOS if not SCENARIOS[k]["root_only"]])
+def test_scenario_as_a_user_matches_native(sides, key):
+    """The same scenarios from a child running as an unprivileged user, so that the kernel's
+    permission checks apply to every step (the scenario's directory is mode 0777)."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to another user needs root")
+    sides.conform(SCENARIOS[key]["fn"], user=ALICE)
 
 
 # == concurrency ============================================================================

@@ -193,6 +193,113 @@ def read_past_end_and_zero_writes(r: Run):
     os.close(fd)
 
 
+@scenario("rw")
+def mmap_shared_write(r: Run):
+    import mmap
+
+    write(r.p("m"), b"\0" * 8192)
+    fd = os.open(r.p("m"), os.O_RDWR)
+    with mmap.mmap(fd, 8192, mmap.MAP_SHARED) as m:
+        m[100:105] = b"hello"
+        m.flush()
+    os.close(fd)
+    data = read(r.p("m"))
+    r.note("written through the map", data[100:105])
+
+
+@scenario("rw")
+def copy_file_range_and_sendfile(r: Run):
+    write(r.p("a"), b"0123456789" * 1000)
+    src = os.open(r.p("a"), os.O_RDONLY)
+    dst = os.open(r.p("b"), os.O_WRONLY | os.O_CREAT, 0o644)
+    r.do("copy_file_range", os.copy_file_range, src, dst, 5000, keep=int)
+    r.do("sendfile", os.sendfile, dst, src, 5000, 5000, keep=int)
+    os.close(src)
+    os.close(dst)
+    r.do("copy", read, r.p("b"), keep=lambda b: (len(b), b[:12], b[-12:]))
+
+
+@scenario("rw")
+def flock_between_descriptors(r: Run):
+    import fcntl
+
+    write(r.p("lock"), b"")
+    a = os.open(r.p("lock"), os.O_RDWR)
+    b = os.open(r.p("lock"), os.O_RDWR)
+    r.do("first LOCK_EX", fcntl.flock, a, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    r.do("second LOCK_EX", fcntl.flock, b, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(a, fcntl.LOCK_UN)
+    r.do("after unlock", fcntl.flock, b, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(a)
+    os.close(b)
+
+
+@scenario("rw")
+def fsync_variants(r: Run):
+    fd = os.open(r.p("f"), os.O_RDWR | os.O_CREAT | os.O_SYNC, 0o644)
+    r.do("O_SYNC write", os.write, fd, b"sync", keep=int)
+    r.do("fsync", os.fsync, fd)
+    r.do("fdatasync", os.fdatasync, fd)
+    os.close(fd)
+    dfd = os.open(r.root, os.O_RDONLY | os.O_DIRECTORY)
+    r.do("fsync of a dir", os.fsync, dfd)
+    os.close(dfd)
+    r.do("content", read, r.p("f"), keep=bytes)
+
+
+@scenario("open", xfail="no O_TMPFILE through FUSE here: pyfuse3 has no tmpfile handler (EOPNOTSUPP)")
+def o_tmpfile(r: Run):
+    fd = r.do("O_TMPFILE", os.open, r.root, os.O_TMPFILE | os.O_RDWR, 0o600)
+    if fd is not None:
+        os.write(fd, b"anonymous")
+        os.close(fd)
+    r.note("listing", os.listdir(r.root))
+
+
+@scenario("rw", xfail="no lseek handler in pyfuse3: SEEK_HOLE answers the end of file, never a hole")
+def seek_data_and_hole(r: Run):
+    fd = os.open(r.p("s"), os.O_RDWR | os.O_CREAT, 0o644)
+    os.pwrite(fd, b"x" * 4096, 1 << 20)
+    r.do("SEEK_DATA from 0", os.lseek, fd, 0, os.SEEK_DATA, keep=int)
+    r.do("SEEK_HOLE from 0", os.lseek, fd, 0, os.SEEK_HOLE, keep=int)
+    os.close(fd)
+
+
+@scenario("rw", xfail="no fallocate handler in pyfuse3: fallocate(2) answers EOPNOTSUPP")
+def fallocate_keep_size(r: Run):
+    import ctypes as c
+
+    libc = c.CDLL(None, use_errno=True)
+    fd = os.open(r.p("f"), os.O_RDWR | os.O_CREAT, 0o644)
+    ok = libc.fallocate(fd, 0, c.c_long(0), c.c_long(1 << 16)) == 0
+    r.note("fallocate", ok or errno.errorcode[c.get_errno()])
+    r.note("size", os.fstat(fd).st_size)
+    os.close(fd)
+
+
+@scenario("rw")
+def posix_fallocate_works(r: Run):
+    """glibc's posix_fallocate writes zeros where fallocate(2) is missing: tools that use it work."""
+    fd = os.open(r.p("f"), os.O_RDWR | os.O_CREAT, 0o644)
+    r.do("posix_fallocate", os.posix_fallocate, fd, 0, 1 << 16)
+    r.note("size", os.fstat(fd).st_size)
+    os.close(fd)
+
+
+@scenario("mkdir")
+def dots_and_entry_types(r: Run):
+    os.mkdir(r.p("d"))
+    write(r.p("d", "f"), b"")
+    os.symlink("f", r.p("d", "l"))
+    os.mkfifo(r.p("d", "p"))
+    r.note("d/.. is the parent", os.stat(r.p("d", "..")).st_ino == os.stat(r.root).st_ino)
+    r.note("d/. is d", os.stat(r.p("d", ".")).st_ino == os.stat(r.p("d")).st_ino)
+    with os.scandir(r.p("d")) as it:
+        r.note("d_type", sorted((e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False),
+                                 e.is_symlink()) for e in it))
+    r.note("dir nlink", os.stat(r.p("d")).st_nlink)
+
+
 # == truncate ===============================================================================
 @scenario("truncate")
 def grow_and_shrink(r: Run):

@@ -70,3 +70,7 @@ class XattrCache:
 
     def drop(self, node_id: int, name: bytes) -> None:
         self.of(node_id).pop(name, None)
+
+    def forget(self, node_id: int) -> None:
+        """Reload from the table on next use (after a change made outside a command)."""
+        self._by_node.pop(node_id, None)

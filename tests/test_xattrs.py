@@ -152,3 +152,27 @@ def test_xattrs_off_makes_the_kernel_stop_asking(tmp_path, env, db):
     finally:
         mount.stop()
     assert db.execute("SELECT count(*) FROM filestore.xattrs").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("command", ["setxattr", "removexattr"])
+def test_crash_after_the_disk_change_is_adopted_at_restart(tracked, command):
+    """The server dies after the attribute changed on disk and before its command committed:
+    recovery takes what the disk has (a set happened), or keeps the stored value (a removal
+    that never returned), and journals it as `recover`."""
+    from test_recovery import crash_during, recover_rows, unfinished_intents
+
+    path = tracked.path / "f"
+    path.write_bytes(b"x")
+    os.setxattr(path, "user.v", b"old")
+    since = tracked.last_journal_id()
+    if command == "setxattr":
+        crash_during(tracked, "after_execute:setxattr", lambda: os.setxattr(path, "user.v", b"new"))
+    else:
+        crash_during(tracked, "after_execute:removexattr", lambda: os.removexattr(path, "user.v"))
+    assert [i["cmd"] for i in unfinished_intents(tracked)] == [command]
+    tracked.mount.start()
+    rows = recover_rows(tracked, since)
+    assert [r["args"]["intent"] for r in rows] == [command]
+    expected = b"new" if command == "setxattr" else b"old"
+    assert os.getxattr(path, "user.v") == expected
+    assert stored(tracked, tracked.node("f")["id"]) == {b"user.v": expected}

@@ -1,6 +1,7 @@
 """Unmodified tools through the mount: git, rsync, tar, a vim-style save, cp -a. Each round trip
 starts from a native tree, goes into the mount and back out, and the trees are compared
-(kind, mode, content, symlink target, and mtime to the nanosecond where the tool keeps it)."""
+(kind, mode, content, symlink target, user xattrs, and mtime to the nanosecond where the tool
+keeps it)."""
 from __future__ import annotations
 
 import hashlib
@@ -34,6 +35,8 @@ def build_tree(root: Path) -> None:
     os.symlink("src", root / "dir-link")
     os.mkfifo(root / "fifo", 0o640)
     os.chmod(root / "src" / "pkg", 0o750)
+    os.setxattr(root / "src" / "main.py", "user.mime_type", b"text/x-python")
+    os.setxattr(root / "src", "user.owner", b"team-a")
     stamp = 1_600_000_000_123_456_789
     entries = sorted((p for p in root.rglob("*")), key=lambda p: -len(p.parts))
     for i, p in enumerate(entries):
@@ -41,7 +44,7 @@ def build_tree(root: Path) -> None:
     os.utime(root, ns=(stamp, stamp))
 
 
-def snapshot(root: Path, *, times: bool = True, dir_times: bool = True) -> dict[str, tuple]:
+def snapshot(root: Path, *, times: bool = True, dir_times: bool = True, keep_xattrs: bool = True) -> dict[str, tuple]:
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -56,8 +59,11 @@ def snapshot(root: Path, *, times: bool = True, dir_times: bool = True) -> dict[
             else:
                 extra = None
             keep_time = times and (dir_times or not stat.S_ISDIR(st.st_mode))
+            xattrs = None
+            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                xattrs = sorted((n, os.getxattr(full, n)) for n in os.listxattr(full) if n.startswith("user."))
             out[rel] = (oct(kind), oct(stat.S_IMODE(st.st_mode)) if not stat.S_ISLNK(st.st_mode) else None,
-                        extra, st.st_mtime_ns if keep_time else None)
+                        extra, st.st_mtime_ns if keep_time else None, xattrs if keep_xattrs else None)
     return out
 
 
@@ -107,18 +113,19 @@ def test_rsync_into_and_out_of_the_mount_checksums_clean(tracked, source, tmp_pa
     require_tool("rsync")
     inside = tracked.path / "copy"
     back = tmp_path / "back"
-    run("rsync", "-aH", f"{source}/", f"{inside}/")
-    assert run("rsync", "-aHn", "-c", "-i", f"{source}/", f"{inside}/") == ""
-    run("rsync", "-aH", f"{inside}/", f"{back}/")
-    assert run("rsync", "-aHn", "-c", "-i", f"{inside}/", f"{back}/") == ""
+    run("rsync", "-aHX", f"{source}/", f"{inside}/")
+    assert run("rsync", "-aHXn", "-c", "-i", f"{source}/", f"{inside}/") == ""
+    run("rsync", "-aHX", f"{inside}/", f"{back}/")
+    assert run("rsync", "-aHXn", "-c", "-i", f"{inside}/", f"{back}/") == ""
     assert snapshot(back) == snapshot(source)
     assert snapshot(inside) == snapshot(source)
     assert os.stat(inside / "secret").st_ino == os.stat(inside / "secret-link").st_ino  # -H kept the link
     # an update: rsync writes a temporary file and renames it over the old one
     (source / "src" / "main.py").write_text("print('v2')\n")
-    out = run("rsync", "-aH", "-i", f"{source}/", f"{inside}/")
+    out = run("rsync", "-aHX", "-i", f"{source}/", f"{inside}/")
     assert "src/main.py" in out
-    assert run("rsync", "-aHn", "-c", "-i", f"{source}/", f"{inside}/") == ""
+    assert run("rsync", "-aHXn", "-c", "-i", f"{source}/", f"{inside}/") == ""
+    assert os.getxattr(inside / "src" / "main.py", "user.mime_type") == b"text/x-python"
 
 
 def test_tar_round_trip_keeps_modes_and_times(tracked, source, tmp_path):
@@ -128,10 +135,11 @@ def test_tar_round_trip_keeps_modes_and_times(tracked, source, tmp_path):
     back = tmp_path / "back"
     back.mkdir()
     archive = tmp_path / "a.tar"
-    run("tar", "--format=posix", "-C", str(source), "-cf", str(archive), ".")
-    run("tar", "-C", str(inside), "-xpf", str(archive))
-    run("tar", "--format=posix", "-C", str(inside), "-cf", str(tmp_path / "b.tar"), ".")
-    run("tar", "-C", str(back), "-xpf", str(tmp_path / "b.tar"))
+    x = ["--xattrs", "--xattrs-include=user.*"]
+    run("tar", "--format=posix", *x, "-C", str(source), "-cf", str(archive), ".")
+    run("tar", *x, "-C", str(inside), "-xpf", str(archive))
+    run("tar", "--format=posix", *x, "-C", str(inside), "-cf", str(tmp_path / "b.tar"), ".")
+    run("tar", *x, "-C", str(back), "-xpf", str(tmp_path / "b.tar"))
     assert snapshot(inside) == snapshot(source)
     assert snapshot(back) == snapshot(source)
 

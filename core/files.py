@@ -17,6 +17,7 @@ import errno
 import itertools
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -25,9 +26,12 @@ from executors.local import stat_from
 
 from .errors import FsError, errno_for
 from .faults import crash_point
-from .model import Backend, Node, Principal
+from .model import S_ISGID, Backend, Node, Principal, drops_sgid
 from .namespace import Namespace
 from .orchestrator import Orchestrator, PendingCreate, write_args
+
+
+_DAY_NS = 86_400 * 10**9
 
 
 @dataclass
@@ -189,7 +193,20 @@ class FileTable:
         of = self._get(handle)
         if of.fresh and of.fd is None:
             return b""
-        return os.pread(self._descriptor(of), size, offset)
+        data = os.pread(self._descriptor(of), size, offset)
+        self._accessed(of.node_id)
+        return data
+
+    def _accessed(self, node_id: int) -> None:
+        """relatime, as Linux mounts by default: a read moves atime when it is not after the
+        last change or is a day old; at most one database write per change of the file."""
+        node = self.ns.node(node_id)
+        now = time.time_ns()
+        if node.atime_ns > max(node.mtime_ns, node.ctime_ns) and now - node.atime_ns < _DAY_NS:
+            return
+        self.ns.put(node.changed(atime_ns=now))
+        if node.state != "DELETED":
+            self.orch.record_atime(node_id, now)
 
     def write(self, handle: int, offset: int, data: bytes) -> int:
         of = self._get(handle)
@@ -215,6 +232,9 @@ class FileTable:
         fd = self._descriptor(of)
         if not of.writable:
             raise FsError(errno.EACCES)
+        node = self.ns.node(of.node_id)
+        if drops_sgid(node, of.who):
+            self.orch.setattr(of.who, of.node_id, mode=node.mode & ~S_ISGID)
         of.request_id = uuid.uuid4()
         if self.ns.parent_of(of.node_id) is not None:  # unlinked files change nothing named
             backend, rel = self.ns.path_of(of.node_id)

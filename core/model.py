@@ -26,6 +26,36 @@ class Principal:
     def system(cls, actor: str) -> "Principal":
         return cls(None, None, None, actor)
 
+    def in_group(self, gid: int) -> bool:
+        """Whether the caller belongs to `gid`: its gid or a supplementary group, read from
+        /proc because FUSE passes only uid, gid and pid."""
+        if self.gid == gid:
+            return True
+        if self.pid is None:
+            return False
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("Groups:"):
+                        return str(gid) in line.split()[1:]
+        except OSError:
+            pass
+        return False
+
+
+S_ISGID, S_IXGRP = 0o2000, 0o010
+
+
+def drops_sgid(node: "Node", who: Principal | None) -> bool:
+    """A write or truncate by `who` clears the setgid bit of a file without group exec
+    (Linux 6 setattr_should_drop_sgid). The kernel's FUSE side clears setuid, and setgid with
+    group exec, itself; this is the remaining case, done by the daemon."""
+    if node.kind != "file" or not node.mode & S_ISGID or node.mode & S_IXGRP:
+        return False
+    if who is None or who.uid in (None, 0):
+        return False
+    return not who.in_group(node.gid)
+
 
 @dataclass
 class Node:

@@ -30,13 +30,12 @@ from .faults import crash_point
 from .db import Conflict, Database, IdPool, _first_line
 from .errors import FsError, errno_for
 from .intents import Intent, IntentLog
-from .model import ROOT_INODE, Backend, Node, Principal, display_name, name_arg
+from .model import ROOT_INODE, S_ISGID, Backend, Node, Principal, display_name, drops_sgid, name_arg
 from .namespace import Namespace
-from .xattrs import XattrCache, check_writable
+from .xattrs import XattrCache, check_namespace, check_writable
 
 log = logging.getLogger(__name__)
 
-S_ISGID = 0o2000
 MAX_CONFLICT_RETRIES = 3
 NODE_RESULT_COMMANDS = frozenset({"mkdir", "create", "symlink", "mknod", "link", "setattr", "write"})
 
@@ -409,7 +408,8 @@ class Orchestrator:
                 link.insert(created, parent_id=parent_id, name=name_arg(name))
                 # the times the backend gave the landed file: the clock of our own create
                 # (fine-grained) can be ahead of the disk's (coarse), and atime must not pass mtime
-                final = created.changed(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
+                final = created.changed(size=st.size, mtime_ns=st.mtime_ns,
+                                        ctime_ns=_landed_ctime(st, True, write.get("attrs")),
                                         atime_ns=st.atime_ns, version=2)
                 content = store.Change()
                 content.update(final, 1)
@@ -652,6 +652,8 @@ class Orchestrator:
             raise FsError(errno.EPERM)
         self.settle(node_id)
         node = self.ns.node(node_id)
+        if size is not None and mode is None and drops_sgid(node, who):
+            mode = node.mode & ~S_ISGID
         backend, rel = self._path(node_id)
         changes = {k: v for k, v in (("mode", mode), ("uid", uid), ("gid", gid), ("size", size),
                                       ("atime_ns", atime_ns), ("mtime_ns", mtime_ns)) if v is not None}
@@ -706,6 +708,7 @@ class Orchestrator:
                       flags: int, idempotency_key: str | None) -> Node:
         if node_id == ROOT_INODE:
             raise FsError(errno.EPERM)
+        check_namespace(name)  # not journaled: what a filesystem without these answers
         node = self.ns.node(node_id)
         backend, rel = self._path(node_id)
         args: dict[str, Any] = {"name": name_arg(name)}
@@ -778,7 +781,7 @@ class Orchestrator:
         def record(st: Stat):
             current = self.ns.node(node_id)
             # mode, uid and gid folded in by FileTable.absorb_attrs are already on `current`
-            after = current.changed(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
+            after = current.changed(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=_landed_ctime(st, staged, attrs),
                                     atime_ns=st.atime_ns if attrs and "atime_ns" in attrs else current.atime_ns,
                                     version=current.version + 1)
             change = store.Change()
@@ -794,6 +797,14 @@ class Orchestrator:
         if durable:
             self.db.flush_wal()
         return result
+
+    def record_atime(self, node_id: int, atime_ns: int) -> None:
+        """A read's relatime update: not a change anyone made, so no command, no journal row
+        and no new version (as Linux does not bump i_version for atime); best effort."""
+        try:
+            self.db.transaction([store.atime(node_id, atime_ns)], label="atime")
+        except psycopg.Error as exc:
+            log.warning("atime of node %s not recorded: %s", node_id, _first_line(exc))
 
     def record_intent(self, request_id: uuid.UUID, command: str, backend: Backend, paths: tuple[bytes, ...]) -> None:
         self.intents.record(Intent(request_id, command, backend.id, paths))
@@ -819,6 +830,15 @@ def check_name(name: bytes) -> None:
         raise FsError(errno.ENAMETOOLONG)
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
         raise FsError(errno.EINVAL, f"invalid name {name!r}")
+
+
+def _landed_ctime(st: Stat, staged: bool, attrs: dict | None) -> int:
+    """A staged file's ctime as its writer made it: landing (chmod, chown, rename) is the
+    daemon's own work and moves the disk's ctime past the last write, which a native file
+    never shows; attribute changes the writer made itself keep the disk's ctime."""
+    if staged and not attrs:
+        return st.mtime_ns
+    return st.ctime_ns
 
 
 def _touch_cached(directory: Node, when_ns: int) -> None:

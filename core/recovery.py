@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from executors.base import NotFound, Stat
+from executors.base import ExecutorError, NotFound, Stat
 
 from . import rollups, store
 from .cache import Invalidation
@@ -213,6 +213,9 @@ def resolve(fs, backend: Backend, intent: Intent, *, command: str = "recover", w
         touched_dirs.append(parent.id)
         changed += 1
 
+    if intent.command in ("setxattr", "removexattr"):
+        changed += _adopt_xattrs(fs, backend, intent.paths, change)
+
     if command != "recover" and not changed:
         return 0  # nothing to adopt: no row for a path that already agrees
     own_request = command == "recover" and intent.command != "verify"
@@ -224,8 +227,10 @@ def resolve(fs, backend: Backend, intent: Intent, *, command: str = "recover", w
          "paths": [display_name(p) for p in intent.paths], **(source or {})},
         result={"paths_changed": changed})
     rollups.derive(ns, [change])
-    fs.db.transaction([store.record(journal, change)], label="recover")
+    fs.db.transaction([store.record(journal, change), *store.xattr_statements(change)], label="recover")
     fs.orch.rollups_changed()
+    for node_id, _, _ in change.xattrs:
+        fs.orch.xattrs.forget(node_id)
     # The view of what was touched is rebuilt from the database on next use.
     for dir_id in touched_dirs:
         ns.forget_listing(dir_id)
@@ -240,6 +245,28 @@ def resolve(fs, backend: Backend, intent: Intent, *, command: str = "recover", w
         log.info("recovered %s %s: %d path(s) adopted from disk", intent.command,
                  [display_name(p) for p in intent.paths], changed)
     return changed
+
+
+def _adopt_xattrs(fs, backend: Backend, paths, change: store.Change) -> int:
+    """An interrupted setxattr/removexattr: the attributes the disk has are taken as they are
+    (the set happened). A name the database has and the disk lacks is kept: it may be a value
+    the disk had no room for, or a removal that did not complete (the call never returned)."""
+    adopted = 0
+    for rel in paths:
+        parent, name = _locate(fs, backend, rel)
+        node = fs.ns.child(parent.id, name) if parent is not None else None
+        if node is None or node.kind not in ("file", "dir"):
+            continue
+        try:
+            on_disk = backend.executor.xattrs(rel)
+        except ExecutorError:
+            continue
+        stored = fs.orch.xattrs.of(node.id)
+        for key, value in sorted(on_disk.items()):
+            if stored.get(key) != value:
+                change.xattrs.append((node.id, key, value))
+                adopted += 1
+    return adopted
 
 
 def _locate(fs, backend: Backend, rel: bytes) -> tuple[Node | None, bytes]:

@@ -138,11 +138,12 @@ class Filestore:
         return value
 
     def listxattr(self, node_id: int) -> list[bytes]:
+        """The stored names only. The rollup fields are read by name and not listed (as CephFS
+        does with ceph.dir.rbytes): tools that copy attributes (rsync -X, cp -a, tar --xattrs)
+        would otherwise try to copy them, or to remove them from a copy, and fail."""
         if node_id == ROOT_INODE:
             return []
-        names = list(self.orch.xattrs.of(node_id))
-        # the names alone: listing must not cost the rollup query that reading one does
-        return names + (sorted(xattrs.VIRTUAL + n for n in ROLLUP_XATTRS) if self.ns.node(node_id).is_dir else [])
+        return list(self.orch.xattrs.of(node_id))
 
     def close(self) -> None:
         self.stop_workers()

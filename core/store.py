@@ -174,3 +174,8 @@ def xattr_statements(change: Change) -> list[Statement]:
                         " ON CONFLICT (node_id, name) DO UPDATE SET value = EXCLUDED.value",
                         (node_id, name, value)))
     return out
+
+
+def atime(node_id: int, atime_ns: int) -> Statement:
+    """A read's relatime update of a node's atime, outside any command (see Orchestrator.record_atime)."""
+    return "UPDATE filestore.nodes SET atime_ns = %s WHERE id = %s AND atime_ns < %s", (atime_ns, node_id, atime_ns)

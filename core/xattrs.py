@@ -29,14 +29,20 @@ def check_readable(name: bytes) -> bool:
     raise FsError(errno.EOPNOTSUPP, f"no such xattr namespace: {name[:32]!r}")
 
 
+def check_namespace(name: bytes) -> None:
+    """EOPNOTSUPP for a name outside `user.`: the answer of a filesystem without such
+    attributes, not a refusal (tools such as mv and cp -a try them as a matter of course)."""
+    if not check_readable(name):
+        raise FsError(errno.EOPNOTSUPP, f"{name.split(b'.')[0].decode(errors='replace')} attributes are not kept")
+
+
 def check_writable(name: bytes, value: bytes | None) -> None:
     """The errno Linux gives for a name or value it refuses, before anything is touched."""
     if len(name) > XATTR_NAME_MAX:
         raise FsError(errno.ERANGE, "xattr name longer than 255 bytes")
     if value is not None and len(value) > XATTR_SIZE_MAX:
         raise FsError(errno.E2BIG, "xattr value larger than 64 KiB")
-    if not check_readable(name):
-        raise FsError(errno.EOPNOTSUPP, f"{name.split(b'.')[0].decode()} attributes are not kept")
+    check_namespace(name)
     if name == USER:
         raise FsError(errno.EINVAL, "empty xattr name")
     if name.startswith(VIRTUAL):
@@ -64,3 +70,7 @@ class XattrCache:
 
     def drop(self, node_id: int, name: bytes) -> None:
         self.of(node_id).pop(name, None)
+
+    def forget(self, node_id: int) -> None:
+        """Reload from the table on next use (after a change made outside a command)."""
+        self._by_node.pop(node_id, None)

@@ -333,6 +333,21 @@ class LocalExecutor:
         finally:
             os.close(fd)
 
+    def xattrs(self, rel: bytes) -> dict[bytes, bytes]:
+        """The user.* extended attributes the disk keeps on a file or directory."""
+        fd = self._resolve(rel, os.O_PATH)
+        try:
+            path = self._magic_path(fd)
+            try:
+                names = [n for n in os.listxattr(path) if n.startswith("user.")]
+                return {os.fsencode(n): os.getxattr(path, n) for n in names}
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.ENODATA):
+                    return {}
+                raise from_os_error(exc) from exc
+        finally:
+            os.close(fd)
+
     def stat_node(self, rel: bytes) -> Stat:
         """Stat of the file or directory at rel (for a change kept in the database only)."""
         fd = self._resolve(rel, os.O_PATH)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -71,9 +72,18 @@ def _hold_home_lock(settings: Settings, path: str) -> int:
     return fd
 
 
+def _raise_open_file_limit() -> None:
+    """The daemon holds a descriptor per open file and per removed file the kernel still
+    references (core.files.retain): the soft limit of 1,024 is too low for a filesystem."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(settings: Settings, mountpoint: str) -> None:
     """Mount, serve until unmounted or signalled, then close cleanly. Blocks."""
     path = check_mountpoint(mountpoint)
+    _raise_open_file_limit()
     settings.ensure_dirs()
     lock_fd = _hold_home_lock(settings, path)
     fs = Filestore(settings)
@@ -127,6 +137,7 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
 def launch_detached(settings: Settings, mountpoint: str, timeout: float = 60.0) -> int:
     """Start `filestore mount --foreground` in its own session and wait until it is mounted."""
     path = check_mountpoint(mountpoint)
+    _raise_open_file_limit()
     settings.ensure_dirs()
     log_path = settings.logs_dir / f"mount-{Path(path).name or 'root'}.log"
     with open(log_path, "ab") as out:

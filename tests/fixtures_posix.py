@@ -23,14 +23,14 @@ import stat
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from conftest import FILESTORE, REPO, Mount, Tracked, _with_dbname, assert_consistent, run_cli
+from conftest import REPO, Mount, Tracked, _with_dbname, assert_consistent, run_cli
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,6 @@ class Sides:
     native: Path
     mount: Path
     tracked: Tracked
-    prepared: list[Callable[[Path], None]] = field(default_factory=list)
 
     def conform(self, scenario: Callable[[Run], None], *, user: User | None = None,
                 setup: Callable[[Path], None] | None = None) -> list[tuple]:
@@ -244,4 +243,4 @@ def wait_tick() -> None:
     time.sleep(0.02)
 
 
-__all__ = ["ALICE", "BOB", "NOBODY", "Run", "Sides", "User", "meta", "tree_state", "wait_tick", "FILESTORE"]
+__all__ = ["ALICE", "BOB", "NOBODY", "Run", "Sides", "User", "meta", "tree_state", "wait_tick"]

@@ -15,14 +15,16 @@ import textwrap
 
 import pytest
 
-from fixtures_posix import Run, meta, wait_tick
+from fixtures_posix import ALICE, Run, meta, wait_tick
 
 SCENARIOS: dict[str, dict] = {}
 
 
-def scenario(group: str, *, xfail: str | None = None):
+def scenario(group: str, *, xfail: str | None = None, root_only: bool = False):
+    """Register a scenario; `root_only` for those that chown, make devices or rely on root
+    bypassing permission checks (the others also run as an unprivileged user)."""
     def register(fn):
-        SCENARIOS[f"{group}:{fn.__name__}"] = {"fn": fn, "xfail": xfail}
+        SCENARIOS[f"{group}:{fn.__name__}"] = {"fn": fn, "xfail": xfail, "root_only": root_only}
         return fn
     return register
 
@@ -189,6 +191,113 @@ def read_past_end_and_zero_writes(r: Run):
     fd = os.open(r.p("f"), os.O_WRONLY)
     r.do("read on O_WRONLY", os.read, fd, 1)
     os.close(fd)
+
+
+@scenario("rw")
+def mmap_shared_write(r: Run):
+    import mmap
+
+    write(r.p("m"), b"\0" * 8192)
+    fd = os.open(r.p("m"), os.O_RDWR)
+    with mmap.mmap(fd, 8192, mmap.MAP_SHARED) as m:
+        m[100:105] = b"hello"
+        m.flush()
+    os.close(fd)
+    data = read(r.p("m"))
+    r.note("written through the map", data[100:105])
+
+
+@scenario("rw")
+def copy_file_range_and_sendfile(r: Run):
+    write(r.p("a"), b"0123456789" * 1000)
+    src = os.open(r.p("a"), os.O_RDONLY)
+    dst = os.open(r.p("b"), os.O_WRONLY | os.O_CREAT, 0o644)
+    r.do("copy_file_range", os.copy_file_range, src, dst, 5000, keep=int)
+    r.do("sendfile", os.sendfile, dst, src, 5000, 5000, keep=int)
+    os.close(src)
+    os.close(dst)
+    r.do("copy", read, r.p("b"), keep=lambda b: (len(b), b[:12], b[-12:]))
+
+
+@scenario("rw")
+def flock_between_descriptors(r: Run):
+    import fcntl
+
+    write(r.p("lock"), b"")
+    a = os.open(r.p("lock"), os.O_RDWR)
+    b = os.open(r.p("lock"), os.O_RDWR)
+    r.do("first LOCK_EX", fcntl.flock, a, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    r.do("second LOCK_EX", fcntl.flock, b, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(a, fcntl.LOCK_UN)
+    r.do("after unlock", fcntl.flock, b, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(a)
+    os.close(b)
+
+
+@scenario("rw")
+def fsync_variants(r: Run):
+    fd = os.open(r.p("f"), os.O_RDWR | os.O_CREAT | os.O_SYNC, 0o644)
+    r.do("O_SYNC write", os.write, fd, b"sync", keep=int)
+    r.do("fsync", os.fsync, fd)
+    r.do("fdatasync", os.fdatasync, fd)
+    os.close(fd)
+    dfd = os.open(r.root, os.O_RDONLY | os.O_DIRECTORY)
+    r.do("fsync of a dir", os.fsync, dfd)
+    os.close(dfd)
+    r.do("content", read, r.p("f"), keep=bytes)
+
+
+@scenario("open", xfail="no O_TMPFILE through FUSE here: pyfuse3 has no tmpfile handler (EOPNOTSUPP)")
+def o_tmpfile(r: Run):
+    fd = r.do("O_TMPFILE", os.open, r.root, os.O_TMPFILE | os.O_RDWR, 0o600)
+    if fd is not None:
+        os.write(fd, b"anonymous")
+        os.close(fd)
+    r.note("listing", os.listdir(r.root))
+
+
+@scenario("rw", xfail="no lseek handler in pyfuse3: SEEK_HOLE answers the end of file, never a hole")
+def seek_data_and_hole(r: Run):
+    fd = os.open(r.p("s"), os.O_RDWR | os.O_CREAT, 0o644)
+    os.pwrite(fd, b"x" * 4096, 1 << 20)
+    r.do("SEEK_DATA from 0", os.lseek, fd, 0, os.SEEK_DATA, keep=int)
+    r.do("SEEK_HOLE from 0", os.lseek, fd, 0, os.SEEK_HOLE, keep=int)
+    os.close(fd)
+
+
+@scenario("rw", xfail="no fallocate handler in pyfuse3: fallocate(2) answers EOPNOTSUPP")
+def fallocate_keep_size(r: Run):
+    import ctypes as c
+
+    libc = c.CDLL(None, use_errno=True)
+    fd = os.open(r.p("f"), os.O_RDWR | os.O_CREAT, 0o644)
+    ok = libc.fallocate(fd, 0, c.c_long(0), c.c_long(1 << 16)) == 0
+    r.note("fallocate", ok or errno.errorcode[c.get_errno()])
+    r.note("size", os.fstat(fd).st_size)
+    os.close(fd)
+
+
+@scenario("rw")
+def posix_fallocate_works(r: Run):
+    """glibc's posix_fallocate writes zeros where fallocate(2) is missing: tools that use it work."""
+    fd = os.open(r.p("f"), os.O_RDWR | os.O_CREAT, 0o644)
+    r.do("posix_fallocate", os.posix_fallocate, fd, 0, 1 << 16)
+    r.note("size", os.fstat(fd).st_size)
+    os.close(fd)
+
+
+@scenario("mkdir")
+def dots_and_entry_types(r: Run):
+    os.mkdir(r.p("d"))
+    write(r.p("d", "f"), b"")
+    os.symlink("f", r.p("d", "l"))
+    os.mkfifo(r.p("d", "p"))
+    r.note("d/.. is the parent", os.stat(r.p("d", "..")).st_ino == os.stat(r.root).st_ino)
+    r.note("d/. is d", os.stat(r.p("d", ".")).st_ino == os.stat(r.p("d")).st_ino)
+    with os.scandir(r.p("d")) as it:
+        r.note("d_type", sorted((e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False),
+                                 e.is_symlink()) for e in it))
+    r.note("dir nlink", os.stat(r.p("d")).st_nlink)
 
 
 # == truncate ===============================================================================
@@ -375,7 +484,7 @@ def symlink_semantics(r: Run):
     r.note("made", read(r.p("made")))
 
 
-@scenario("symlink")
+@scenario("symlink", root_only=True)
 def symlink_times_and_owner(r: Run):
     os.symlink("nowhere", r.p("l"))
     os.utime(r.p("l"), ns=(1_000_000_001, 2_000_000_002), follow_symlinks=False)
@@ -411,7 +520,7 @@ def hard_links(r: Run):
 
 
 # == chmod and chown ========================================================================
-@scenario("chmod")
+@scenario("chmod", root_only=True)
 def chmod_chown(r: Run):
     write(r.p("f"), b"x")
     os.mkdir(r.p("d"))
@@ -430,7 +539,7 @@ def chmod_chown(r: Run):
     os.close(fd)
 
 
-@scenario("chmod")
+@scenario("chmod", root_only=True)
 def chown_clears_setuid_setgid(r: Run):
     write(r.p("f"), b"x")
     os.chmod(r.p("f"), 0o6755)
@@ -468,7 +577,7 @@ def moved(before: os.stat_result, after: os.stat_result) -> tuple[str, ...]:
     return tuple(n for n, a, b in zip(("atime", "mtime", "ctime"), times(before), times(after)) if a != b)
 
 
-@scenario("times")
+@scenario("times", root_only=True)
 def ctime_and_mtime_rules(r: Run):
     write(r.p("f"), b"x")
     os.mkdir(r.p("d"))
@@ -527,6 +636,19 @@ def utimensat_now_omit_and_ns(r: Run):
 
 
 @scenario("times")
+def atime_relatime(r: Run):
+    """relatime: a read updates atime when it is not after mtime (or older than a day)."""
+    write(r.p("f"), b"content")
+    os.utime(r.p("f"), ns=(1_000_000_000, 2_000_000_000))  # atime before mtime
+    read(r.p("f"))
+    st = os.stat(r.p("f"))
+    r.note("read moved atime", (st.st_atime_ns > 2_000_000_000, st.st_mtime_ns))
+    os.utime(r.p("f"), ns=(4_000_000_000_000_000_000, 3_000_000_000_000_000_000))  # atime after mtime, recent
+    read(r.p("f"))
+    r.note("second read leaves a later atime", os.stat(r.p("f")).st_atime_ns)
+
+
+@scenario("times")
 def times_of_new_entries(r: Run):
     before = os.stat(r.root)
     wait_tick()
@@ -538,7 +660,7 @@ def times_of_new_entries(r: Run):
 
 
 # == mknod ==================================================================================
-@scenario("mknod")
+@scenario("mknod", root_only=True)
 def special_files(r: Run):
     r.do("fifo", os.mknod, r.p("p"), stat.S_IFIFO | 0o640)
     r.do("socket", os.mknod, r.p("s"), stat.S_IFSOCK | 0o600)
@@ -678,8 +800,17 @@ def _param(key: str):
 @pytest.mark.parametrize("key", [_param(k) for k in SCENARIOS])
 def test_scenario_matches_native(sides, key):
     if os.geteuid() != 0:
-        pytest.skip("the scenarios chown and make devices: they run as root (unprivileged ones: test_permissions)")
+        pytest.skip("run as root; each scenario also runs as another user (test_scenario_as_a_user_matches_native)")
     sides.conform(SCENARIOS[key]["fn"])
+
+
+@pytest.mark.parametrize("key", [_param(k) for k in SCENARIOS if not SCENARIOS[k]["root_only"]])
+def test_scenario_as_a_user_matches_native(sides, key):
+    """The same scenarios from a child running as an unprivileged user, so that the kernel's
+    permission checks apply to every step (the scenario's directory is mode 0777)."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to another user needs root")
+    sides.conform(SCENARIOS[key]["fn"], user=ALICE)
 
 
 # == concurrency ============================================================================
@@ -739,3 +870,51 @@ def test_rename_over_is_atomic_for_a_concurrent_reader(sides):
     out, _ = reader.communicate(timeout=120)
     assert reader.returncode == 0 and rounds > 10
     assert out.split()[0] == "0", f"reads that saw no file or a torn one: {out.strip()}"
+
+
+def test_descriptors_kept_for_removed_files_are_released(tracked):
+    """A removed file's descriptor is kept only until the kernel forgets the inode: after
+    removing many files, the daemon holds no more descriptors than before."""
+    from conftest import wait_until
+
+    fd_dir = f"/proc/{tracked.mount.process.pid}/fd"
+    for i in range(300):
+        write(tracked.path / f"f{i}", b"x")
+    baseline = len(os.listdir(fd_dir))
+    for i in range(300):
+        os.unlink(tracked.path / f"f{i}")
+    subprocess.run(["sync"], check=True)
+    # the kernel sends its forgets in batches, soon after each inode is evicted
+    wait_until(lambda: len(os.listdir(fd_dir)) <= baseline + 2, timeout=30, message="descriptors released")
+
+
+@pytest.fixture
+def low_open_file_limit():
+    """A soft limit of 1,024 descriptors, as on most machines, inherited by the mount started after."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 3000:
+        pytest.skip(f"the hard limit ({hard}) is too low to open 2,000 files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    yield hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_many_files_open_at_once(low_open_file_limit, tracked):
+    """More open files than the usual soft limit of 1,024 descriptors: the daemon raises its own."""
+    import resource
+
+    hard = low_open_file_limit
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process opens 2,000 too
+    fds = []
+    for i in range(2000):
+        write(tracked.path / f"f{i}", b"%d" % i)
+    try:
+        for i in range(2000):  # a write makes the daemon hold the backend file open until close
+            fds.append(os.open(tracked.path / f"f{i}", os.O_RDWR | os.O_APPEND))
+            os.write(fds[-1], b"+")
+        assert [os.pread(fd, 10, 0) for fd in fds[::500]] == [b"0+", b"500+", b"1000+", b"1500+"]
+    finally:
+        for fd in fds:
+            os.close(fd)

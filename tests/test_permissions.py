@@ -109,6 +109,8 @@ def setup_setid(root):
     make(root, "suid", mode=0o6777, uid=BOB.uid, gid=BOB.gid)
     make(root, "suid-trunc", mode=0o6777, uid=BOB.uid, gid=BOB.gid)
     make(root, "sgid-noexec", mode=0o2666, uid=BOB.uid, gid=BOB.gid)
+    make(root, "sgid-noexec-2", mode=0o2666, uid=BOB.uid, gid=BOB.gid)
+    make(root, "sgid-noexec-member", mode=0o2666, uid=BOB.uid, gid=4100)
     make(root, "own-suid", mode=0o6755, uid=ALICE.uid, gid=4100)
 
 
@@ -128,9 +130,13 @@ def setid_cleared(r: Run):
 def sgid_without_group_exec(r: Run):
     """Since Linux 6.x a setgid bit without group exec is cleared too when the writer is not
     in the file's group (setattr_should_drop_sgid); FUSE's kernel side still applies the
-    older rule (only setgid with g+x) unless the daemon handles killpriv itself."""
+    older rule (only setgid with g+x), so the daemon does this case."""
     write(r.p("sgid-noexec"), b"x", os.O_WRONLY)
     r.note("setgid without g+x after write", mode_of(r.p("sgid-noexec")))
+    os.truncate(r.p("sgid-noexec-2"), 0)
+    r.note("after truncate", mode_of(r.p("sgid-noexec-2")))
+    write(r.p("sgid-noexec-member"), b"x", os.O_WRONLY)
+    r.note("writer in the group keeps it", mode_of(r.p("sgid-noexec-member")))
 
 
 # == sticky directories ========================================================================
@@ -219,10 +225,7 @@ CASES = {
     "mode_bits": (mode_bits, setup_mode_bits, ALICE),
     "owner_rules": (owner_rules, setup_owner_rules, ALICE),
     "setid_cleared": (setid_cleared, setup_setid, ALICE),
-    "sgid_without_group_exec": pytest.param(
-        (sgid_without_group_exec, setup_setid, ALICE), marks=pytest.mark.xfail(
-            strict=True, reason="kernel FUSE (fuse_setattr without handle_killpriv) keeps S_ISGID without "
-                                "S_IXGRP on a write by a non-member; native Linux 6.x clears it")),
+    "sgid_without_group_exec": (sgid_without_group_exec, setup_setid, ALICE),
     "sticky": (sticky, setup_sticky, ALICE),
     "new_entries_umask_022": (new_entries, setup_new_entries, ALICE),
     "new_entries_umask_077": (new_entries, setup_new_entries, User(ALICE.uid, ALICE.gid, ALICE.groups, 0o077)),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import psycopg
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _LOCK_KEY = 0x46494C45  # "FILE": serialises concurrent starts
 
 

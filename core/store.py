@@ -128,3 +128,17 @@ def record(journal: Journal, change: Change | None = None) -> Statement:
         dumps([{"id": d, "time_ns": t} for d, t in change.touches]),
         dumps([{"node_id": n, "version": v, "data": d} for n, v, d in change.snapshots]),
     ))
+
+
+def load_child(db: Database, parent_id: int, name: bytes) -> tuple[int, Node] | None:
+    """One named entry of a directory with its node: (entry id, node), without loading the listing."""
+    rows = db.query(
+        f"SELECT e.id, {_NODE_COLS}, {_NLINK} FROM filestore.entries e"
+        " JOIN filestore.nodes n ON n.id = e.node_id WHERE e.parent_id = %s AND e.name = %s", (parent_id, name))
+    return (rows[0][0], _node(rows[0][1:])) if rows else None
+
+
+def load_child_names(db: Database, dir_id: int) -> dict[bytes, int]:
+    """Names of a directory's entries -> node ids (the audit compares them with the disk)."""
+    return {bytes(name): node_id for name, node_id in db.query(
+        "SELECT name, node_id FROM filestore.entries WHERE parent_id = %s", (dir_id,))}

@@ -18,6 +18,7 @@ from core.config import Settings
 from core.errors import ConfigError
 from core.service import Filestore
 
+from .inline import Inline
 from .operations import Operations
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,12 @@ def serve(settings: Settings, mountpoint: str) -> None:
             options.add("allow_other")
         pyfuse3.init(Operations(fs), path, options)
         log.info("mounted %s", path)
+        started: list[Inline] = []
         try:
-            trio.run(_main)
+            trio.run(_main, fs, path, started)
         finally:
+            for inline in started:  # before the session closes: workers may still invalidate
+                inline.close()
             pyfuse3.close(unmount=True)
         recovery.mark_clean(fs)
     finally:
@@ -97,7 +101,9 @@ def serve(settings: Settings, mountpoint: str) -> None:
         os.close(lock_fd)
 
 
-async def _main() -> None:
+async def _main(fs: Filestore, path: str, started: list) -> None:
+    # The sidecar's loops (inline mode), health endpoints and registration need the trio token.
+    started.append(Inline(fs, path, trio.lowlevel.current_trio_token()))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
         await pyfuse3.main()

@@ -71,6 +71,7 @@ class Loops:
             self.audit()
         if self._watch:
             watchers = Watchers(self.ctx.queue, list(self.ctx.backends().values()))
+            watchers.start()
             self._spawn("watchers", watchers.run)
         for i in range(self._workers):
             self._spawn(f"reconcile-{i}", self._work)
@@ -206,15 +207,15 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
+    loops.start()
     server = None
-    if http_port is not None:
+    if http_port is not None:  # after the loops: /health answering means the watchers are on
         server = health.HealthServer(http_port, database_url=database_url(settings), redis_url=settings.redis_url,
                                      backends=lambda: list(backends.values()), alive=loops.alive,
                                      queue_stats=ctx.queue.stats)
     reg = registry.Registration(db, "sidecar", str(settings.home), info=lambda: {
         "backends": sorted(b.name for b in backends.values()), "http_port": server.port if server else None,
         "workers": workers, **ctx.stats})
-    loops.start()
     log.info("sidecar running: %d backend(s), %d worker(s)", len(backends), workers)
     if ready is not None:
         ready(server.port if server else None)

@@ -88,11 +88,14 @@ class Watchers:
             payload = self._pending.setdefault(key, job_payload(backend_id, rel))
             payload.update(extra)
 
-    def run(self, stop: threading.Event) -> None:
+    def start(self) -> None:
+        """Watch from now on (synchronous: events after this call are seen)."""
         for backend in self.backends:
             self._observer.schedule(_Backlog(backend, self), backend.root, recursive=True)
         self._observer.start()
         log.info("watching %d local backend(s)", len(self.backends))
+
+    def run(self, stop: threading.Event) -> None:
         try:
             while not stop.wait(FLUSH_SECONDS):
                 self.flush()

@@ -118,6 +118,20 @@ class JobQueue:
             " RETURNING 1",
             {"id": job.id, "token": job.token, "gen": job.generation})
 
+    def finish_many(self, jobs: list[Job]) -> None:
+        """finish() for a batch, in one statement (a worker's claim batch: two queries per batch)."""
+        if not jobs:
+            return
+        self.db.query(
+            "WITH done AS (SELECT * FROM unnest(%s::bigint[], %s::uuid[], %s::bigint[]) AS d(id, token, gen)),"
+            " gone AS (DELETE FROM filestore.jobs j USING done WHERE j.id = done.id AND j.lease_token = done.token"
+            "          AND j.generation = done.gen RETURNING j.id)"
+            " UPDATE filestore.jobs j SET state = 'queued', attempts = 0, leased_until = NULL, enqueued_at = now(),"
+            "        leased_by = NULL, lease_token = NULL, last_error = NULL"
+            "   FROM done WHERE j.id = done.id AND j.lease_token = done.token AND j.id NOT IN (SELECT id FROM gone)"
+            " RETURNING 1",
+            ([j.id for j in jobs], [j.token for j in jobs], [j.generation for j in jobs]))
+
     def fail(self, job: Job, error: str) -> bool:
         """Record the error; re-queue with backoff, or park as failed. True if parked."""
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(job.attempts - 1, 0)) * random.uniform(0.8, 1.2)

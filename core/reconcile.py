@@ -94,8 +94,12 @@ def differs(node: Node, st: Stat, owns_files: bool) -> bool:
 
 class Reconciler:
     def __init__(self, db: Database, backends: Callable[[], dict[int, Backend]], queue: JobQueue, *,
-                 in_flight=None, on_applied: Callable[[Applied], None] | None = None):
+                 in_flight=None, on_applied: Callable[[Applied], None] | None = None,
+                 known: Callable[[Backend, bytes, Stat], bool] | None = None):
         self.db = db
+        # Inline: "does the mount's own view already hold this stat?" (no query). Most events a
+        # mount's watcher sees are its own writes, already committed and in its namespace.
+        self.known = known
         self.backends = backends
         self.queue = queue
         self.in_flight = in_flight
@@ -116,6 +120,9 @@ class Reconciler:
         for path in (rel, src):
             if path is not None and self.in_flight is not None and self.in_flight.busy(backend.id, path):
                 raise Busy(f"a mount is changing {display_name(path)}")
+        if self.known is not None and first is not None and src is None and not payload.get("deep") \
+                and self.known(backend, rel, first):
+            return "unchanged"
         parent, name, found = self._locate(backend, rel)
         if parent is None:
             # The parent directory is not known yet (created out of band too): reconcile the

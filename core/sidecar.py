@@ -54,9 +54,10 @@ EXTRA_WORKERS: list[Callable[[Context], Any]] = []
 
 class Loops:
     def __init__(self, ctx: Context, *, in_flight=None, on_applied: Callable[[Applied], None] | None = None,
-                 workers: int = 2, watch: bool = True, audit: bool = True):
+                 known=None, workers: int = 2, watch: bool = True, audit: bool = True):
         self.ctx = ctx
-        self.reconciler = Reconciler(ctx.db, ctx.backends, ctx.queue, in_flight=in_flight, on_applied=on_applied)
+        self.reconciler = Reconciler(ctx.db, ctx.backends, ctx.queue, in_flight=in_flight, on_applied=on_applied,
+                                     known=known)
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self._workers = workers
@@ -125,14 +126,26 @@ class Loops:
             idle = 0.02
             with self._leased_lock:
                 self._leased.update(jobs)
+            done: list[Job] = []
             for i, job in enumerate(jobs):
                 if stop.is_set():
                     for rest in jobs[i:]:
                         self._settle(rest, lambda j: self.ctx.queue.release(j))
                     break
-                self._run_one(job)
+                if self._run_one(job):
+                    done.append(job)
+            self._settle_done(done)
 
-    def _run_one(self, job: Job) -> None:
+    def _settle_done(self, done: list[Job]) -> None:
+        with self._leased_lock:
+            self._leased.difference_update(done)
+        try:
+            self.ctx.queue.finish_many(done)
+        except Exception as exc:  # their leases expire and they run again: nothing is lost
+            log.warning("could not finish %d job(s): %s", len(done), exc)
+
+    def _run_one(self, job: Job) -> bool:
+        """Run one job; True if it succeeded (the caller finishes it with its batch)."""
         started = time.perf_counter()
         try:
             self.reconciler.run(job.payload)
@@ -150,9 +163,10 @@ class Loops:
         else:
             self.ctx.stats["jobs_done"] += 1
             metrics.JOBS.labels(job.queue, "done").inc()
-            self._settle(job, self.ctx.queue.finish)
+            return True
         finally:
             metrics.JOB_SECONDS.labels(job.queue).observe(time.perf_counter() - started)
+        return False
 
     def _settle(self, job: Job, how: Callable[[Job], Any]) -> None:
         with self._leased_lock:

@@ -18,7 +18,7 @@ import trio
 from core import health, registry
 from core.inflight import InProcess
 from core.queue import JobQueue
-from core.reconcile import Applied
+from core.reconcile import Applied, differs
 from core.service import Filestore, database_url
 from core.sidecar import Context, Loops
 
@@ -39,7 +39,8 @@ class Inline:
         self.server = None
         ctx = Context(fs.db, fs.settings, JobQueue(fs.db), lambda: dict(fs.ns.backends), "mount")
         if loops_enabled(fs.settings):
-            self.loops = Loops(ctx, in_flight=InProcess(fs.intents), on_applied=self.show, workers=1)
+            self.loops = Loops(ctx, in_flight=InProcess(fs.intents), on_applied=self.show, known=self.known,
+                               workers=1)
             self.loops.start()
         port = health.port_from_env()
         if port is not None:
@@ -52,6 +53,21 @@ class Inline:
                 "backends": sorted(b.name for b in fs.ns.backends.values()),
                 "inline_loops": self.loops is not None, "http_port": self.server.port if self.server else None,
                 **ctx.stats})
+
+    def known(self, backend, rel: bytes, st) -> bool:
+        """Does the namespace already hold what the disk shows? Read from a worker thread without
+        the trio thread: only listings already loaded are used (no query, no lock); a miss or a
+        difference just sends the job to the database comparison."""
+        ns = self.fs.ns
+        node_id = backend.root_node_id
+        for part in filter(None, rel.split(b"/")):
+            listing = ns.listings.get(node_id)
+            found = listing.by_name.get(part) if listing is not None else None
+            if found is None:
+                return False
+            node_id = found[1]
+        node = ns.nodes.get(node_id)
+        return node is not None and not differs(node, st, backend.executor.owns_files)
 
     def show(self, applied: Applied) -> None:
         """Make the mount show a reconciled change: namespace first, then the kernel's caches."""

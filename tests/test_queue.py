@@ -123,3 +123,12 @@ def test_concurrent_workers_never_run_one_key_twice_at_once(queue, db):
     assert overlaps == []
     assert set(runs) == set(keys)  # every key ran, none was lost
     assert db.execute("SELECT count(*) FROM filestore.jobs").fetchone()[0] == 0
+
+
+def test_finishing_a_batch_keeps_the_jobs_that_got_new_events(queue, db):
+    queue.enqueue_many(RECONCILE, [("a", {}), ("b", {}), ("c", {})])
+    jobs = queue.claim(RECONCILE, 3)
+    assert len(jobs) == 3
+    queue.enqueue(RECONCILE, "b", {"later": True})
+    queue.finish_many(jobs)
+    assert [(key, state) for key, state, *_ in rows(db)] == [("b", "queued")]

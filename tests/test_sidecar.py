@@ -224,6 +224,9 @@ def test_ready_reports_a_stopped_postgres(tmp_path, sidecars):
         server.stop()
         code, body = car.ready()
         assert code == 503 and body["failed"] == ["postgres"], body
+        status = run_cli(env, "status", "--json", check=False)
+        assert status.returncode == 1
+        assert json.loads(status.stdout)["postgres"]["ok"] is False
         server.start() if hasattr(server, "start") else None
         server = load_pgserver(tmp_path / "pg-run").get_server(tmp_path / "pg-data", cleanup_mode=None)
         wait_until(lambda: car.ready()[0] == 200, BOUND, message="ready again")

@@ -2,6 +2,7 @@
 on the backend disk shows in the running mount (namespace and kernel caches invalidated)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import require_tool, wait_until
+from conftest import require_tool, run_cli, wait_until
 from core.watchers import DEBOUNCE_SECONDS
 from test_sidecar import BOUND, journal, queue_empty
 
@@ -94,3 +95,23 @@ def test_an_outside_change_shows_in_the_running_mount(tracked):
     (base / "kept.txt").write_bytes(b"v3")
     assert (root / "kept.txt").read_bytes() == b"v3"
     wait_until(lambda: queue_empty(tracked.db), BOUND, message="the queue to drain")
+
+
+def test_the_mount_serves_health_ready_and_metrics_and_registers(tracked):
+    from fixtures_sidecar import free_port, http_get
+    port = free_port()
+    tracked.mount.stop()
+    tracked.mount.env = dict(tracked.env, FILESTORE_HTTP_PORT=str(port))
+    tracked.mount.start()
+    (tracked.path / "f.txt").write_bytes(b"x")
+    code, body = http_get(port, "/ready")
+    assert code == 200 and json.loads(body)["checks"]["backend:local"]["ok"], body
+    code, body = http_get(port, "/health")
+    assert code == 200 and json.loads(body)["alive"], body
+    code, text = http_get(port, "/metrics")
+    assert code == 200
+    assert 'filestore_command_seconds_count{backend="local",command="create",outcome="committed"} 1.0' in text
+    assert "filestore_queue_depth" in text
+    mounts = run_cli(tracked.env, "status", "--json").stdout
+    assert [m["mountpoint"] for m in json.loads(mounts)["mounts"] if m["state"] == "alive"] == \
+        [str(tracked.mount.mountpoint)]

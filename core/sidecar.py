@@ -215,6 +215,7 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
     from .inflight import HomeIntents
 
     db = open_database(settings)
+    url = database_url(settings)
     backends = open_backends(db)
     ctx = Context(db, settings, JobQueue(db), lambda: backends, "sidecar")
     loops = Loops(ctx, in_flight=HomeIntents(db, settings.home), workers=workers)
@@ -224,8 +225,8 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
     loops.start()
     server = None
     if http_port is not None:  # after the loops: /health answering means the watchers are on
-        server = health.HealthServer(http_port, database_url=database_url(settings), redis_url=settings.redis_url,
-                                     backends=lambda: list(backends.values()), alive=loops.alive,
+        server = health.HealthServer(http_port, database_url=url, redis_url=settings.redis_url,
+                                     backends=lambda: _all_backends(url, backends), alive=loops.alive,
                                      queue_stats=ctx.queue.stats)
     reg = registry.Registration(db, "sidecar", str(settings.home), info=lambda: {
         "backends": sorted(b.name for b in backends.values()), "http_port": server.port if server else None,
@@ -245,3 +246,17 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
         for backend in backends.values():
             backend.executor.close()
         db.close()
+
+
+def _all_backends(url: str, opened: dict[int, Backend]) -> list[Backend]:
+    """Every registered backend for /ready, also those that could not be opened at start; the
+    ones opened when the database cannot be asked (its own check says why). A connection of its
+    own with a short timeout: the pool would wait 30 s for a server that is down."""
+    import psycopg
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=3) as conn:
+            rows = conn.execute("SELECT id, name, kind, root, read_only, root_node_id, options"
+                                " FROM filestore.backend_mounts WHERE state = 'active' ORDER BY name").fetchall()
+        return [Backend(*row) for row in rows]
+    except psycopg.Error:
+        return list(opened.values())

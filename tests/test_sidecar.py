@@ -233,3 +233,16 @@ def test_ready_reports_a_stopped_postgres(tmp_path, sidecars):
         assert car.stop() == 0
     finally:
         server.stop()
+
+
+def test_a_backend_unreachable_at_start_is_named_and_the_others_still_work(backend, db, env, tmp_path, sidecars):
+    other = tmp_path / "other"
+    other.mkdir()
+    run_cli(env, "backend", "add", "other", str(other))
+    other.rmdir()
+    car = sidecars()
+    code, body = car.ready()
+    assert code == 503 and body["failed"] == ["backend:other"], body
+    (backend / "still.txt").write_bytes(b"watched")
+    wait_until(lambda: settled(db, backend), BOUND, message="the reachable backend reconciled")
+    assert car.stop() == 0

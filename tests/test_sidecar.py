@@ -246,3 +246,19 @@ def test_a_backend_unreachable_at_start_is_named_and_the_others_still_work(backe
     (backend / "still.txt").write_bytes(b"watched")
     wait_until(lambda: settled(db, backend), BOUND, message="the reachable backend reconciled")
     assert car.stop() == 0
+
+
+def test_sigterm_mid_backlog_finishes_or_gives_back_every_job(backend, db, sidecars):
+    car = sidecars()
+    for i in range(300):
+        (backend / f"b{i:03}.txt").write_bytes(b"b")
+    wait_until(lambda: journal(db, "reconcile"), BOUND, message="the first jobs to run")
+    assert car.stop() == 0
+    assert len(journal(db, "reconcile")) < 300  # it was stopped with work left
+    held = db.execute("SELECT key, leased_by FROM filestore.jobs WHERE state = 'running'").fetchall()
+    assert held == []  # nothing waits for a lease to expire
+    # What was left is done by the next sidecar, exactly once per path.
+    sidecars()
+    wait_until(lambda: settled(db, backend), BOUND * 2, message="the rest of the backlog")
+    paths = [r["path"] for r in journal(db, "reconcile")]
+    assert sorted(paths) == sorted(f"b{i:03}.txt" for i in range(300))

@@ -14,7 +14,9 @@ import os
 import threading
 from typing import Any
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (DirAttribEvent, DirCreatedEvent, DirDeletedEvent, DirModifiedEvent, DirMovedEvent,
+                             FileAttribEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent,
+                             FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
 from watchdog.observers import Observer
 
 from executors.local import STAGING_NAME
@@ -28,7 +30,11 @@ log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.1
 DEBOUNCE_SECONDS = 0.3
-_IGNORED = {"opened", "closed_no_write"}
+_IGNORED = {"opened", "closed_no_write", "closed"}
+# Asked of inotify itself, so that opens and closes (every read through the mount makes two)
+# never reach Python: a change is always also a create, modify, attrib, move or delete.
+_WANTED = [FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileAttribEvent,
+           DirCreatedEvent, DirDeletedEvent, DirModifiedEvent, DirMovedEvent, DirAttribEvent]
 
 
 class _Backlog(FileSystemEventHandler):
@@ -91,7 +97,7 @@ class Watchers:
     def start(self) -> None:
         """Watch from now on (synchronous: events after this call are seen)."""
         for backend in self.backends:
-            self._observer.schedule(_Backlog(backend, self), backend.root, recursive=True)
+            self._observer.schedule(_Backlog(backend, self), backend.root, recursive=True, event_filter=_WANTED)
         self._observer.start()
         log.info("watching %d local backend(s)", len(self.backends))
 

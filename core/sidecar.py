@@ -72,8 +72,12 @@ class Loops:
             self.audit()
         if self._watch:
             watchers = Watchers(self.ctx.queue, list(self.ctx.backends().values()))
-            watchers.start()
-            self._spawn("watchers", watchers.run)
+            try:
+                watchers.start()
+            except OSError as exc:  # e.g. ENOSPC: more directories than fs.inotify.max_user_watches
+                log.error("cannot watch the backends (%s): drift is found by the start audit only", exc)
+            else:
+                self._spawn("watchers", watchers.run)
         for i in range(self._workers):
             self._spawn(f"reconcile-{i}", self._work)
         self._spawn("leases", self._keep_leases)

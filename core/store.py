@@ -137,8 +137,3 @@ def load_child(db: Database, parent_id: int, name: bytes) -> tuple[int, Node] | 
         " JOIN filestore.nodes n ON n.id = e.node_id WHERE e.parent_id = %s AND e.name = %s", (parent_id, name))
     return (rows[0][0], _node(rows[0][1:])) if rows else None
 
-
-def load_child_names(db: Database, dir_id: int) -> dict[bytes, int]:
-    """Names of a directory's entries -> node ids (the audit compares them with the disk)."""
-    return {bytes(name): node_id for name, node_id in db.query(
-        "SELECT name, node_id FROM filestore.entries WHERE parent_id = %s", (dir_id,))}

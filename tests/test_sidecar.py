@@ -262,3 +262,11 @@ def test_sigterm_mid_backlog_finishes_or_gives_back_every_job(backend, db, sidec
     wait_until(lambda: settled(db, backend), BOUND * 2, message="the rest of the backlog")
     paths = [r["path"] for r in journal(db, "reconcile")]
     assert sorted(paths) == sorted(f"b{i:03}.txt" for i in range(300))
+
+
+def test_ready_names_an_unreachable_redis(backend, db, sidecars):
+    from fixtures_sidecar import free_port
+    car = sidecars(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    code, body = car.ready()
+    assert code == 503 and body["failed"] == ["redis"], body
+    assert body["checks"]["postgres"]["ok"] and body["checks"]["backend:local"]["ok"]

@@ -270,3 +270,15 @@ def test_ready_names_an_unreachable_redis(backend, db, sidecars):
     code, body = car.ready()
     assert code == 503 and body["failed"] == ["redis"], body
     assert body["checks"]["postgres"]["ok"] and body["checks"]["backend:local"]["ok"]
+
+
+def test_a_directory_renamed_on_disk_keeps_its_nodes(backend, db, sidecars):
+    sidecars()
+    dir_id, child_id = node_at(db, "old")["id"], node_at(db, "old/x.txt")["id"]
+    os.rename(backend / "old", backend / "d" / "new")
+    wait_until(lambda: settled(db, backend), BOUND, message="the move reconciled")
+    assert node_at(db, "d/new")["id"] == dir_id
+    assert node_at(db, "d/new/x.txt")["id"] == child_id
+    assert node_by_id(db, child_id)["state"] == "ACTIVE"
+    moves = [(r["path"], r["args"]["outcome"], r["args"].get("from")) for r in journal(db, "reconcile")]
+    assert ("d/new", "moved", "old") in moves

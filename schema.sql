@@ -368,3 +368,64 @@ COMMENT ON TABLE filestore.relay_positions IS
     'How far the event relay has published the journal, one row per destination (a Redis stream key, or inline:<channel>). Moved only after the destination accepted the batch. Written by core.relay.';
 COMMENT ON COLUMN filestore.relay_positions.last_txid IS 'txid of the last journal row published; with last_journal_id the (txid, id) cursor of the relay.';
 COMMENT ON COLUMN filestore.relay_positions.seq IS 'Events published so far; each event carries its own number (contiguous), which is also its Redis stream entry id seq-0.';
+
+-- == Sidecar: job queues and process registry (issue 7; docs/architecture.md, the queue decision) ==
+
+-- One row per (queue, key): a burst of events on one path is one pending job. A job runs under
+-- a lease (leased_until, lease_token) so that exactly one worker runs it at a time, even with
+-- several sidecars; a worker killed mid-job lets its lease expire and another one takes it over.
+-- A finished job is deleted, unless new work arrived for its key while it ran (generation moved).
+CREATE TABLE IF NOT EXISTS filestore.jobs (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue         text NOT NULL,
+    key           text NOT NULL,
+    payload       jsonb NOT NULL DEFAULT '{}'::jsonb,
+    state         text NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'running', 'failed')),
+    generation    bigint NOT NULL DEFAULT 1,
+    attempts      integer NOT NULL DEFAULT 0,
+    max_attempts  integer NOT NULL DEFAULT 8,
+    run_after     timestamptz NOT NULL DEFAULT now(),
+    enqueued_at   timestamptz NOT NULL DEFAULT now(),
+    started_at    timestamptz,
+    leased_until  timestamptz,
+    leased_by     text,
+    lease_token   uuid,
+    last_error    text,
+    UNIQUE (queue, key)
+);
+CREATE INDEX IF NOT EXISTS jobs_ready_idx ON filestore.jobs (queue, run_after) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_lease_idx ON filestore.jobs (queue, leased_until) WHERE state = 'running';
+COMMENT ON TABLE filestore.jobs IS
+    'Durable job queues (filestore_reconcile_queue, filestore_rollup_queue), coalesced per (queue, key). Claimed with FOR UPDATE SKIP LOCKED under a lease. Written by core.queue only.';
+COMMENT ON COLUMN filestore.jobs.key IS 'Coalescing key: for reconcile jobs backend id and path; at most one row per key.';
+COMMENT ON COLUMN filestore.jobs.payload IS 'Job arguments; merged (jsonb ||) when an event is coalesced into a pending job.';
+COMMENT ON COLUMN filestore.jobs.state IS 'queued (waiting for run_after), running (leased to leased_by), failed (max_attempts reached; kept for operators, re-queued by a new event).';
+COMMENT ON COLUMN filestore.jobs.generation IS '+1 at every coalesced enqueue; a worker that finishes an older generation re-queues the job instead of deleting it.';
+COMMENT ON COLUMN filestore.jobs.attempts IS 'Runs started since the last success or new event; backoff grows with it.';
+COMMENT ON COLUMN filestore.jobs.run_after IS 'Not run before: the debounce of a new job, or the backoff of a failed attempt.';
+COMMENT ON COLUMN filestore.jobs.enqueued_at IS 'When the oldest unprocessed event of this key arrived (queue age is measured from it).';
+COMMENT ON COLUMN filestore.jobs.leased_until IS 'While running: the lease, extended by the worker; past it, any worker may take the job over.';
+COMMENT ON COLUMN filestore.jobs.lease_token IS 'Proof of ownership: only the holder of the current token may finish or release the job.';
+COMMENT ON COLUMN filestore.jobs.last_error IS 'The error of the last failed attempt, for status and operators.';
+
+-- Mounts and sidecars register themselves and beat a heartbeat, for `filestore status`.
+CREATE TABLE IF NOT EXISTS filestore.processes (
+    id            uuid PRIMARY KEY,
+    role          text NOT NULL CHECK (role IN ('mount', 'sidecar')),
+    host          text NOT NULL,
+    pid           integer NOT NULL,
+    home          text NOT NULL,
+    mountpoint    text,
+    info          jsonb NOT NULL DEFAULT '{}'::jsonb,
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at  timestamptz NOT NULL DEFAULT now(),
+    stopped_at    timestamptz
+);
+COMMENT ON TABLE filestore.processes IS
+    'Running (and recently stopped) mounts and sidecars. A row whose heartbeat is older than a few intervals belongs to a dead process. Written by core.registry.';
+COMMENT ON COLUMN filestore.processes.info IS 'What the process reports about itself: backends watched, HTTP port, loops running, jobs done.';
+COMMENT ON COLUMN filestore.processes.stopped_at IS 'Set by a clean stop; NULL while running or after a crash.';
+
+-- The reconciler finds a MISSING node again by the path it vanished from (core.reconcile).
+CREATE INDEX IF NOT EXISTS journal_missing_idx ON filestore.journal_entries (backend_id, path)
+    WHERE command = 'reconcile' AND args->>'outcome' = 'missing';

@@ -65,6 +65,11 @@ class IntentLog:
                     self._before_compact()
                 self._rewrite(list(self._open.values()))
 
+    def pending(self) -> list[Intent]:
+        """Intents of this process not resolved yet: changes in flight (the reconciler leaves them alone)."""
+        with self._lock:
+            return list(self._open.values())
+
     def read(self) -> list[Intent]:
         """Every intent in the file (recovery decides which ones finished)."""
         out = []

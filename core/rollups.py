@@ -64,8 +64,12 @@ def derive(ns: Namespace, changes: Iterable[store.Change]) -> None:
         for parent, _, node_id in change.unlinks:
             old = before(node_id)
             if old.is_dir:
-                if node_id not in linked_dirs:
+                if node_id in linked_dirs:
+                    pass  # moved: counted from its link below
+                elif _known_empty(ns, node_id):
                     change.add_delta(ancestors(ns, parent), 0, 0, -1)
+                else:  # detached with whatever is below it (the reconciler's vanished directory)
+                    change.add_move(node_id, ancestors(ns, parent), [])
             else:
                 change.add_delta(ancestors(ns, parent), -old.size, -1, 0)
         for link in change.links:
@@ -74,8 +78,10 @@ def derive(ns: Namespace, changes: Iterable[store.Change]) -> None:
             if new.is_dir:
                 if node_id in unlinked:
                     change.add_move(node_id, ancestors(ns, unlinked[node_id]), ancestors(ns, parent))
-                else:
+                elif before(node_id) is None:  # a new directory: empty
                     change.add_delta(ancestors(ns, parent), 0, 0, 1)
+                else:  # a known directory comes back with its subtree (reconciler, recovery)
+                    change.add_move(node_id, [], ancestors(ns, parent))
             else:
                 change.add_delta(ancestors(ns, parent), new.size, 1, 0)
         named = set(unlinked) | {link[2] for link in change.links}
@@ -92,6 +98,26 @@ def derive(ns: Namespace, changes: Iterable[store.Change]) -> None:
 def _kind(after: dict[int, Node], before, node_id: int) -> str:
     node = after.get(node_id) or before(node_id)
     return node.kind
+
+
+def _known_empty(ns, dir_id: int) -> bool:
+    listing = getattr(ns, "listings", {}).get(dir_id)
+    return listing is not None and not listing.by_name
+
+
+class DbTree:
+    """What `derive` reads of the tree, from the database: for processes without a namespace
+    (the sidecar's reconciler). Slower (a query per node and ancestor), always current."""
+
+    def __init__(self, db: Database, backends: Iterable):
+        self.db = db
+        self.backend_roots = {b.root_node_id: b for b in backends}
+
+    def node(self, node_id: int) -> Node:
+        return store.load_node(self.db, node_id)
+
+    def parent_of(self, node_id: int):
+        return store.load_parent(self.db, node_id)
 
 
 def ancestors(ns: Namespace, dir_id: int) -> list[int]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import psycopg
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _LOCK_KEY = 0x46494C45  # "FILE": serialises concurrent starts
 
 

@@ -179,3 +179,12 @@ def xattr_statements(change: Change) -> list[Statement]:
 def atime(node_id: int, atime_ns: int) -> Statement:
     """A read's relatime update of a node's atime, outside any command (see Orchestrator.record_atime)."""
     return "UPDATE filestore.nodes SET atime_ns = %s WHERE id = %s AND atime_ns < %s", (atime_ns, node_id, atime_ns)
+
+
+def load_child(db: Database, parent_id: int, name: bytes) -> tuple[int, Node] | None:
+    """One named entry of a directory with its node: (entry id, node), without loading the listing."""
+    rows = db.query(
+        f"SELECT e.id, {_NODE_COLS}, {_NLINK} FROM filestore.entries e"
+        " JOIN filestore.nodes n ON n.id = e.node_id WHERE e.parent_id = %s AND e.name = %s", (parent_id, name))
+    return (rows[0][0], _node(rows[0][1:])) if rows else None
+

@@ -19,6 +19,7 @@ from core.config import Settings
 from core.errors import ConfigError
 from core.service import Filestore
 
+from .inline import Inline
 from .operations import Operations
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,12 @@ def serve(settings: Settings, mountpoint: str) -> None:
         pyfuse3.init(Operations(fs), path, options)
         log.info("mounted %s", path)
         fs.start_workers()
+        started: list[Inline] = []
         try:
-            trio.run(_main, fs)
+            trio.run(_main, fs, path, started)
         finally:
+            for inline in started:  # before the session closes: workers may still invalidate
+                inline.close()
             pyfuse3.close(unmount=True)
             fs.stop_workers()
             loops.stop()
@@ -111,7 +115,7 @@ def serve(settings: Settings, mountpoint: str) -> None:
         os.close(lock_fd)
 
 
-async def _main(fs: Filestore) -> None:
+async def _main(fs: Filestore, path: str, started: list) -> None:
     token = trio.lowlevel.current_trio_token()
 
     def on_serving_thread(fn) -> None:
@@ -120,6 +124,8 @@ async def _main(fs: Filestore) -> None:
         except trio.RunFinishedError:
             fn()  # the mount is gone: nothing serves concurrently any more
     fs.serving_call = on_serving_thread
+    # The sidecar's loops (inline mode), health endpoints and registration need the trio token.
+    started.append(Inline(fs, path, token))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
         await pyfuse3.main()

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import subprocess
 import threading
 
@@ -282,3 +283,21 @@ def test_commands_carry_their_rollup_deltas_into_journal_and_events(tracked):
     events = [json.loads(line) for line in tail.stdout.splitlines() if line.strip()]
     by_command = {e["command"]: e for e in events}
     assert by_command["rename"]["rollup"] == {"deltas": rows["rename"]["rollup"]}
+
+
+def test_rollups_follow_changes_made_behind_the_mounts_back(tracked):
+    """Drift adopted by the reconciler (inline: the mount runs it) moves the rollups too,
+    including a directory that vanishes with its contents and one that appears with them."""
+    os.makedirs(tracked.path / "r" / "s")
+    (tracked.path / "r" / "s" / "f").write_bytes(b"1" * 100)
+    os.makedirs(tracked.path / "r" / "gone" / "deep")
+    (tracked.path / "r" / "gone" / "deep" / "x").write_bytes(b"x" * 1000)
+    disk = tracked.backend_root / "r"
+    (disk / "s" / "new").write_bytes(b"2" * 50)
+    os.makedirs(disk / "t" / "u")
+    (disk / "t" / "u" / "g").write_bytes(b"3" * 7)
+    os.unlink(disk / "s" / "f")
+    shutil.rmtree(disk / "gone")
+    wait_until(lambda: du_json(tracked) == disk_totals(tracked.backend_root), timeout=30,
+               message="reconciled rollups equal the disk")
+    assert tracked.cli("rollups", "verify", "local:/", check=False).returncode == 0

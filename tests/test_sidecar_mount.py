@@ -1,0 +1,117 @@
+"""Drift and the mount: the mount's own writes are never drift, and in inline mode a change made
+on the backend disk shows in the running mount (namespace and kernel caches invalidated)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import require_tool, run_cli, wait_until
+from core.watchers import DEBOUNCE_SECONDS
+from test_sidecar import BOUND, journal, queue_empty
+
+CONTENT = b"written through the mount\n"
+
+
+def drained_after_sentinel(tracked, name: str) -> None:
+    """Events are handled in about the order they came: once a later out-of-band change is
+    reconciled and the queue is empty, every earlier event was looked at."""
+    (tracked.backend_root / name).write_bytes(b"sentinel")
+    wait_until(lambda: any(r["path"] == name for r in journal(tracked.db, "reconcile"))
+               and queue_empty(tracked.db), BOUND, message="the sentinel to be reconciled")
+
+
+@pytest.mark.parametrize("watcher", ["inline", "sidecar"])
+def test_the_mounts_own_writes_are_never_drift(tracked, sidecars, watcher):
+    if watcher == "sidecar":
+        # Only a separate sidecar watches: it knows the mount's changes in flight from the
+        # mount's intent log; inline, the mount's loops read its open intents from memory.
+        tracked.mount.stop()
+        tracked.mount.env = dict(tracked.env, FILESTORE_INLINE_LOOPS="0")
+        tracked.mount.start()
+        sidecars()
+    base = tracked.path
+    for i in range(30):
+        (base / f"small{i}.txt").write_bytes(CONTENT * i)
+    with open(base / "log.txt", "wb") as f:
+        for _ in range(50):
+            f.write(CONTENT)
+            f.flush()
+    with open(base / "log.txt", "ab") as f:  # in place, held open across many writes
+        for _ in range(200):
+            f.write(CONTENT)
+    # Held open with changes written in place but not committed (that happens at close) for
+    # longer than the debounce: the disk differs from the node meanwhile, and that is not drift.
+    with open(base / "small2.txt", "r+b") as f:
+        f.write(b"in place, committed at close")
+        f.flush()
+        time.sleep(2 * DEBOUNCE_SECONDS + 1)
+    with open(base / "small3.txt", "r+b") as f:
+        f.seek(5)
+        f.write(b"XYZ")
+    os.truncate(base / "small4.txt", 2)
+    os.chmod(base / "small5.txt", 0o600)
+    os.utime(base / "small6.txt", (1_000_000_000, 1_000_000_000))
+    os.makedirs(base / "dir" / "sub")
+    os.rename(base / "small7.txt", base / "dir" / "sub" / "moved.txt")
+    os.rename(base / "dir", base / "dir2")
+    os.symlink("small8.txt", base / "link")
+    os.unlink(base / "small9.txt")
+    shutil.copytree("/etc/apt", base / "apt", symlinks=True)
+    shutil.rmtree(base / "apt" / "apt.conf.d", ignore_errors=True)
+    require_tool("tar")
+    subprocess.run(["tar", "-cf", str(tracked.tmp / "t.tar"), "-C", "/usr/share", "common-licenses"], check=True)
+    subprocess.run(["tar", "-xf", str(tracked.tmp / "t.tar"), "-C", str(base)], check=True)
+
+    drained_after_sentinel(tracked, "sentinel.txt")
+    drifts = [r["path"] for r in journal(tracked.db, "drift")]
+    assert drifts == ["sentinel.txt"], f"the mount's own writes were reported as drift: {drifts}"
+
+
+def test_an_outside_change_shows_in_the_running_mount(tracked):
+    base, root = tracked.path, tracked.backend_root
+    (base / "kept.txt").write_bytes(b"v1")
+    assert sorted(os.listdir(base)) == ["kept.txt"]  # the listing is loaded and cached
+    assert not (base / "outside.txt").exists()  # and a negative entry cached by the kernel
+
+    (root / "outside.txt").write_bytes(b"made on the disk")
+    wait_until(lambda: "outside.txt" in os.listdir(base), BOUND, message="the mount to list it")
+    assert (base / "outside.txt").read_bytes() == b"made on the disk"
+
+    with open(root / "kept.txt", "ab") as f:
+        f.write(b" and v2")
+    wait_until(lambda: os.stat(base / "kept.txt").st_size == len(b"v1 and v2"), BOUND,
+               message="the new size through the mount")
+    assert (base / "kept.txt").read_bytes() == b"v1 and v2"
+
+    os.unlink(root / "outside.txt")
+    wait_until(lambda: "outside.txt" not in os.listdir(base), BOUND, message="the mount to drop it")
+    assert not (base / "outside.txt").exists()
+    # The mount keeps working on what it was shown: commands on reconciled nodes succeed.
+    (base / "kept.txt").write_bytes(b"v3")
+    assert (root / "kept.txt").read_bytes() == b"v3"
+    wait_until(lambda: queue_empty(tracked.db), BOUND, message="the queue to drain")
+
+
+def test_the_mount_serves_health_ready_and_metrics_and_registers(tracked):
+    from fixtures_sidecar import free_port, http_get
+    port = free_port()
+    tracked.mount.stop()
+    tracked.mount.env = dict(tracked.env, FILESTORE_HTTP_PORT=str(port))
+    tracked.mount.start()
+    (tracked.path / "f.txt").write_bytes(b"x")
+    code, body = http_get(port, "/ready")
+    assert code == 200 and json.loads(body)["checks"]["backend:local"]["ok"], body
+    code, body = http_get(port, "/health")
+    assert code == 200 and json.loads(body)["alive"], body
+    code, text = http_get(port, "/metrics")
+    assert code == 200
+    assert 'filestore_command_seconds_count{backend="local",command="create",outcome="committed"} 1.0' in text
+    assert "filestore_queue_depth" in text
+    mounts = run_cli(tracked.env, "status", "--json").stdout
+    assert [m["mountpoint"] for m in json.loads(mounts)["mounts"] if m["state"] == "alive"] == \
+        [str(tracked.mount.mountpoint)]

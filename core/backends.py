@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from executors.base import Stat
+from executors.base import ExecutorError, Stat
 from executors.local import LocalExecutor
 
-from . import store
+from . import config, store
 from .db import Database
 from .errors import ConfigError
 from .model import Backend, Principal
@@ -21,10 +22,30 @@ _IMPORT_BATCH = 2000
 log = logging.getLogger(__name__)
 
 
-def make_executor(backend: Backend):
+# Options of an S3 backend (backend_mounts.options) and the executor arguments they set.
+S3_OPTIONS = ("endpoint_url", "region", "part_size", "multipart_threshold", "cache_bytes", "workers")
+
+
+def make_executor(backend: Backend, home: Path | None = None, *, read_only: bool | None = None):
+    read_only = backend.read_only if read_only is None else read_only
     if backend.kind == "local":
-        return LocalExecutor(backend.root, read_only=backend.read_only)
-    raise ConfigError(f"backend {backend.name}: kind {backend.kind!r} is not supported yet")
+        return LocalExecutor(backend.root, read_only=read_only)
+    if backend.kind == "s3":
+        from executors.s3 import S3Executor
+
+        # Spool (content being written) and read cache live under FILESTORE_HOME, per backend.
+        base = (home or config.load().home) / "s3" / backend.name
+        opts = {k: v for k, v in (backend.options or {}).items() if k in S3_OPTIONS and v is not None}
+        env_cache = os.environ.get("FILESTORE_S3_CACHE_BYTES")
+        if env_cache and "cache_bytes" not in opts:
+            opts["cache_bytes"] = int(env_cache)
+        opts.setdefault("region", os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"))
+        try:
+            return S3Executor(backend.root, spool_dir=base / "spool", cache_dir=base / "cache",
+                              read_only=read_only, **opts)
+        except ExecutorError as exc:
+            raise ConfigError(f"backend {backend.name}: {backend.root}: {exc}") from exc
+    raise ConfigError(f"backend {backend.name}: kind {backend.kind!r} is not supported")
 
 
 def list_backends(db: Database) -> list[Backend]:
@@ -32,29 +53,46 @@ def list_backends(db: Database) -> list[Backend]:
 
 
 def add(db: Database, name: str, root: str, *, read_only: bool = False, who: Principal | None = None,
-        progress: Callable[[int], None] | None = None) -> Backend:
-    """Register a local directory and import what it already holds, as one journaled command."""
+        progress: Callable[[int], None] | None = None, options: dict | None = None,
+        home: Path | None = None) -> Backend:
+    """Register a local directory or an S3 prefix (`s3://bucket/prefix`) and import what it
+    already holds, as one journaled command."""
     who = who or Principal.current_process()
-    if root.startswith("s3://"):
-        raise ConfigError("S3 backends are not supported yet")
-    path = Path(root).expanduser().absolute()
-    if not path.is_dir():
-        raise ConfigError(f"backend root {path} is not a directory")
     if db.query("SELECT 1 FROM filestore.backend_mounts WHERE name = %s AND state = 'active'", (name,)):
         raise ConfigError(f"backend {name!r} already exists")
-    executor = LocalExecutor(str(path), read_only=True)  # importing only reads
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    if root.startswith("s3://"):
+        from executors.s3 import parse_root
+
+        try:
+            bucket, prefix = parse_root(root)
+        except ExecutorError as exc:
+            raise ConfigError(str(exc)) from exc
+        root = f"s3://{bucket}/{prefix}".rstrip("/")
+        spec = Backend(0, name, "s3", root, True, 0, options)
+        executor = make_executor(spec, home, read_only=True)  # importing only reads
+        kind = "s3"
+    else:
+        path = Path(root).expanduser().absolute()
+        if not path.is_dir():
+            raise ConfigError(f"backend root {path} is not a directory")
+        root, kind = str(path), "local"
+        executor = LocalExecutor(root, read_only=True)  # importing only reads
     try:
-        return _register(db, name, str(path), read_only, executor, who, progress)
+        return _register(db, name, kind, root, read_only, options, executor, who, progress)
+    except ExecutorError as exc:
+        raise ConfigError(f"backend {name}: importing {root}: {exc}") from exc
     finally:
         executor.close()
 
 
-def _register(db, name, root, read_only, executor, who, progress) -> Backend:
+def _register(db, name, kind, root, read_only, options, executor, who, progress) -> Backend:
     root_stat = executor.stat(b"")
     with db.pool.connection() as conn, conn.transaction():
         backend_id = conn.execute(
-            "INSERT INTO filestore.backend_mounts (name, kind, root, read_only) VALUES (%s, 'local', %s, %s)"
-            " RETURNING id", (name, root, read_only)).fetchone()[0]
+            "INSERT INTO filestore.backend_mounts (name, kind, root, read_only, options)"
+            " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+            (name, kind, root, read_only, json.dumps(options))).fetchone()[0]
         root_id = _insert_tree(conn, backend_id, executor, root_stat, progress)
         conn.execute("UPDATE filestore.backend_mounts SET root_node_id = %s WHERE id = %s", (root_id, backend_id))
         counts = conn.execute(
@@ -63,12 +101,12 @@ def _register(db, name, root, read_only, executor, who, progress) -> Backend:
             (backend_id,)).fetchone()
         journal_id = conn.execute(*store.record(store.Journal(
             "backend.add", "committed", who, uuid.uuid4(), backend_id, root_id, "",
-            {"name": name, "root": root, "read_only": read_only},
+            {"name": name, "root": root, "read_only": read_only, **({"options": options} if options else {})},
             result={"imported_entries": counts[0], "imported_dirs": counts[1],
                     "imported_bytes": int(counts[2])}))).fetchone()[0]
     log.info("backend %s added at %s: %d entries imported", name, root, counts[0] + counts[1],
              extra={"journal_id": journal_id, "backend": name})
-    return Backend(backend_id, name, "local", root, read_only, root_id)
+    return Backend(backend_id, name, kind, root, read_only, root_id, options)
 
 
 def _insert_tree(conn, backend_id: int, executor, root_stat: Stat, progress) -> int:
@@ -112,7 +150,7 @@ def _insert_tree(conn, backend_id: int, executor, root_stat: Stat, progress) -> 
 
 def _node_row(node_id: int, backend_id: int, st: Stat) -> tuple:
     return (node_id, backend_id, st.kind, st.size if st.kind != "dir" else 0, st.mode, st.uid, st.gid,
-            st.rdev, st.atime_ns, st.mtime_ns, st.ctime_ns, st.target)
+            st.rdev, st.atime_ns, st.mtime_ns, st.ctime_ns, st.target, st.checksum)
 
 
 def _flush(conn, node_rows: list, entry_rows: list) -> None:
@@ -120,7 +158,8 @@ def _flush(conn, node_rows: list, entry_rows: list) -> None:
         if node_rows:
             cur.executemany(
                 "INSERT INTO filestore.nodes (id, backend_id, kind, size, mode, uid, gid, rdev, atime_ns,"
-                " mtime_ns, ctime_ns, symlink_target) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                " mtime_ns, ctime_ns, symlink_target, checksum)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 node_rows)
         if entry_rows:
             cur.executemany("INSERT INTO filestore.entries (parent_id, name, node_id) VALUES (%s, %s, %s)",
@@ -174,7 +213,8 @@ def apply_config_file(db: Database, path: Path) -> list[str]:
         if not root:
             raise ConfigError(f"{path}: backend {spec['name']!r} has no path")
         add(db, spec["name"], str(root), read_only=bool(spec.get("read_only", False)),
-            who=Principal.current_process("config"))
+            who=Principal.current_process("config"),
+            options={k: spec[k] for k in S3_OPTIONS if k in spec})
         added.append(spec["name"])
     return added
 

@@ -10,6 +10,12 @@ Where the bytes go (DESIGN.md section 4 cost model):
 - an existing file opened without O_TRUNC (appends, page writes) is written in place; an
   intent is logged before the first byte changes and the command records the byte ranges.
 A file with several hard links is always written in place (a rename would split it).
+
+Backends without descriptors onto their files (S3: `executor.in_place` is false) stage every
+change: the first write to an existing object copies its content into a local spool file
+(or from the spool copy this process still holds), and the write command uploads it whole.
+Their committed content is read through the executor's reader (ranged GETs, read-ahead, an
+on-disk cache keyed by node id and ETag), or from the spool copy of what this process wrote.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ class OpenFile:
     who: Principal | None = None  # the last writer to open it: the principal of its write command
     attrs: dict = field(default_factory=dict)  # attribute changes folded into the pending write
     pending: PendingCreate | None = None  # created here, not yet on the backend nor journaled
+    reader: object | None = None  # ranged reads of committed content (backends without descriptors)
 
     @property
     def dirty(self) -> bool:
@@ -138,7 +145,24 @@ class FileTable:
         of = self._get(handle)
         if of.fresh and of.fd is None:
             return b""
+        if of.fd is None and not of.backend.executor.in_place:
+            try:
+                return self._reader(of).read(offset, size)
+            except ExecutorError as exc:
+                raise FsError(errno_for(exc), str(exc)) from exc
         return os.pread(self._descriptor(of), size, offset)
+
+    def _reader(self, of: OpenFile):
+        if of.reader is None:
+            node = self.ns.node(of.node_id)
+            backend, rel = self.ns.path_of(of.node_id)
+            try:
+                of.reader = backend.executor.reader(
+                    rel, size=node.size, etag=node.checksum,
+                    cache_key=f"{node.id}.{node.checksum}" if node.checksum else None)
+            except ExecutorError as exc:
+                raise FsError(errno_for(exc), str(exc)) from exc
+        return of.reader
 
     def write(self, handle: int, offset: int, data: bytes) -> int:
         of = self._get(handle)
@@ -161,6 +185,9 @@ class FileTable:
         if of.fresh and of.fd is None:
             self._stage(of)
             return
+        if not of.backend.executor.in_place:
+            self._stage(of, copy=True)
+            return
         fd = self._descriptor(of)
         if not of.writable:
             raise FsError(errno.EACCES)
@@ -170,10 +197,24 @@ class FileTable:
             self.orch.record_intent(of.request_id, "write", backend, (rel,))
         del fd
 
-    def _stage(self, of: OpenFile) -> None:
-        of.request_id = uuid.uuid4()
-        of.staging_id = f"{os.getpid()}.{of.request_id}"
-        of.fd = of.backend.executor.stage(of.staging_id)
+    def _stage(self, of: OpenFile, *, copy: bool = False) -> None:
+        """A staging file for new content; with `copy`, holding the current content first
+        (backends without in-place writes)."""
+        request_id = uuid.uuid4()
+        staging_id = f"{os.getpid()}.{request_id}"
+        executor = of.backend.executor
+        try:
+            if copy:
+                backend, rel = self.ns.path_of(of.node_id)
+                fd = executor.stage(staging_id, copy_of=rel, copy_size=self.ns.node(of.node_id).size,
+                                    source_fd=of.fd)
+            else:
+                fd = executor.stage(staging_id)
+        except ExecutorError as exc:
+            raise FsError(errno_for(exc), str(exc)) from exc
+        if of.fd is not None:
+            os.close(of.fd)  # the spool copy of the previous content, now copied
+        of.request_id, of.staging_id, of.fd = request_id, staging_id, fd
 
     def _truncate(self, of: OpenFile, size: int) -> None:
         node = self.ns.node(of.node_id)
@@ -209,7 +250,8 @@ class FileTable:
             node = self.ns.node(node_id)
             if mode is not None:
                 os.fchmod(of.fd, mode & 0o7777)
-            if (uid is not None or gid is not None) and of.backend.executor.owns_files:
+            executor = of.backend.executor
+            if (uid is not None or gid is not None) and executor.owns_files and executor.in_place:
                 os.fchown(of.fd, -1 if uid is None else uid, -1 if gid is None else gid)
             if atime_ns is not None or mtime_ns is not None:
                 st = os.fstat(of.fd)
@@ -321,7 +363,11 @@ class FileTable:
 
     @staticmethod
     def _committed(of: OpenFile) -> None:
-        """Landed (or dropped): the descriptor, if any, now refers to the file at its name."""
+        """Landed (or dropped): the descriptor, if any, now refers to the file at its name
+        (on S3: to the spool copy of what was uploaded, which serves this process's reads)."""
+        if of.reader is not None:
+            of.reader.close()  # it read the previous content
+            of.reader = None
         of.pending = None
         of.staging_id = None
         of.request_id = None
@@ -345,5 +391,7 @@ class FileTable:
                     of.backend.executor.discard(of.staging_id)
                 if of.fd is not None:
                     os.close(of.fd)
+                if of.reader is not None:
+                    of.reader.close()
                 self._by_node.pop(of.node_id, None)
 

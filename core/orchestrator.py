@@ -201,7 +201,18 @@ class Orchestrator:
             raise FsError(errno.EINVAL, "name reserved for the executor's staging area")
         if backend.read_only:
             raise FsError(errno.EROFS)
+        self._backend_name_check(backend, parent_id, name)
         return parent, backend
+
+    def _backend_name_check(self, backend: Backend, parent_id: int, name: bytes) -> None:
+        """Names the backend cannot hold (S3: not UTF-8, key too long) are refused before
+        anything is uploaded, even for a file that reaches the backend only at its close."""
+        checker = getattr(backend.executor, "check_name", None)
+        if checker is not None:
+            try:
+                checker(self._path(parent_id)[1], name)
+            except ExecutorError as exc:
+                raise FsError(errno_for(exc), str(exc)) from exc
 
     def _path(self, node_id: int) -> tuple[Backend, bytes]:
         return self.ns.path_of(node_id)
@@ -276,7 +287,7 @@ class Orchestrator:
 
         def record(st: Stat):
             node = Node(node_id, backend.id, kind, st.size if kind != "dir" else 0, mode, uid, gid, st.rdev,
-                        st.atime_ns, st.mtime_ns, st.ctime_ns, target=target,
+                        st.atime_ns, st.mtime_ns, st.ctime_ns, target=target, checksum=st.checksum,
                         nlink=2 if kind == "dir" else 1)
             change = store.Change(links=[(parent_id, name, node_id)], touches=[(parent_id, st.ctime_ns)])
             change.insert(node, parent_id=parent_id, name=name_arg(name))
@@ -375,7 +386,7 @@ class Orchestrator:
                                 touches=[(parent_id, node.ctime_ns)])
             if write_cmd is None:  # an empty file: the create alone, as the backend has it
                 final = current.changed(size=st.size, atime_ns=st.atime_ns, mtime_ns=st.mtime_ns,
-                                        ctime_ns=st.ctime_ns, version=1)
+                                        ctime_ns=st.ctime_ns, checksum=st.checksum, version=1)
                 link.insert(final, parent_id=parent_id, name=name_arg(name))
                 pairs = [(cmd, link)]
             else:  # version 1 as created (empty), version 2 with the content that landed
@@ -384,7 +395,7 @@ class Orchestrator:
                 link.insert(created, parent_id=parent_id, name=name_arg(name))
                 final = created.changed(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
                                         atime_ns=st.atime_ns if "atime_ns" in write.get("attrs", {})
-                                        else created.atime_ns, version=2)
+                                        else created.atime_ns, checksum=st.checksum, version=2)
                 content = store.Change()
                 content.update(final, 1)
                 pairs = [(cmd, link), (write_cmd, content)]
@@ -487,6 +498,10 @@ class Orchestrator:
         check_name(new_name)
         if backend.read_only:
             raise self.refuse(cmd, errno.EROFS)
+        try:
+            self._backend_name_check(backend, new_parent_id, new_name)
+        except FsError as exc:
+            raise self.refuse(cmd, exc.errno, str(exc)) from None
         if new_parent_id == backend.root_node_id and new_name == STAGING_NAME:
             raise self.refuse(cmd, errno.EINVAL, "name reserved for the executor's staging area")
         if src is None:
@@ -650,7 +665,7 @@ class Orchestrator:
                 size=st.size if current.kind == "file" else current.size,
                 atime_ns=st.atime_ns if times else current.atime_ns,
                 mtime_ns=st.mtime_ns if (times or size is not None) else current.mtime_ns,
-                ctime_ns=st.ctime_ns, version=current.version + 1)
+                ctime_ns=st.ctime_ns, checksum=st.checksum or current.checksum, version=current.version + 1)
             change = store.Change()
             change.update(after, current.version)
 
@@ -679,7 +694,7 @@ class Orchestrator:
             # mode, uid and gid folded in by FileTable.absorb_attrs are already on `current`
             after = current.changed(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
                                     atime_ns=st.atime_ns if attrs and "atime_ns" in attrs else current.atime_ns,
-                                    version=current.version + 1)
+                                    checksum=st.checksum, version=current.version + 1)
             change = store.Change()
             change.update(after, current.version)
 

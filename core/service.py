@@ -57,7 +57,7 @@ class Filestore:
                 backend.executor = known.executor
             else:
                 try:
-                    backend.executor = backends.make_executor(backend)
+                    backend.executor = backends.make_executor(backend, self.settings.home)
                 except Exception as exc:  # a missing root must not take the other backends down
                     self.unavailable[backend.name] = str(exc)
                     log.error("backend %s unavailable: %s", backend.name, exc)

@@ -22,6 +22,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+pytest_plugins = ["fixtures_s3"]
+
 REPO = Path(__file__).resolve().parent.parent
 FILESTORE = [sys.executable, "-m", "fsmount.cli"]
 STAGING = ".filestore.staging"

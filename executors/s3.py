@@ -406,8 +406,23 @@ class S3Executor:
         for dst_key in (dst_dir + k[len(src_dir):] for k, _ in keys):
             if len(dst_key.encode()) > MAX_KEY_BYTES:
                 raise NameTooLong(f"S3 key {dst_key[:60]}... would be over {MAX_KEY_BYTES} bytes")
-        list(self.pool.map(lambda item: self._copy(item[0], dst_dir + item[0][len(src_dir):], None, item[1]),
-                           keys))
+        copied: list[str] = []
+
+        def copy(item: tuple[str, int]) -> None:
+            dst_key = dst_dir + item[0][len(src_dir):]
+            self._copy(item[0], dst_key, None, item[1])
+            copied.append(dst_key)
+
+        futures = [self.pool.submit(copy, item) for item in keys]
+        failure = next((f.exception() for f in futures if f.exception() is not None), None)
+        if failure is not None:
+            # Nothing deleted yet: take the copies back so that the failed command changed nothing.
+            # (Copies that cannot be removed either are left for the list audit to find.)
+            try:
+                self._delete_many(copied)
+            except ExecutorError:
+                pass
+            raise failure
         self._delete_many([k for k, _ in keys])
         return len(keys)
 

@@ -2,9 +2,16 @@
 bucket per test, a mount with an S3 backend, and the bucket-vs-database invariant check."""
 from __future__ import annotations
 
+import collections
+import http.client
+import http.server
+import json
 import os
+import random
 import socket
 import stat
+import threading
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -63,24 +70,144 @@ class S3Tracked(Tracked):
     def path(self) -> Path:
         return self.mount.mountpoint / "s3"
 
+    @property
+    def spool(self) -> Path:
+        return self.tmp / "home" / "s3" / "s3" / "spool"
 
-@pytest.fixture
-def s3_tracked(tmp_path, env, db, s3_endpoint, bucket, s3):
+    @property
+    def cache(self) -> Path:
+        return self.tmp / "home" / "s3" / "s3" / "cache"
+
+
+# Small parts so that multipart uploads and copies are exercised by files of a few MiB.
+TEST_OPTIONS = {"part_size": 5 << 20, "multipart_threshold": 6 << 20, "chunk_size": 1 << 20}
+
+
+def start_s3_mount(tmp_path: Path, env: dict, db, endpoint: str, bucket: str, *, options: dict | None = None,
+                   prefix: str = "data", read_only: bool = False) -> S3Tracked:
+    """Register `s3://bucket/prefix` as backend `s3` (importing what is there) and mount it."""
     env.update(S3_ENV)
-    run_cli(env, "backend", "add", "s3", f"s3://{bucket}/data", "--endpoint-url", s3_endpoint)
+    run_cli(env, "backend", "add", "s3", f"s3://{bucket}/{prefix}", "--endpoint-url", endpoint,
+            *(["--read-only"] if read_only else []))
+    opts = {**TEST_OPTIONS, **(options or {})}
+    db.execute("UPDATE filestore.backend_mounts SET options = options || %s::jsonb WHERE name = 's3'",
+               (json.dumps(opts),))
     mount = Mount(env, tmp_path / "mnt", tmp_path / "home" / "logs" / "test-mount.log")
     mount.start()
     t = S3Tracked(env, db, tmp_path, mount, Path("/nonexistent"), {})
-    t.bucket, t.endpoint = bucket, s3_endpoint
+    t.bucket, t.endpoint = bucket, endpoint
+    return t
+
+
+def stop_and_check(t: S3Tracked, s3, prefix: str = "data/") -> None:
+    if t.mount.process is not None:
+        t.mount.stop()
+    assert_bucket_consistent(t.db, "s3", s3, t.bucket, prefix)
+    left = os.listdir(t.spool) if t.spool.exists() else []
+    assert not left, f"spool files left behind: {left}"
+
+
+@pytest.fixture
+def s3_tracked(tmp_path, env, db, s3_endpoint, bucket, s3):
+    t = start_s3_mount(tmp_path, env, db, s3_endpoint, bucket)
     try:
         yield t
     finally:
-        if mount.process is not None:
-            mount.stop()
-    assert_bucket_consistent(db, "s3", s3, bucket, "data/")
-    spool = tmp_path / "home" / "s3" / "s3" / "spool"
-    left = os.listdir(spool) if spool.exists() else []
-    assert not left, f"spool files left behind: {left}"
+        stop_and_check(t, s3)
+
+
+class FaultProxy:
+    """A fake, on purpose: a thin HTTP proxy in front of the real S3 endpoint that answers a
+    share of requests with 500 InternalError, 503 SlowDown or 503 ServiceUnavailable instead of
+    forwarding them. The real endpoint cannot fail on demand; AWS does so under load.
+    `fail_rate` can be changed while it runs; `counts` tallies what was forwarded by method."""
+
+    ERRORS = [(500, "InternalError"), (503, "SlowDown"), (503, "ServiceUnavailable")]
+
+    def __init__(self, upstream: str, seed: int = 7):
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.fail_rate = 0.0
+        self.random = random.Random(seed)
+        self.lock = threading.Lock()
+        self.counts: collections.Counter = collections.Counter()
+        self.failed = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = bytearray()
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return bytes(out)
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self):
+                body = self._body()
+                with proxy.lock:
+                    fail = proxy.random.random() < proxy.fail_rate
+                    if fail:
+                        proxy.failed += 1
+                    else:
+                        proxy.counts[self.command] += 1
+                if fail:
+                    status, code = proxy.random.choice(proxy.ERRORS)
+                    payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                               f"<Message>injected</Message></Error>").encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload) if self.command != "HEAD" else 0))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "content-length", "connection", "server", "date"):
+                        self.send_header(key, value)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fault_proxy(s3_endpoint):
+    proxy = FaultProxy(s3_endpoint)
+    yield proxy
+    proxy.close()
 
 
 def bucket_tree(s3, bucket: str, prefix: str) -> dict[bytes, tuple]:

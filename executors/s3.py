@@ -319,11 +319,21 @@ class S3Executor:
                        hash(("s3", self.bucket, self.prefix)) & 0xFFFFFFFF, 0, 255)
 
     # -- changing ---------------------------------------------------------------------
-    def _put(self, key: str, body: bytes, meta: dict[str, str]) -> str:
+    def _put(self, key: str, body: bytes, meta: dict[str, str], *, new: bool = False) -> str:
+        """One PUT; with `new`, conditional (If-None-Match: *): AlreadyExists if the key is taken,
+        decided by the store atomically and at no extra round trip."""
         md5 = hashlib.md5(body)
-        with _s3_errors(f"PUT {key}"):
-            resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=meta,
-                                          ContentMD5=base64.b64encode(md5.digest()).decode())
+        extra = {"IfNoneMatch": "*"} if new else {}
+        try:
+            with _s3_errors(f"PUT {key}"):
+                resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=meta,
+                                              ContentMD5=base64.b64encode(md5.digest()).decode(), **extra)
+        except ExecutorError as exc:
+            cause = exc.__cause__
+            if new and isinstance(cause, ClientError) and \
+                    cause.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise AlreadyExists(key) from cause
+            raise
         etag = _etag(resp.get("ETag"))
         if etag != md5.hexdigest():
             raise RetriesExhausted(f"PUT {key}: ETag {etag} does not match the content sent")
@@ -344,19 +354,19 @@ class S3Executor:
     def create_file(self, parent: bytes, name: bytes, mode: int, uid: int, gid: int) -> Stat:
         self.check_name(parent, name)
         meta = self._meta("file", mode, uid, gid)
-        etag = self._put(self._key(self._join(parent, name)), b"", meta)
+        etag = self._put(self._key(self._join(parent, name)), b"", meta, new=True)
         return self._stat_new("file", 0, mode, uid, gid, meta, etag)
 
     def symlink(self, parent: bytes, name: bytes, target: bytes, uid: int, gid: int) -> Stat:
         self.check_name(parent, name)
         meta = self._meta("symlink", 0o777, uid, gid)
-        etag = self._put(self._key(self._join(parent, name)), target, meta)
+        etag = self._put(self._key(self._join(parent, name)), target, meta, new=True)
         return self._stat_new("symlink", len(target), 0o777, uid, gid, meta, etag, target=target)
 
     def mknod(self, parent: bytes, name: bytes, kind: str, mode: int, rdev: int, uid: int, gid: int) -> Stat:
         self.check_name(parent, name)
         meta = self._meta(kind, mode, uid, gid, rdev=rdev)
-        etag = self._put(self._key(self._join(parent, name)), b"", meta)
+        etag = self._put(self._key(self._join(parent, name)), b"", meta, new=True)
         return self._stat_new(kind, 0, mode, uid, gid, meta, etag, rdev=rdev)
 
     def link(self, src: bytes, parent: bytes, name: bytes) -> Stat:
@@ -574,8 +584,6 @@ class S3Executor:
         one, never a part (S3 PUTs and completed multipart uploads are atomic)."""
         self.check_name(parent, name)
         key = self._key(self._join(parent, name))
-        if noreplace and (self._head(key) is not None or self._head(key + "/") is not None):
-            raise AlreadyExists(key)
         own = fd is None
         if own:
             fd = os.open(self.spool / staging_id, os.O_RDONLY | os.O_CLOEXEC)
@@ -583,17 +591,19 @@ class S3Executor:
             st = os.fstat(fd)
             atime, mtime = times_ns if times_ns is not None else (st.st_atime_ns, st.st_mtime_ns)
             meta = self._meta("file", mode, uid, gid, mtime, atime)
-            etag = self._upload(fd, key, meta)
+            etag = self._upload(fd, key, meta, new=noreplace)
         finally:
             if own:
                 os.close(fd)
         self.discard(staging_id)
         return Stat("file", st.st_size, mode & 0o7777, uid, gid, 0, atime, mtime, time.time_ns(), checksum=etag)
 
-    def _upload(self, fd: int, key: str, meta: dict[str, str]) -> str:
+    def _upload(self, fd: int, key: str, meta: dict[str, str], *, new: bool = False) -> str:
         size = os.fstat(fd).st_size
         if size < self.multipart_threshold:
-            return self._put(key, os.pread(fd, size, 0), meta)
+            return self._put(key, os.pread(fd, size, 0), meta, new=new)
+        if new and self._head(key) is not None:  # a HEAD is noise beside a multipart upload
+            raise AlreadyExists(key)
         part = max(self.part_size, -(-size // 10000))
         items = [(i + 1, start, min(part, size - start)) for i, start in enumerate(range(0, size, part))]
         digests: dict[int, bytes] = {}

@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 
-from executors.base import ExecutorError, Stat
+from executors.base import ExecutorError, PartlyDone, Stat
 from executors.local import STAGING_NAME
 
 from . import metrics, store
@@ -108,6 +108,14 @@ class Orchestrator:
             self.intents.record(Intent(cmd.request_id, cmd.name, cmd.backend.id, cmd.paths))
         try:
             outcome = execute()
+        except PartlyDone as exc:
+            # Started and cut off (an S3 directory rename midway): the intent stays open and the
+            # change is finished and adopted like one the database missed (heal, or recovery).
+            log.error("%s %s: cut off midway (%s); finished by recovery", cmd.name, cmd.path, exc)
+            metrics.EXECUTOR_OUTCOMES.labels(backend_label, cmd.name, "partial").inc()
+            if cmd.backend is not None:
+                self.unrecorded.append(Intent(cmd.request_id, cmd.name, cmd.backend.id, cmd.paths))
+            raise FsError(errno.EIO, str(exc)) from exc
         except ExecutorError as exc:
             code = errno_for(exc)
             metrics.EXECUTOR_OUTCOMES.labels(backend_label, cmd.name, "error").inc()
@@ -155,7 +163,7 @@ class Orchestrator:
         while self.unrecorded and self.heal is not None:
             try:
                 self.heal(self.unrecorded[0])
-            except psycopg.Error:
+            except (psycopg.Error, ExecutorError):
                 return  # still away: the next command tries again
             self.intents.resolved(self.unrecorded.pop(0).request_id)
 

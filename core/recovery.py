@@ -164,6 +164,17 @@ def resolve(fs, backend: Backend, intent: Intent) -> int:
     changed = 0
     paths = list(intent.paths)
 
+    # A directory rename cut off midway on a backend that moves objects one by one (S3): both
+    # names exist; finish it (copies are idempotent, sources go last) and adopt it below.
+    finish = getattr(backend.executor, "finish_rename", None)
+    if finish is not None and intent.command == "rename" and len(paths) == 2:
+        src_parent, src_name = _locate(fs, backend, paths[0])
+        moved = ns.child(src_parent.id, src_name) if src_parent else None
+        if moved is not None and moved.is_dir and _stat(backend, paths[0]) is not None \
+                and _stat(backend, paths[1]) is not None:
+            finish(paths[0], paths[1])
+            log.info("finished the interrupted rename %s -> %s", display_name(paths[0]), display_name(paths[1]))
+
     # A rename that happened on disk: move the node instead of deleting and re-creating it.
     if intent.command == "rename" and len(paths) == 2:
         src, dst = paths

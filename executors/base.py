@@ -30,6 +30,9 @@ class Transient(ExecutorError):
     """Worth retrying: throttling, timeouts, connection resets."""
 class RetriesExhausted(Transient):
     """A remote store kept failing after the bounded retries: the command fails with EIO."""
+class PartlyDone(RetriesExhausted):
+    """A change that was started, could not be finished and could not be undone (a directory
+    rename on S3 cut off midway): the caller sees EIO, and recovery finishes it from the intent."""
 class IllegalName(InvalidArgument):
     """A name the backend cannot hold (not UTF-8 on S3): EILSEQ, refused before any upload."""
 

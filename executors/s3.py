@@ -42,7 +42,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
 
 from .base import (TYPE_BITS, AlreadyExists, ExecutorError, IllegalName, InvalidArgument, NameTooLong,
-                   NotEmpty, NotFound, NotPermitted, PermissionDenied, RetriesExhausted, Stat, from_os_error, kind_of,
+                   NotEmpty, NotFound, NotPermitted, PartlyDone, PermissionDenied, RetriesExhausted, Stat,
+                   from_os_error, kind_of,
                    validate_name)
 from .s3cache import ChunkCache, Reader
 
@@ -427,13 +428,16 @@ class S3Executor:
         failure = next((f.exception() for f in futures if f.exception() is not None), None)
         if failure is not None:
             # Nothing deleted yet: take the copies back so that the failed command changed nothing.
-            # (Copies that cannot be removed either are left for the list audit to find.)
             try:
                 self._delete_many(copied)
-            except ExecutorError:
-                pass
+            except ExecutorError as exc:
+                raise PartlyDone(f"rename {src_dir} -> {dst_dir}: {len(copied)} copies left: {exc}") from failure
             raise failure
-        self._delete_many([k for k, _ in keys])
+        try:
+            self._delete_many([k for k, _ in keys])
+        except ExecutorError as exc:
+            # Every object is at its new name; some old ones remain: only finishing is possible.
+            raise PartlyDone(f"rename {src_dir} -> {dst_dir}: sources not all deleted: {exc}") from exc
         return len(keys)
 
     def _delete_many(self, keys: list[str]) -> None:

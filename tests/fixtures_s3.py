@@ -120,7 +120,9 @@ class FaultProxy:
     """A fake, on purpose: a thin HTTP proxy in front of the real S3 endpoint that answers a
     share of requests with 500 InternalError, 503 SlowDown or 503 ServiceUnavailable instead of
     forwarding them. The real endpoint cannot fail on demand; AWS does so under load.
-    `fail_rate` can be changed while it runs; `counts` tallies what was forwarded by method."""
+    `fail_rate` can be changed while it runs; `counts` tallies what was forwarded by method.
+    `fail_when(method, path)` fails the requests it picks, every time; `hold_when(method, path)`
+    holds them (as a request stuck on the network would be) until `release()`, then fails them."""
 
     ERRORS = [(500, "InternalError"), (503, "SlowDown"), (503, "ServiceUnavailable")]
 
@@ -131,6 +133,10 @@ class FaultProxy:
         self.lock = threading.Lock()
         self.counts: collections.Counter = collections.Counter()
         self.failed = 0
+        self.fail_when = None
+        self.hold_when = None
+        self.held = 0
+        self._released = threading.Event()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -154,8 +160,14 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
+                held = bool(proxy.hold_when and proxy.hold_when(self.command, self.path))
+                if held:
+                    with proxy.lock:
+                        proxy.held += 1
+                    proxy._released.wait(120)
                 with proxy.lock:
-                    fail = proxy.random.random() < proxy.fail_rate
+                    fail = held or proxy.random.random() < proxy.fail_rate or bool(
+                        proxy.fail_when and proxy.fail_when(self.command, self.path))
                     if fail:
                         proxy.failed += 1
                     else:
@@ -198,7 +210,11 @@ class FaultProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def release(self) -> None:
+        self._released.set()
+
     def close(self) -> None:
+        self._released.set()
         self.server.shutdown()
         self.server.server_close()
 

@@ -430,3 +430,52 @@ def test_faults_complete_or_fail_cleanly_with_eio(tmp_path, env, db, s3_endpoint
     finally:
         fault_proxy.fail_rate = 0.0
         stop_and_check(t, s3)
+
+
+def test_a_directory_rename_cut_off_midway_is_finished_when_s3_answers(tmp_path, env, db, s3_endpoint, bucket,
+                                                                     s3, fault_proxy):
+    t = start_s3_mount(tmp_path, env, db, fault_proxy.url, bucket, options={"max_attempts": 2})
+    try:
+        (t.path / "src").mkdir()
+        for i in range(30):
+            (t.path / "src" / f"f{i}").write_bytes(b"%d" % i)
+        # Every object gets copied, then the batch deletes fail: the rename can only go forward.
+        fault_proxy.fail_when = lambda method, path: method == "POST" and "delete" in path
+        with pytest.raises(OSError) as raised:
+            os.rename(t.path / "src", t.path / "dst")
+        assert raised.value.errno == errno.EIO
+        assert len(keys(s3, bucket, "data/dst/")) == 31 and len(keys(s3, bucket, "data/src/")) == 31
+        fault_proxy.fail_when = None
+        (t.path / "next").mkdir()  # the next command first finishes and adopts the cut-off rename
+        assert keys(s3, bucket, "data/src/") == []
+        assert t.node("dst/f7", "s3") is not None and t.node("src", "s3") is None
+        assert (t.path / "dst" / "f7").read_bytes() == b"7"
+        assert [j["command"] for j in t.journal() if j["command"] in ("rename", "recover")] == ["recover"]
+    finally:
+        stop_and_check(t, s3)
+
+
+def test_a_crash_midway_through_a_directory_rename_is_finished_at_restart(tmp_path, env, db, s3_endpoint, bucket,
+                                                                        s3, fault_proxy):
+    t = start_s3_mount(tmp_path, env, db, fault_proxy.url, bucket, options={"max_attempts": 1})
+    try:
+        (t.path / "src").mkdir()
+        for i in range(30):
+            (t.path / "src" / f"f{i}").write_bytes(b"%d" % i)
+        fault_proxy.hold_when = lambda method, path: method == "POST" and "delete" in path
+        mover = subprocess.Popen(["mv", str(t.path / "src"), str(t.path / "dst")], stderr=subprocess.DEVNULL)
+        deadline = __import__("time").monotonic() + 60
+        while fault_proxy.held == 0:  # all copies made, the deletes under way: crash now
+            assert __import__("time").monotonic() < deadline, "the rename never reached its deletes"
+            __import__("time").sleep(0.05)
+        t.mount.kill()
+        mover.wait(30)
+        fault_proxy.hold_when = None
+        fault_proxy.release()
+        assert len(keys(s3, bucket, "data/src/")) == 31  # both trees: cut off between the phases
+        t.mount.start()  # recovery finishes the rename from its intent
+        assert keys(s3, bucket, "data/src/") == [] and len(keys(s3, bucket, "data/dst/")) == 31
+        assert sorted(os.listdir(t.path)) == ["dst"]
+        assert (t.path / "dst" / "f29").read_bytes() == b"29"
+    finally:
+        stop_and_check(t, s3)

@@ -12,10 +12,10 @@ Where the bytes go (DESIGN.md section 4 cost model):
 A file with several hard links is always written in place (a rename would split it).
 
 Backends without descriptors onto their files (S3: `executor.in_place` is false) stage every
-change: the first write to an existing object copies its content into a local spool file
-(or from the spool copy this process still holds), and the write command uploads it whole.
-Their committed content is read through the executor's reader (ranged GETs, read-ahead, an
-on-disk cache keyed by node id and ETag), or from the spool copy of what this process wrote.
+change in a local spool file standing for the object: the executor fetches the parts of the
+old content a read or write touches (`prepare`), and the write command uploads the changed
+parts and copies the rest server-side. Committed content is read through the executor's
+reader (ranged GETs, read-ahead, an on-disk cache keyed by node id and ETag).
 """
 from __future__ import annotations
 
@@ -150,7 +150,22 @@ class FileTable:
                 return self._reader(of).read(offset, size)
             except ExecutorError as exc:
                 raise FsError(errno_for(exc), str(exc)) from exc
+        self._prepare(of, offset, size)
         return os.pread(self._descriptor(of), size, offset)
+
+    @staticmethod
+    def _prepare(of: OpenFile, offset: int, length: int, *, truncate: bool = False) -> None:
+        """Spooled content standing for an object: have the old bytes of that range in place."""
+        if of.staging_id is None or of.backend.executor.in_place:
+            return
+        executor = of.backend.executor
+        try:
+            if truncate:
+                executor.prepare_truncate(of.staging_id, of.fd, offset)
+            else:
+                executor.prepare(of.staging_id, of.fd, offset, length)
+        except ExecutorError as exc:
+            raise FsError(errno_for(exc), str(exc)) from exc
 
     def _reader(self, of: OpenFile):
         if of.reader is None:
@@ -168,6 +183,7 @@ class FileTable:
         of = self._get(handle)
         with self._lock:
             self._begin_change(of)
+            self._prepare(of, offset, len(data))
             written = os.pwrite(of.fd, data, offset)
             of.ranges.append((offset, written))
             if of.staging_id is not None:
@@ -206,14 +222,12 @@ class FileTable:
         try:
             if copy:
                 backend, rel = self.ns.path_of(of.node_id)
-                fd = executor.stage(staging_id, copy_of=rel, copy_size=self.ns.node(of.node_id).size,
-                                    source_fd=of.fd)
+                node = self.ns.node(of.node_id)
+                fd = executor.stage(staging_id, copy_of=rel, copy_size=node.size, etag=node.checksum)
             else:
                 fd = executor.stage(staging_id)
         except ExecutorError as exc:
             raise FsError(errno_for(exc), str(exc)) from exc
-        if of.fd is not None:
-            os.close(of.fd)  # the spool copy of the previous content, now copied
         of.request_id, of.staging_id, of.fd = request_id, staging_id, fd
 
     def _truncate(self, of: OpenFile, size: int) -> None:
@@ -224,6 +238,7 @@ class FileTable:
             self._stage(of)  # a whole rewrite: staged, landed atomically at close
             return
         self._begin_change(of)
+        self._prepare(of, size, 0, truncate=True)
         os.ftruncate(of.fd, size)
         of.ranges.append((size, 0))
 
@@ -363,11 +378,13 @@ class FileTable:
 
     @staticmethod
     def _committed(of: OpenFile) -> None:
-        """Landed (or dropped): the descriptor, if any, now refers to the file at its name
-        (on S3: to the spool copy of what was uploaded, which serves this process's reads)."""
+        """Landed (or dropped): the descriptor, if any, now refers to the file at its name."""
         if of.reader is not None:
             of.reader.close()  # it read the previous content
             of.reader = None
+        if of.fd is not None and not of.backend.executor.in_place:
+            os.close(of.fd)  # a spool file, partly sparse: reads go to the new object now
+            of.fd = None
         of.pending = None
         of.staging_id = None
         of.request_id = None

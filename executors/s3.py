@@ -35,6 +35,7 @@ from collections import namedtuple
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
@@ -119,6 +120,16 @@ def _etag(value: str | None) -> str | None:
     return value.strip('"') if value else value
 
 
+@dataclass
+class _Sparse:
+    """A spool file standing for object `key` at `etag`, its parts fetched on demand."""
+    key: str
+    etag: str
+    valid: int  # the old object's bytes below this offset still count (cut by truncation)
+    part: int
+    present: set[int] = field(default_factory=set)  # parts fetched (or written) into the spool
+
+
 class S3Executor:
     kind = "s3"
     in_place = False  # no descriptor onto an object: changes to a file go through a spool copy
@@ -150,6 +161,8 @@ class S3Executor:
         self.spool = Path(spool_dir)
         self.spool.mkdir(parents=True, exist_ok=True)
         self.cache = ChunkCache(Path(cache_dir), cache_bytes) if cache_dir is not None else None
+        self._sparse: dict[str, _Sparse] = {}
+        self.parts_copied = 0  # parts landed by server-side copy instead of upload (for tests)
         with _s3_errors(f"bucket {self.bucket}"):
             self.client.head_bucket(Bucket=self.bucket)
 
@@ -540,35 +553,68 @@ class S3Executor:
 
     # -- staging: a local spool file, uploaded when it lands ------------------------------
     def stage(self, staging_id: str, *, copy_of: bytes | None = None, copy_size: int | None = None,
-              source_fd: int | None = None) -> int:
-        """A new spool file opened read-write; with `copy_of`, holding the object's current
-        content (from `source_fd` when the caller still has it locally, else downloaded)."""
+              etag: str | None = None) -> int:
+        """A new spool file opened read-write; with `copy_of`, standing for the object's current
+        content: downloaded for a small object; for a large one (known `etag`), a sparse file
+        whose parts are fetched only when read or changed (`prepare`), so that landing it uploads
+        the changed parts and copies the others server-side."""
         try:
             fd = os.open(self.spool / staging_id, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise from_os_error(exc) from exc
         try:
-            if source_fd is not None:
-                size = os.fstat(source_fd).st_size
-                copied = 0
-                while copied < size:
-                    n = os.copy_file_range(source_fd, fd, size - copied, copied, copied)
-                    if n == 0:
-                        break
-                    copied += n
-            elif copy_of is not None:
+            if copy_of is not None:
                 key = self._key(copy_of)
-                if copy_size is None:
+                if copy_size is None or etag is None:
                     head = self._head(key)
                     if head is None:
                         raise NotFound(key)
-                    copy_size = head["ContentLength"]
-                self._download_into(fd, key, copy_size)
+                    copy_size, etag = head["ContentLength"], _etag(head["ETag"])
+                if copy_size >= self.multipart_threshold:
+                    os.ftruncate(fd, copy_size)
+                    self._sparse[staging_id] = _Sparse(key, etag, copy_size, self._part_of(copy_size))
+                else:
+                    self._download_into(fd, key, copy_size)
         except BaseException:
             os.close(fd)
             self.discard(staging_id)
             raise
         return fd
+
+    def _part_of(self, size: int) -> int:
+        return max(self.part_size, -(-size // 10000))  # S3 allows 10,000 parts
+
+    def prepare(self, staging_id: str, fd: int, offset: int, length: int) -> None:
+        """Before bytes [offset, offset + length) of a sparse spool file are read or written:
+        fetch the parts of the old object they fall in that are not there yet (once each)."""
+        sp = self._sparse.get(staging_id)
+        if sp is None:
+            return
+        last = min(offset + max(length, 1), sp.valid) - 1
+        missing = [i for i in range(offset // sp.part, last // sp.part + 1) if i not in sp.present]
+        if not missing:
+            return
+
+        def fetch(index: int) -> None:
+            start = index * sp.part
+            end = min(start + sp.part, sp.valid) - 1
+            with _s3_errors(f"GET {sp.key}"):
+                body = self.client.get_object(Bucket=self.bucket, Key=sp.key, Range=f"bytes={start}-{end}",
+                                              IfMatch=f'"{sp.etag}"')["Body"].read()
+            os.pwrite(fd, body, start)
+
+        list(self.pool.map(fetch, missing))
+        sp.present.update(missing)
+
+    def prepare_truncate(self, staging_id: str, fd: int, size: int) -> None:
+        """Before a sparse spool file is cut to `size`: keep the old bytes of the part it ends
+        in; the old object's bytes beyond `size` are gone for good, even if the file grows again."""
+        sp = self._sparse.get(staging_id)
+        if sp is None or size >= sp.valid:
+            return
+        if size % sp.part:
+            self.prepare(staging_id, fd, size - 1, 1)
+        sp.valid = size
 
     def _download_into(self, fd: int, key: str, size: int) -> None:
         """Parallel ranged GETs of the first `size` bytes of `key`, written at their offsets."""
@@ -590,12 +636,17 @@ class S3Executor:
         key = self._key(self._join(parent, name))
         own = fd is None
         if own:
-            fd = os.open(self.spool / staging_id, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.spool / staging_id, os.O_RDWR | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             atime, mtime = times_ns if times_ns is not None else (st.st_atime_ns, st.st_mtime_ns)
             meta = self._meta("file", mode, uid, gid, mtime, atime)
-            etag = self._upload(fd, key, meta, new=noreplace)
+            sp = self._sparse.get(staging_id)
+            if sp is not None and st.st_size >= self.multipart_threshold and -(-st.st_size // sp.part) <= 10000:
+                etag = self._upload_changed_parts(fd, staging_id, sp, key, meta, st.st_size)
+            else:
+                self.prepare(staging_id, fd, 0, st.st_size)
+                etag = self._upload(fd, key, meta, new=noreplace)
         finally:
             if own:
                 os.close(fd)
@@ -632,7 +683,47 @@ class S3Executor:
             raise RetriesExhausted(f"multipart upload of {key}: ETag {upload}, expected {expected}")
         return upload
 
+    def _upload_changed_parts(self, fd: int, staging_id: str, sp: "_Sparse", key: str, meta: dict[str, str],
+                              size: int) -> str:
+        """A multipart upload of a sparse spool file: parts that still hold the old object's bytes
+        are copied server-side (UploadPartCopy, If-Match on its ETag), the others uploaded."""
+        items = []
+        for i, start in enumerate(range(0, size, sp.part)):
+            end = min(start + sp.part, size)
+            copy = i not in sp.present and end <= sp.valid
+            if not copy:
+                self.prepare(staging_id, fd, start, end - start)
+            items.append((i + 1, start, end - start, copy))
+        digests: dict[int, bytes] = {}
+        source = {"Bucket": self.bucket, "Key": sp.key}
+
+        def one(upload_id: str, item: tuple[int, int, int, bool]) -> dict:
+            number, start, length, copy = item
+            if copy:
+                with _s3_errors(f"COPY part {number} of {sp.key}"):
+                    resp = self.client.upload_part_copy(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, CopySource=source,
+                        CopySourceRange=f"bytes={start}-{start + length - 1}", CopySourceIfMatch=f'"{sp.etag}"')
+                etag = resp["CopyPartResult"]["ETag"]
+                digests[number] = bytes.fromhex(_etag(etag))
+                return {"PartNumber": number, "ETag": etag}
+            body = os.pread(fd, length, start)
+            md5 = hashlib.md5(body)
+            digests[number] = md5.digest()
+            with _s3_errors(f"PUT part {number} of {key}"):
+                resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                               Body=body, ContentMD5=base64.b64encode(md5.digest()).decode())
+            return {"PartNumber": number, "ETag": resp["ETag"]}
+
+        upload = self._multipart(key, meta, items, one, expected=None)
+        expected = hashlib.md5(b"".join(digests[n] for n, *_ in items)).hexdigest() + f"-{len(items)}"
+        if upload != expected:
+            raise RetriesExhausted(f"multipart upload of {key}: ETag {upload}, expected {expected}")
+        self.parts_copied += sum(1 for *_, c in items if c)
+        return upload
+
     def discard(self, staging_id: str) -> None:
+        self._sparse.pop(staging_id, None)
         try:
             os.unlink(self.spool / staging_id)
         except FileNotFoundError:

@@ -120,7 +120,7 @@ class FaultProxy:
     """A fake, on purpose: a thin HTTP proxy in front of the real S3 endpoint that answers a
     share of requests with 500 InternalError, 503 SlowDown or 503 ServiceUnavailable instead of
     forwarding them. The real endpoint cannot fail on demand; AWS does so under load.
-    `fail_rate` can be changed while it runs; `counts` tallies what was forwarded by method.
+    `fail_rate` can be changed while it runs; `counts` tallies what was forwarded by method, `bytes_in` the bodies sent.
     `fail_when(method, path)` fails the requests it picks, every time; `hold_when(method, path)`
     holds them (as a request stuck on the network would be) until `release()`, then fails them."""
 
@@ -133,6 +133,7 @@ class FaultProxy:
         self.lock = threading.Lock()
         self.counts: collections.Counter = collections.Counter()
         self.failed = 0
+        self.bytes_in = 0  # request bodies forwarded: what clients uploaded
         self.fail_when = None
         self.hold_when = None
         self.held = 0
@@ -172,6 +173,7 @@ class FaultProxy:
                         proxy.failed += 1
                     else:
                         proxy.counts[self.command] += 1
+                        proxy.bytes_in += len(body)
                 if fail:
                     status, code = proxy.random.choice(proxy.ERRORS)
                     payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'

@@ -153,7 +153,10 @@ class S3Executor:
         self.default_gid = os.getgid() if default_gid is None else default_gid
         config = Config(retries={"mode": "standard", "max_attempts": max_attempts},
                         connect_timeout=connect_timeout, read_timeout=read_timeout,
-                        max_pool_connections=workers * 2 + 4)
+                        max_pool_connections=workers * 2 + 4,
+                        # Integrity is checked with MD5s and ETags (below); botocore's default CRC32 on
+                        # every upload would be a second pass over the bytes, and aws-chunked bodies.
+                        request_checksum_calculation="when_required")
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
                                                      config=config)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="s3")
@@ -659,51 +662,40 @@ class S3Executor:
             return self._put(key, os.pread(fd, size, 0), meta, new=new)
         if new and self._head(key) is not None:  # a HEAD is noise beside a multipart upload
             raise AlreadyExists(key)
-        part = max(self.part_size, -(-size // 10000))
+        return self._upload_parts(fd, key, meta, size, self._part_of(size))
+
+    def _upload_changed_parts(self, fd: int, staging_id: str, sp: "_Sparse", key: str, meta: dict[str, str],
+                              size: int) -> str:
+        """A sparse spool file: parts that still hold the old object's bytes are copied
+        server-side (UploadPartCopy, If-Match on its ETag), the others fetched where needed
+        and uploaded."""
+        copies = set()
+        for i, start in enumerate(range(0, size, sp.part)):
+            end = min(start + sp.part, size)
+            if i not in sp.present and end <= sp.valid:
+                copies.add(i + 1)
+            else:
+                self.prepare(staging_id, fd, start, end - start)
+        etag = self._upload_parts(fd, key, meta, size, sp.part, sp, copies)
+        self.parts_copied += len(copies)
+        return etag
+
+    def _upload_parts(self, fd: int, key: str, meta: dict[str, str], size: int, part: int,
+                      source: "_Sparse | None" = None, copies: set[int] = frozenset()) -> str:
+        """A multipart upload from the spool file, parts in parallel. Each uploaded part's ETag
+        is checked against its MD5 before the upload is completed (a bad part aborts it, and the
+        old object stays); the object's ETag, the MD5 of the parts' MD5s, after."""
         items = [(i + 1, start, min(part, size - start)) for i, start in enumerate(range(0, size, part))]
         digests: dict[int, bytes] = {}
 
         def one(upload_id: str, item: tuple[int, int, int]) -> dict:
             number, start, length = item
-            body = os.pread(fd, length, start)
-            md5 = hashlib.md5(body)
-            digests[number] = md5.digest()
-            with _s3_errors(f"PUT part {number} of {key}"):
-                resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                               PartNumber=number, Body=body,
-                                               ContentMD5=base64.b64encode(md5.digest()).decode())
-            if _etag(resp["ETag"]) != md5.hexdigest():
-                raise RetriesExhausted(f"part {number} of {key}: ETag does not match the content sent")
-            return {"PartNumber": number, "ETag": resp["ETag"]}
-
-        # S3's multipart ETag: MD5 of the parts' MD5s, then "-<parts>"; only known once all are sent.
-        upload = self._multipart(key, meta, items, one, expected=None)
-        expected = hashlib.md5(b"".join(digests[n] for n, _, _ in items)).hexdigest() + f"-{len(items)}"
-        if upload != expected:
-            raise RetriesExhausted(f"multipart upload of {key}: ETag {upload}, expected {expected}")
-        return upload
-
-    def _upload_changed_parts(self, fd: int, staging_id: str, sp: "_Sparse", key: str, meta: dict[str, str],
-                              size: int) -> str:
-        """A multipart upload of a sparse spool file: parts that still hold the old object's bytes
-        are copied server-side (UploadPartCopy, If-Match on its ETag), the others uploaded."""
-        items = []
-        for i, start in enumerate(range(0, size, sp.part)):
-            end = min(start + sp.part, size)
-            copy = i not in sp.present and end <= sp.valid
-            if not copy:
-                self.prepare(staging_id, fd, start, end - start)
-            items.append((i + 1, start, end - start, copy))
-        digests: dict[int, bytes] = {}
-        source = {"Bucket": self.bucket, "Key": sp.key}
-
-        def one(upload_id: str, item: tuple[int, int, int, bool]) -> dict:
-            number, start, length, copy = item
-            if copy:
-                with _s3_errors(f"COPY part {number} of {sp.key}"):
+            if number in copies:
+                with _s3_errors(f"COPY part {number} of {source.key}"):
                     resp = self.client.upload_part_copy(
-                        Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, CopySource=source,
-                        CopySourceRange=f"bytes={start}-{start + length - 1}", CopySourceIfMatch=f'"{sp.etag}"')
+                        Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                        CopySource={"Bucket": self.bucket, "Key": source.key},
+                        CopySourceRange=f"bytes={start}-{start + length - 1}", CopySourceIfMatch=f'"{source.etag}"')
                 etag = resp["CopyPartResult"]["ETag"]
                 digests[number] = bytes.fromhex(_etag(etag))
                 return {"PartNumber": number, "ETag": etag}
@@ -711,15 +703,16 @@ class S3Executor:
             md5 = hashlib.md5(body)
             digests[number] = md5.digest()
             with _s3_errors(f"PUT part {number} of {key}"):
-                resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                               Body=body, ContentMD5=base64.b64encode(md5.digest()).decode())
+                resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                               PartNumber=number, Body=body)
+            if _etag(resp["ETag"]) != md5.hexdigest():
+                raise RetriesExhausted(f"part {number} of {key}: ETag does not match the content sent")
             return {"PartNumber": number, "ETag": resp["ETag"]}
 
         upload = self._multipart(key, meta, items, one, expected=None)
-        expected = hashlib.md5(b"".join(digests[n] for n, *_ in items)).hexdigest() + f"-{len(items)}"
+        expected = hashlib.md5(b"".join(digests[n] for n, _, _ in items)).hexdigest() + f"-{len(items)}"
         if upload != expected:
             raise RetriesExhausted(f"multipart upload of {key}: ETag {upload}, expected {expected}")
-        self.parts_copied += sum(1 for *_, c in items if c)
         return upload
 
     def discard(self, staging_id: str) -> None:

@@ -9,11 +9,11 @@ Layout in the bucket (what s3fs and rclone read and write):
 - a symlink is an object whose body is the target and whose mode has S_IFLNK (s3fs); a FIFO,
   socket or device is an empty object with its type bits in mode and `x-amz-meta-rdev`.
 
-Writes: content is spooled to a local file under FILESTORE_HOME (the staging area of this
-executor, never the bucket) and uploaded when it lands: one PUT, or a multipart upload with
-parts sent in parallel above `multipart_threshold`. Every upload carries Content-MD5 (the
-store refuses a corrupted body) and its ETag is checked against the one computed locally
-before `land` returns, so a write command never commits content S3 does not hold.
+Writes (executors/s3_content.py): content is spooled to a local file under FILESTORE_HOME (the
+staging area of this executor, never the bucket) and uploaded when it lands: one PUT with
+Content-MD5, or a multipart upload with parts sent in parallel above `multipart_threshold`;
+ETags are checked against the MD5s computed locally before `land` returns, so a write command
+never commits content S3 does not hold. Reads: executors/s3cache.py.
 
 Retries: botocore's own retry handler (`standard` mode: exponential backoff with jitter on
 throttling, 5xx and connection errors, bounded by `max_attempts`); what still fails raises
@@ -25,112 +25,24 @@ answers EILSEQ (IllegalName), a key over 1,024 bytes ENAMETOOLONG. There are no 
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import stat as stat_mod
-import threading
 import time
-from collections import namedtuple
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
 
 from .base import (TYPE_BITS, AlreadyExists, ExecutorError, IllegalName, InvalidArgument, NameTooLong,
-                   NotEmpty, NotFound, NotPermitted, PartlyDone, PermissionDenied, RetriesExhausted, Stat,
-                   from_os_error, kind_of,
-                   validate_name)
+                   NotEmpty, NotFound, NotPermitted, PartlyDone, RetriesExhausted, Stat, kind_of, validate_name)
+from .s3_common import (GiB, MAX_COPY_OBJECT, MAX_KEY_BYTES, MiB, Statvfs, _etag, _mode_from_meta, _NOT_FOUND,
+                        _ns_from_meta, _ns_to_meta, _s3_errors, parse_root)
+from .s3_content import ContentTransfers, _Sparse
 from .s3cache import ChunkCache, Reader
 
-MiB = 1 << 20
-GiB = 1 << 30
-MAX_KEY_BYTES = 1024
-MAX_COPY_OBJECT = 5 * GiB  # CopyObject's limit; above it, a multipart copy (UploadPartCopy)
-_NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
-_DENIED = {"403", "AccessDenied", "Forbidden"}
-_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-              "ServiceUnavailable", "RequestLimitExceeded"}
 
-Statvfs = namedtuple("Statvfs", "f_bsize f_frsize f_blocks f_bfree f_bavail f_files f_ffree f_favail f_fsid "
-                                "f_flag f_namemax")
-
-
-@contextmanager
-def _s3_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except ClientError as exc:
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if code in _NOT_FOUND or status == 404:
-            raise NotFound(f"{what}: {code}") from exc
-        if code in _DENIED or status == 403:
-            raise PermissionDenied(f"{what}: {code}") from exc
-        if code == "KeyTooLongError":
-            raise NameTooLong(what) from exc
-        if code in _THROTTLED or status >= 500 or status == 429:
-            raise RetriesExhausted(f"{what}: {code or status} after retries") from exc
-        raise ExecutorError(f"{what}: {code or status} {err.get('Message', '')}") from exc
-    except (BotoConnectionError, BotoCoreError) as exc:
-        raise RetriesExhausted(f"{what}: {exc}") from exc
-
-
-def parse_root(root: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` -> ('bucket', 'some/prefix/'); the bucket root has prefix ''."""
-    if not root.startswith("s3://"):
-        raise InvalidArgument(f"not an s3:// root: {root}")
-    bucket, _, prefix = root[len("s3://"):].partition("/")
-    if not bucket:
-        raise InvalidArgument(f"no bucket in {root}")
-    prefix = prefix.strip("/")
-    return bucket, prefix + "/" if prefix else ""
-
-
-def _mode_from_meta(raw: str | None) -> int | None:
-    if not raw:
-        return None
-    try:
-        return int(raw, 8) if len(raw) > 1 and raw.startswith("0") else int(raw)
-    except ValueError:
-        return None
-
-
-def _ns_from_meta(raw: str | None) -> int | None:
-    if not raw:
-        return None
-    sec, _, frac = raw.partition(".")
-    try:
-        return int(sec) * 1_000_000_000 + int((frac + "000000000")[:9] or 0)
-    except ValueError:
-        return None
-
-
-def _ns_to_meta(ns: int) -> str:
-    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
-
-
-def _etag(value: str | None) -> str | None:
-    return value.strip('"') if value else value
-
-
-@dataclass
-class _Sparse:
-    """A spool file standing for object `key` at `etag`, its parts fetched on demand."""
-    key: str
-    etag: str
-    valid: int  # the old object's bytes below this offset still count (cut by truncation)
-    part: int
-    present: set[int] = field(default_factory=set)  # parts fetched (or written) into the spool
-
-
-class S3Executor:
+class S3Executor(ContentTransfers):
     kind = "s3"
     in_place = False  # no descriptor onto an object: changes to a file go through a spool copy
     owns_files = True  # owner and mode are object metadata, whoever the daemon runs as
@@ -336,26 +248,6 @@ class S3Executor:
                        hash(("s3", self.bucket, self.prefix)) & 0xFFFFFFFF, 0, 255)
 
     # -- changing ---------------------------------------------------------------------
-    def _put(self, key: str, body: bytes, meta: dict[str, str], *, new: bool = False) -> str:
-        """One PUT; with `new`, conditional (If-None-Match: *): AlreadyExists if the key is taken,
-        decided by the store atomically and at no extra round trip."""
-        md5 = hashlib.md5(body)
-        extra = {"IfNoneMatch": "*"} if new else {}
-        try:
-            with _s3_errors(f"PUT {key}"):
-                resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=meta,
-                                              ContentMD5=base64.b64encode(md5.digest()).decode(), **extra)
-        except ExecutorError as exc:
-            cause = exc.__cause__
-            if new and isinstance(cause, ClientError) and \
-                    cause.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
-                raise AlreadyExists(key) from cause
-            raise
-        etag = _etag(resp.get("ETag"))
-        if etag != md5.hexdigest():
-            raise RetriesExhausted(f"PUT {key}: ETag {etag} does not match the content sent")
-        return etag
-
     def _stat_new(self, kind: str, size: int, mode: int, uid: int, gid: int, meta: dict, etag: str | None,
                   target: bytes | None = None, rdev: int = 0) -> Stat:
         mtime = _ns_from_meta(meta["mtime"])
@@ -466,53 +358,6 @@ class S3Executor:
             if errors:
                 raise RetriesExhausted(f"DELETE: {len(errors)} objects not deleted ({errors[0].get('Code')})")
 
-    def _copy(self, src_key: str, dst_key: str, head: dict | None, size: int | None = None,
-              meta: dict[str, str] | None = None) -> str:
-        """Server-side copy keeping the metadata (or replacing it with `meta`); a multipart
-        copy with parallel UploadPartCopy above `copy_threshold` (CopyObject stops at 5 GiB)."""
-        if size is None:
-            size = int(head["ContentLength"])
-        source = {"Bucket": self.bucket, "Key": src_key}
-        if size <= self.copy_threshold:
-            extra = {"MetadataDirective": "REPLACE", "Metadata": meta} if meta is not None else {}
-            with _s3_errors(f"COPY {src_key}"):
-                resp = self.client.copy_object(Bucket=self.bucket, Key=dst_key, CopySource=source, **extra)
-            return _etag(resp["CopyObjectResult"]["ETag"])
-        if meta is None:
-            head = head or self._head(src_key)
-            meta = head.get("Metadata", {}) if head else {}
-        part = max(self.part_size, -(-size // 10000))
-        ranges = [(i + 1, start, min(start + part, size) - 1) for i, start in enumerate(range(0, size, part))]
-
-        def one(upload_id: str, item: tuple[int, int, int]) -> dict:
-            number, start, end = item
-            with _s3_errors(f"COPY part {number} of {src_key}"):
-                resp = self.client.upload_part_copy(Bucket=self.bucket, Key=dst_key, UploadId=upload_id,
-                                                    PartNumber=number, CopySource=source,
-                                                    CopySourceRange=f"bytes={start}-{end}")
-            return {"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]}
-
-        return self._multipart(dst_key, meta, ranges, one, expected=None)
-
-    def _multipart(self, key: str, meta: dict[str, str], items: list, one, expected: str | None) -> str:
-        with _s3_errors(f"CREATE MULTIPART {key}"):
-            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta)["UploadId"]
-        try:
-            parts = list(self.pool.map(lambda item: one(upload_id, item), items))
-            with _s3_errors(f"COMPLETE MULTIPART {key}"):
-                resp = self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                             MultipartUpload={"Parts": parts})
-        except BaseException:
-            try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except (ClientError, BotoCoreError):
-                pass  # an abandoned upload costs storage only; a lifecycle rule clears it
-            raise
-        etag = _etag(resp.get("ETag"))
-        if expected is not None and etag != expected:
-            raise RetriesExhausted(f"multipart upload of {key}: ETag {etag}, expected {expected}")
-        return etag
-
     def set_attrs(self, rel: bytes, *, mode: int | None = None, uid: int | None = None,
                   gid: int | None = None, size: int | None = None,
                   times_ns: tuple[int, int] | None = None) -> Stat:
@@ -542,189 +387,6 @@ class S3Executor:
         return Stat(current.kind, current.size, new_mode, new_uid, new_gid, current.rdev if not is_dir else 0,
                     atime, mtime, time.time_ns(), target=current.target, checksum=etag)
 
-    def _resize(self, key: str, old_size: int, size: int, meta: dict[str, str]) -> str:
-        staging_id = f"{os.getpid()}.resize-{threading.get_ident()}-{time.time_ns()}"
-        fd = self.stage(staging_id)
-        try:
-            if size and old_size:
-                self._download_into(fd, key, min(old_size, size))
-            os.ftruncate(fd, size)
-            return self._upload(fd, key, meta)
-        finally:
-            os.close(fd)
-            self.discard(staging_id)
-
-    # -- staging: a local spool file, uploaded when it lands ------------------------------
-    def stage(self, staging_id: str, *, copy_of: bytes | None = None, copy_size: int | None = None,
-              etag: str | None = None) -> int:
-        """A new spool file opened read-write; with `copy_of`, standing for the object's current
-        content: downloaded for a small object; for a large one (known `etag`), a sparse file
-        whose parts are fetched only when read or changed (`prepare`), so that landing it uploads
-        the changed parts and copies the others server-side."""
-        try:
-            fd = os.open(self.spool / staging_id, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise from_os_error(exc) from exc
-        try:
-            if copy_of is not None:
-                key = self._key(copy_of)
-                if copy_size is None or etag is None:
-                    head = self._head(key)
-                    if head is None:
-                        raise NotFound(key)
-                    copy_size, etag = head["ContentLength"], _etag(head["ETag"])
-                if copy_size >= self.multipart_threshold:
-                    os.ftruncate(fd, copy_size)
-                    self._sparse[staging_id] = _Sparse(key, etag, copy_size, self._part_of(copy_size))
-                else:
-                    self._download_into(fd, key, copy_size)
-        except BaseException:
-            os.close(fd)
-            self.discard(staging_id)
-            raise
-        return fd
-
-    def _part_of(self, size: int) -> int:
-        return max(self.part_size, -(-size // 10000))  # S3 allows 10,000 parts
-
-    def prepare(self, staging_id: str, fd: int, offset: int, length: int) -> None:
-        """Before bytes [offset, offset + length) of a sparse spool file are read or written:
-        fetch the parts of the old object they fall in that are not there yet (once each)."""
-        sp = self._sparse.get(staging_id)
-        if sp is None:
-            return
-        last = min(offset + max(length, 1), sp.valid) - 1
-        missing = [i for i in range(offset // sp.part, last // sp.part + 1) if i not in sp.present]
-        if not missing:
-            return
-
-        def fetch(index: int) -> None:
-            start = index * sp.part
-            end = min(start + sp.part, sp.valid) - 1
-            with _s3_errors(f"GET {sp.key}"):
-                body = self.client.get_object(Bucket=self.bucket, Key=sp.key, Range=f"bytes={start}-{end}",
-                                              IfMatch=f'"{sp.etag}"')["Body"].read()
-            os.pwrite(fd, body, start)
-
-        list(self.pool.map(fetch, missing))
-        sp.present.update(missing)
-
-    def prepare_truncate(self, staging_id: str, fd: int, size: int) -> None:
-        """Before a sparse spool file is cut to `size`: keep the old bytes of the part it ends
-        in; the old object's bytes beyond `size` are gone for good, even if the file grows again."""
-        sp = self._sparse.get(staging_id)
-        if sp is None or size >= sp.valid:
-            return
-        if size % sp.part:
-            self.prepare(staging_id, fd, size - 1, 1)
-        sp.valid = size
-
-    def _download_into(self, fd: int, key: str, size: int) -> None:
-        """Parallel ranged GETs of the first `size` bytes of `key`, written at their offsets."""
-        def one(start: int) -> None:
-            end = min(start + self.part_size, size) - 1
-            with _s3_errors(f"GET {key}"):
-                body = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")["Body"]
-                os.pwrite(fd, body.read(), start)
-
-        list(self.pool.map(one, range(0, size, self.part_size)))
-
-    def land(self, staging_id: str, parent: bytes, name: bytes, *, mode: int, uid: int, gid: int,
-             times_ns: tuple[int, int] | None, durable: bool, noreplace: bool = False,
-             fd: int | None = None) -> Stat:
-        """Upload the spool file as the object at `parent/name` with the node's metadata; the
-        ETag is verified before returning. Readers of the bucket see the old object or the new
-        one, never a part (S3 PUTs and completed multipart uploads are atomic)."""
-        self.check_name(parent, name)
-        key = self._key(self._join(parent, name))
-        own = fd is None
-        if own:
-            fd = os.open(self.spool / staging_id, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            atime, mtime = times_ns if times_ns is not None else (st.st_atime_ns, st.st_mtime_ns)
-            meta = self._meta("file", mode, uid, gid, mtime, atime)
-            sp = self._sparse.get(staging_id)
-            if sp is not None and st.st_size >= self.multipart_threshold and -(-st.st_size // sp.part) <= 10000:
-                etag = self._upload_changed_parts(fd, staging_id, sp, key, meta, st.st_size)
-            else:
-                self.prepare(staging_id, fd, 0, st.st_size)
-                etag = self._upload(fd, key, meta, new=noreplace)
-        finally:
-            if own:
-                os.close(fd)
-        self.discard(staging_id)
-        return Stat("file", st.st_size, mode & 0o7777, uid, gid, 0, atime, mtime, time.time_ns(), checksum=etag)
-
-    def _upload(self, fd: int, key: str, meta: dict[str, str], *, new: bool = False) -> str:
-        size = os.fstat(fd).st_size
-        if size < self.multipart_threshold:
-            return self._put(key, os.pread(fd, size, 0), meta, new=new)
-        if new and self._head(key) is not None:  # a HEAD is noise beside a multipart upload
-            raise AlreadyExists(key)
-        return self._upload_parts(fd, key, meta, size, self._part_of(size))
-
-    def _upload_changed_parts(self, fd: int, staging_id: str, sp: "_Sparse", key: str, meta: dict[str, str],
-                              size: int) -> str:
-        """A sparse spool file: parts that still hold the old object's bytes are copied
-        server-side (UploadPartCopy, If-Match on its ETag), the others fetched where needed
-        and uploaded."""
-        copies = set()
-        for i, start in enumerate(range(0, size, sp.part)):
-            end = min(start + sp.part, size)
-            if i not in sp.present and end <= sp.valid:
-                copies.add(i + 1)
-            else:
-                self.prepare(staging_id, fd, start, end - start)
-        etag = self._upload_parts(fd, key, meta, size, sp.part, sp, copies)
-        self.parts_copied += len(copies)
-        return etag
-
-    def _upload_parts(self, fd: int, key: str, meta: dict[str, str], size: int, part: int,
-                      source: "_Sparse | None" = None, copies: set[int] = frozenset()) -> str:
-        """A multipart upload from the spool file, parts in parallel. Each uploaded part's ETag
-        is checked against its MD5 before the upload is completed (a bad part aborts it, and the
-        old object stays); the object's ETag, the MD5 of the parts' MD5s, after."""
-        items = [(i + 1, start, min(part, size - start)) for i, start in enumerate(range(0, size, part))]
-        digests: dict[int, bytes] = {}
-
-        def one(upload_id: str, item: tuple[int, int, int]) -> dict:
-            number, start, length = item
-            if number in copies:
-                with _s3_errors(f"COPY part {number} of {source.key}"):
-                    resp = self.client.upload_part_copy(
-                        Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                        CopySource={"Bucket": self.bucket, "Key": source.key},
-                        CopySourceRange=f"bytes={start}-{start + length - 1}", CopySourceIfMatch=f'"{source.etag}"')
-                etag = resp["CopyPartResult"]["ETag"]
-                digests[number] = bytes.fromhex(_etag(etag))
-                return {"PartNumber": number, "ETag": etag}
-            body = os.pread(fd, length, start)
-            md5 = hashlib.md5(body)
-            digests[number] = md5.digest()
-            with _s3_errors(f"PUT part {number} of {key}"):
-                resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                               PartNumber=number, Body=body)
-            if _etag(resp["ETag"]) != md5.hexdigest():
-                raise RetriesExhausted(f"part {number} of {key}: ETag does not match the content sent")
-            return {"PartNumber": number, "ETag": resp["ETag"]}
-
-        upload = self._multipart(key, meta, items, one, expected=None)
-        expected = hashlib.md5(b"".join(digests[n] for n, _, _ in items)).hexdigest() + f"-{len(items)}"
-        if upload != expected:
-            raise RetriesExhausted(f"multipart upload of {key}: ETag {upload}, expected {expected}")
-        return upload
-
-    def discard(self, staging_id: str) -> None:
-        self._sparse.pop(staging_id, None)
-        try:
-            os.unlink(self.spool / staging_id)
-        except FileNotFoundError:
-            pass
-
-    def staged(self) -> list[str]:
-        return sorted(os.listdir(self.spool))
-
     def sync_dir(self, rel: bytes) -> None:
         """Nothing to do: a landed object is durable in S3 once the PUT returned."""
 
@@ -733,3 +395,4 @@ class S3Executor:
 
 
 __all__ = ["S3Executor", "parse_root"]
+

@@ -130,9 +130,12 @@ class Reader:
                 self._recent.move_to_end(index)
                 return data
             future = self._inflight.get(index)
-        data = future.result() if future is not None else self._load(index)
+        try:
+            data = future.result() if future is not None else self._load(index)
+        finally:
+            with self._lock:  # a failed fetch is forgotten: the next read of it tries again
+                self._inflight.pop(index, None)
         with self._lock:
-            self._inflight.pop(index, None)
             self._recent[index] = data
             while len(self._recent) > 2 + self._readahead:
                 self._recent.popitem(last=False)

@@ -542,3 +542,23 @@ def test_appending_to_a_large_object_through_the_mount_sends_only_the_tail(tmp_p
         assert s3.get_object(Bucket=bucket, Key="data/log")["Body"].read() == expect
     finally:
         stop_and_check(t, s3)
+
+
+def test_a_failed_read_is_eio_and_the_next_read_tries_again(s3_endpoint, bucket, s3, tmp_path, fault_proxy):
+    data = os.urandom(3 * MiB)
+    s3.put_object(Bucket=bucket, Key="root/f", Body=data)
+    etag = s3.head_object(Bucket=bucket, Key="root/f")["ETag"].strip('"')
+    ex = make_executor(fault_proxy.url, bucket, tmp_path, max_attempts=1)
+    try:
+        reader = ex.reader(b"f", size=len(data), etag=etag, cache_key=None)
+        fault_proxy.fail_rate = 1.0
+        with pytest.raises(base.RetriesExhausted):
+            reader.read(0, 4096)
+        fault_proxy.fail_rate = 0.0
+        assert reader.read(0, 4096) == data[:4096]
+        s3.put_object(Bucket=bucket, Key="root/f", Body=b"changed behind the mount's back")
+        with pytest.raises(base.ExecutorError):  # If-Match on the recorded ETag: no mixed versions
+            reader.read(2 * MiB, 10)
+    finally:
+        fault_proxy.fail_rate = 0.0
+        ex.close()

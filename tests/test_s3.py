@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import stat
 import subprocess
@@ -294,6 +295,11 @@ def test_import_then_rename_a_directory_of_1000_objects(tmp_path, env, db, s3_en
     s3.put_object(Bucket=bucket, Key="data/tree/", Body=b"", Metadata={"mode": str(stat.S_IFDIR | 0o700)})
     t = start_s3_mount(tmp_path, env, db, s3_endpoint, bucket)
     try:
+        kind, root, options = db.execute("SELECT kind, root, options FROM filestore.backend_mounts"
+                                         " WHERE name = 's3'").fetchone()
+        assert (kind, root, options["endpoint_url"]) == ("s3", f"s3://{bucket}/data", s3_endpoint)
+        added = [j for j in t.journal() if j["command"] == "backend.add"]
+        assert len(added) == 1 and added[0]["result"]["imported_entries"] == 1000
         assert len(list((t.path / "tree").rglob("f*"))) == 1000  # imported at backend add
         assert stat.S_IMODE((t.path / "tree").stat().st_mode) == 0o700
         since = t.last_journal_id()
@@ -562,3 +568,17 @@ def test_a_failed_read_is_eio_and_the_next_read_tries_again(s3_endpoint, bucket,
     finally:
         fault_proxy.fail_rate = 0.0
         ex.close()
+
+
+def test_backends_declared_in_a_file_can_be_s3(env, s3_endpoint, bucket, s3, tmp_path):
+    from conftest import run_cli
+    from fixtures_s3 import S3_ENV
+
+    s3.put_object(Bucket=bucket, Key="declared/a.txt", Body=b"a")
+    config = tmp_path / "backends.yaml"
+    config.write_text(f"- {{name: declared, path: 's3://{bucket}/declared', endpoint_url: '{s3_endpoint}'}}\n")
+    env.update(S3_ENV, FILESTORE_BACKENDS_PATH=str(config))
+    listed = json.loads(run_cli(env, "backend", "list", "--json").stdout)
+    assert [(b["name"], b["kind"], b["root"]) for b in listed] == [("declared", "s3", f"s3://{bucket}/declared")]
+    done = run_cli(env, "history", "declared:/a.txt", "--json")
+    assert json.loads(done.stdout)  # the imported object is a node with a history

@@ -49,9 +49,9 @@ class S3Executor(ContentTransfers):
 
     def __init__(self, root: str, *, spool_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                  cache_bytes: int = 1 * GiB, endpoint_url: str | None = None, region: str | None = None,
-                 read_only: bool = False, part_size: int = 16 * MiB, multipart_threshold: int = 32 * MiB,
+                 read_only: bool = False, part_size: int = 8 * MiB, multipart_threshold: int = 32 * MiB,
                  copy_threshold: int = MAX_COPY_OBJECT, chunk_size: int = 8 * MiB, readahead: int = 4,
-                 workers: int = 16, max_attempts: int = 5, connect_timeout: float = 5, read_timeout: float = 30,
+                 workers: int = 10, max_attempts: int = 5, connect_timeout: float = 5, read_timeout: float = 30,
                  default_uid: int | None = None, default_gid: int | None = None):
         self.root = root
         self.bucket, self.prefix = parse_root(root)

@@ -57,10 +57,9 @@ def add(db: Database, name: str, root: str, *, read_only: bool = False, who: Pri
         progress: Callable[[int], None] | None = None, options: dict | None = None,
         home: Path | None = None) -> Backend:
     """Register a local directory or an S3 prefix (`s3://bucket/prefix`) and import what it
-    already holds, as one journaled command."""
+    already holds, as one journaled command. The import commits directory by directory; if it
+    is cut off (S3 failing, a crash), the same command again resumes it where it stopped."""
     who = who or Principal.current_process()
-    if db.query("SELECT 1 FROM filestore.backend_mounts WHERE name = %s AND state = 'active'", (name,)):
-        raise ConfigError(f"backend {name!r} already exists")
     options = {k: v for k, v in (options or {}).items() if v is not None}
     if root.startswith("s3://"):
         from executors.s3 import parse_root
@@ -69,33 +68,54 @@ def add(db: Database, name: str, root: str, *, read_only: bool = False, who: Pri
             bucket, prefix = parse_root(root)
         except ExecutorError as exc:
             raise ConfigError(str(exc)) from exc
-        root = f"s3://{bucket}/{prefix}".rstrip("/")
-        spec = Backend(0, name, "s3", root, True, 0, options)
-        executor = make_executor(spec, home, read_only=True)  # importing only reads
-        kind = "s3"
+        root, kind = f"s3://{bucket}/{prefix}".rstrip("/"), "s3"
     else:
         path = Path(root).expanduser().absolute()
         if not path.is_dir():
             raise ConfigError(f"backend root {path} is not a directory")
         root, kind = str(path), "local"
+    found = db.query("SELECT root, options ? 'import' FROM filestore.backend_mounts"
+                     " WHERE name = %s AND state = 'active'", (name,))
+    if found and not found[0][1]:
+        raise ConfigError(f"backend {name!r} already exists")
+    if found and found[0][0] != root:
+        raise ConfigError(f"backend {name!r} is being imported from {found[0][0]}: run the same command to "
+                          f"resume, or `filestore backend remove {name}`")
+    if kind == "s3":
+        executor = make_executor(Backend(0, name, "s3", root, True, 0, options), home, read_only=True)
+    else:
         executor = LocalExecutor(root, read_only=True)  # importing only reads
     try:
         return _register(db, name, kind, root, read_only, options, executor, who, progress)
     except ExecutorError as exc:
-        raise ConfigError(f"backend {name}: importing {root}: {exc}") from exc
+        raise ConfigError(f"backend {name}: importing {root} stopped ({exc}); run the same command to resume")\
+            from exc
     finally:
         executor.close()
 
 
 def _register(db, name, kind, root, read_only, options, executor, who, progress) -> Backend:
-    root_stat = executor.stat(b"")
+    """The backend row and its root node first, with the import's to-do list (directories not
+    listed yet) in options.import; then one transaction per batch of directories, each moving
+    the to-do list on; then the journal row, which also clears the to-do list. A backend with
+    an import under way is not mounted."""
+    row = db.query("SELECT id, root_node_id FROM filestore.backend_mounts WHERE name = %s AND state = 'active'",
+                   (name,))
+    if row:
+        backend_id, root_id = row[0]
+    else:
+        root_stat = executor.stat(b"")
+        with db.pool.connection() as conn, conn.transaction():
+            root_id = _new_ids(conn, 1)[0]
+            todo = {"import": {"pending": [[root_id, ""]]}}
+            backend_id = conn.execute(
+                "INSERT INTO filestore.backend_mounts (name, kind, root, read_only, options, root_node_id)"
+                " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+                (name, kind, root, read_only, json.dumps({**options, **todo}), root_id)).fetchone()[0]
+            _flush(conn, [_node_row(root_id, backend_id, root_stat)], [])
+    _import_tree(db, backend_id, executor, progress)
     with db.pool.connection() as conn, conn.transaction():
-        backend_id = conn.execute(
-            "INSERT INTO filestore.backend_mounts (name, kind, root, read_only, options)"
-            " VALUES (%s, %s, %s, %s, %s) RETURNING id",
-            (name, kind, root, read_only, json.dumps(options))).fetchone()[0]
-        root_id = _insert_tree(conn, backend_id, executor, root_stat, progress)
-        conn.execute("UPDATE filestore.backend_mounts SET root_node_id = %s WHERE id = %s", (root_id, backend_id))
+        conn.execute("UPDATE filestore.backend_mounts SET options = options - 'import' WHERE id = %s", (backend_id,))
         counts = conn.execute(
             "SELECT count(*) FILTER (WHERE kind <> 'dir'), count(*) FILTER (WHERE kind = 'dir') - 1,"
             " coalesce(sum(size) FILTER (WHERE kind = 'file'), 0) FROM filestore.nodes WHERE backend_id = %s",
@@ -110,43 +130,46 @@ def _register(db, name, kind, root, read_only, options, executor, who, progress)
     return Backend(backend_id, name, kind, root, read_only, root_id, options)
 
 
-def _insert_tree(conn, backend_id: int, executor, root_stat: Stat, progress) -> int:
-    """Breadth-first import of the tree, in batches of set-based inserts; returns the root id."""
-    def new_ids(n: int) -> list[int]:
-        return [r[0] for r in conn.execute(
-            "SELECT nextval('filestore.node_ids') FROM generate_series(1, %s)", (n,)).fetchall()]
+def _new_ids(conn, n: int) -> list[int]:
+    return [r[0] for r in conn.execute(
+        "SELECT nextval('filestore.node_ids') FROM generate_series(1, %s)", (n,)).fetchall()]
 
-    root_id = new_ids(1)[0]
-    node_rows = [_node_row(root_id, backend_id, root_stat)]
-    entry_rows: list[tuple] = []
-    pending: list[tuple[int, bytes]] = [(root_id, b"")]
-    seen_inodes: dict[int, int] = {}
+
+def _import_tree(db: Database, backend_id: int, executor, progress) -> None:
+    """Depth-first through the to-do list: directories are listed (paginated by the executor)
+    outside any transaction, and their entries committed with the to-do list that follows, in
+    batches of about _IMPORT_BATCH entries, so a cut-off import loses at most one batch."""
+    pending = [(dir_id, bytes.fromhex(rel)) for dir_id, rel in db.query(
+        "SELECT options->'import'->'pending' FROM filestore.backend_mounts WHERE id = %s", (backend_id,))[0][0]]
+    seen_inodes: dict[int, int] = {}  # hard links met in this run (a resumed run starts afresh)
     total = 0
     while pending:
-        dir_id, rel = pending.pop()
-        children = executor.listdir(rel)
-        ids = new_ids(len(children)) if children else []
-        for (name, st), node_id in zip(children, ids):
-            child_rel = rel + b"/" + name if rel else name
-            if st.kind != "dir" and st.nlink > 1:
-                existing = seen_inodes.get(st.ino)  # hard links become one node with several names
-                if existing is not None:
-                    entry_rows.append((dir_id, name, existing))
-                    continue
-                seen_inodes[st.ino] = node_id
-            node_rows.append(_node_row(node_id, backend_id, st))
-            entry_rows.append((dir_id, name, node_id))
-            if st.kind == "dir":
-                pending.append((node_id, child_rel))
-        total += len(children)
-        if len(node_rows) >= _IMPORT_BATCH:
+        listed = []
+        while pending and sum(len(children) for _, _, children in listed) < _IMPORT_BATCH:
+            dir_id, rel = pending.pop()
+            listed.append((dir_id, rel, executor.listdir(rel)))
+        node_rows: list[tuple] = []
+        entry_rows: list[tuple] = []
+        with db.pool.connection() as conn, conn.transaction():
+            for dir_id, rel, children in listed:
+                ids = _new_ids(conn, len(children)) if children else []
+                for (name, st), node_id in zip(children, ids):
+                    if st.kind != "dir" and st.nlink > 1:
+                        existing = seen_inodes.get(st.ino)  # hard links: one node with several names
+                        if existing is not None:
+                            entry_rows.append((dir_id, name, existing))
+                            continue
+                        seen_inodes[st.ino] = node_id
+                    node_rows.append(_node_row(node_id, backend_id, st))
+                    entry_rows.append((dir_id, name, node_id))
+                    if st.kind == "dir":
+                        pending.append((node_id, rel + b"/" + name if rel else name))
+                total += len(children)
             _flush(conn, node_rows, entry_rows)
-            if progress:
-                progress(total)
-    _flush(conn, node_rows, entry_rows)
-    if progress:
-        progress(total)
-    return root_id
+            conn.execute("UPDATE filestore.backend_mounts SET options = jsonb_set(options, '{import,pending}', %s)"
+                         " WHERE id = %s", (json.dumps([[i, r.hex()] for i, r in pending]), backend_id))
+        if progress:
+            progress(total)
 
 
 def _node_row(node_id: int, backend_id: int, st: Stat) -> tuple:
@@ -206,7 +229,7 @@ def load_config_file(path: Path) -> list[dict]:
 def apply_config_file(db: Database, path: Path) -> list[str]:
     """Add the declared backends that are not registered yet; returns the names added."""
     added = []
-    existing = {b.name for b in list_backends(db)}
+    existing = {b.name for b in list_backends(db) if "import" not in (b.options or {})}  # cut off: resumed
     for spec in load_config_file(path):
         if spec["name"] in existing:
             continue

@@ -52,6 +52,10 @@ class Filestore:
         current = {b.id: b for b in self.ns.backends.values()}
         fresh = []
         for backend in store.load_backends(self.db):
+            if "import" in (backend.options or {}):
+                # An import cut off midway: a partial tree is not served; `backend add` resumes it.
+                self.unavailable[backend.name] = "import not finished"
+                continue
             known = current.get(backend.id)
             if known is not None and known.executor is not None:
                 backend.executor = known.executor

@@ -17,7 +17,7 @@ from core.errors import errno_for
 from executors import base
 from executors.s3 import S3Executor
 from executors.s3cache import ChunkCache
-from fixtures_s3 import start_s3_mount, stop_and_check
+from fixtures_s3 import assert_bucket_consistent, start_s3_mount, stop_and_check
 
 MiB = 1 << 20
 
@@ -582,3 +582,32 @@ def test_backends_declared_in_a_file_can_be_s3(env, s3_endpoint, bucket, s3, tmp
     assert [(b["name"], b["kind"], b["root"]) for b in listed] == [("declared", "s3", f"s3://{bucket}/declared")]
     done = run_cli(env, "history", "declared:/a.txt", "--json")
     assert json.loads(done.stdout)  # the imported object is a node with a history
+
+
+def test_an_import_cut_off_midway_resumes_where_it_stopped(env, db, s3_endpoint, bucket, s3, tmp_path, fault_proxy):
+    from conftest import run_cli
+    from fixtures_s3 import S3_ENV
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: s3.put_object(Bucket=bucket, Key=f"data/tree/sub{i % 10}/f{i:03d}", Body=b"x"),
+                      range(300)))
+    s3.put_object(Bucket=bucket, Key="data/top.txt", Body=b"top")
+    config = tmp_path / "backends.yaml"
+    config.write_text(f"- {{name: s3, path: 's3://{bucket}/data', endpoint_url: '{fault_proxy.url}', max_attempts: 1}}\n")
+    env.update(S3_ENV, FILESTORE_BACKENDS_PATH=str(config))
+    fault_proxy.fail_when = lambda method, path: method == "GET" and "prefix=data%2Ftree%2Fsub5%2F" in path
+    done = run_cli(env, "backend", "list", check=False)
+    assert done.returncode == 1 and "run the same command to resume" in done.stderr
+    options, = db.execute("SELECT options FROM filestore.backend_mounts WHERE name = 's3'").fetchone()
+    assert len(options["import"]["pending"]) > 0
+    kept = db.execute("SELECT count(*) FROM filestore.nodes").fetchone()[0]
+    assert kept == 13  # the root, top.txt, tree and its 10 directories were committed before the cut
+    assert not [j for j in db.execute("SELECT command FROM filestore.journal_entries").fetchall()]
+    fault_proxy.fail_when = None
+    run_cli(env, "backend", "list")  # the declared backend again: the import resumes
+    assert db.execute("SELECT count(*) FROM filestore.nodes").fetchone()[0] == 1 + 2 + 10 + 300
+    options, = db.execute("SELECT options FROM filestore.backend_mounts WHERE name = 's3'").fetchone()
+    assert "import" not in options
+    journal = db.execute("SELECT command, result FROM filestore.journal_entries").fetchall()
+    assert [c for c, _ in journal] == ["backend.add"] and journal[0][1]["imported_entries"] == 301
+    assert_bucket_consistent(db, "s3", s3, bucket, "data/")

@@ -380,7 +380,7 @@ class S3Executor(ContentTransfers):
         if is_dir:
             self._put(key, b"", meta)
         elif size is not None:
-            etag = self._resize(key, current.size, size, meta)
+            etag = self._resize(key, current.checksum, current.size, size, meta)
             current = Stat(current.kind, size, 0, 0, 0, 0, 0, 0, 0)
         else:
             etag = self._copy(key, key, None, current.size, meta=meta)

@@ -103,10 +103,17 @@ class ContentTransfers:
             raise RetriesExhausted(f"multipart upload of {key}: ETag {etag}, expected {expected}")
         return etag
 
-    def _resize(self, key: str, old_size: int, size: int, meta: dict[str, str]) -> str:
+    def _resize(self, key: str, etag: str | None, old_size: int, size: int, meta: dict[str, str]) -> str:
+        """truncate(2) of an object: what stays of a large one is copied server-side."""
         staging_id = f"{os.getpid()}.resize-{threading.get_ident()}-{time.time_ns()}"
         fd = self.stage(staging_id)
         try:
+            if etag and min(old_size, size) >= self.multipart_threshold:
+                os.ftruncate(fd, old_size)
+                sp = self._sparse[staging_id] = _Sparse(key, etag, old_size, self._part_of(old_size))
+                self.prepare_truncate(staging_id, fd, size)
+                os.ftruncate(fd, size)
+                return self._upload_changed_parts(fd, staging_id, sp, key, meta, size)
             if size and old_size:
                 self._download_into(fd, key, min(old_size, size))
             os.ftruncate(fd, size)

@@ -611,3 +611,14 @@ def test_an_import_cut_off_midway_resumes_where_it_stopped(env, db, s3_endpoint,
     journal = db.execute("SELECT command, result FROM filestore.journal_entries").fetchall()
     assert [c for c, _ in journal] == ["backend.add"] and journal[0][1]["imported_entries"] == 301
     assert_bucket_consistent(db, "s3", s3, bucket, "data/")
+
+
+def test_truncating_a_large_object_keeps_what_stays_server_side(x, s3, bucket):
+    data = os.urandom(21 * MiB)
+    land_bytes(x, b"", b"big", data)
+    st = x.set_attrs(b"big", size=17 * MiB)
+    assert x.parts_copied == 3  # 0-15 MiB copied; 15-17 MiB fetched and uploaded
+    got = s3.get_object(Bucket=bucket, Key="root/big")
+    assert got["Body"].read() == data[:17 * MiB] and got["ETag"].strip('"') == st.checksum
+    x.set_attrs(b"big", size=100)
+    assert s3.get_object(Bucket=bucket, Key="root/big")["Body"].read() == data[:100]

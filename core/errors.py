@@ -35,6 +35,7 @@ def errno_for(exc: Exception) -> int:
         base.InvalidArgument: _errno.EINVAL, base.CrossDevice: _errno.EXDEV,
         base.ReadOnly: _errno.EROFS, base.OutsideRoot: _errno.EACCES,
         base.Unsupported: _errno.EOPNOTSUPP, base.Transient: _errno.EAGAIN,
+        base.RetriesExhausted: _errno.EIO, base.IllegalName: _errno.EILSEQ,
     }
     for cls in type(exc).__mro__:
         if cls in table:

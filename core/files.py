@@ -10,6 +10,12 @@ Where the bytes go (DESIGN.md section 4 cost model):
 - an existing file opened without O_TRUNC (appends, page writes) is written in place; an
   intent is logged before the first byte changes and the command records the byte ranges.
 A file with several hard links is always written in place (a rename would split it).
+
+Backends without descriptors onto their files (S3: `executor.in_place` is false) stage every
+change in a local spool file standing for the object: the executor fetches the parts of the
+old content a read or write touches (`prepare`), and the write command uploads the changed
+parts and copies the rest server-side. Committed content is read through the executor's
+reader (ranged GETs, read-ahead, an on-disk cache keyed by node id and ETag).
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ class OpenFile:
     who: Principal | None = None  # the last writer to open it: the principal of its write command
     attrs: dict = field(default_factory=dict)  # attribute changes folded into the pending write
     pending: PendingCreate | None = None  # created here, not yet on the backend nor journaled
+    reader: object | None = None  # ranged reads of committed content (backends without descriptors)
 
     @property
     def dirty(self) -> bool:
@@ -193,7 +200,14 @@ class FileTable:
         of = self._get(handle)
         if of.fresh and of.fd is None:
             return b""
-        data = os.pread(self._descriptor(of), size, offset)
+        if of.fd is None and not of.backend.executor.in_place:
+            try:
+                data = self._reader(of).read(offset, size)
+            except ExecutorError as exc:
+                raise FsError(errno_for(exc), str(exc)) from exc
+        else:
+            self._prepare(of, offset, size)
+            data = os.pread(self._descriptor(of), size, offset)
         self._accessed(of.node_id)
         return data
 
@@ -208,10 +222,37 @@ class FileTable:
         if node.state != "DELETED":
             self.orch.record_atime(node_id, now)
 
+    @staticmethod
+    def _prepare(of: OpenFile, offset: int, length: int, *, truncate: bool = False) -> None:
+        """Spooled content standing for an object: have the old bytes of that range in place."""
+        if of.staging_id is None or of.backend.executor.in_place:
+            return
+        executor = of.backend.executor
+        try:
+            if truncate:
+                executor.prepare_truncate(of.staging_id, of.fd, offset)
+            else:
+                executor.prepare(of.staging_id, of.fd, offset, length)
+        except ExecutorError as exc:
+            raise FsError(errno_for(exc), str(exc)) from exc
+
+    def _reader(self, of: OpenFile):
+        if of.reader is None:
+            node = self.ns.node(of.node_id)
+            backend, rel = self.ns.path_of(of.node_id)
+            try:
+                of.reader = backend.executor.reader(
+                    rel, size=node.size, etag=node.checksum,
+                    cache_key=f"{node.id}.{node.checksum}" if node.checksum else None)
+            except ExecutorError as exc:
+                raise FsError(errno_for(exc), str(exc)) from exc
+        return of.reader
+
     def write(self, handle: int, offset: int, data: bytes) -> int:
         of = self._get(handle)
         with self._lock:
             self._begin_change(of)
+            self._prepare(of, offset, len(data))
             written = os.pwrite(of.fd, data, offset)
             of.ranges.append((offset, written))
             if of.staging_id is not None:
@@ -229,6 +270,9 @@ class FileTable:
         if of.fresh and of.fd is None:
             self._stage(of)
             return
+        if not of.backend.executor.in_place:
+            self._stage(of, copy=True)
+            return
         fd = self._descriptor(of)
         if not of.writable:
             raise FsError(errno.EACCES)
@@ -241,10 +285,22 @@ class FileTable:
             self.orch.record_intent(of.request_id, "write", backend, (rel,))
         del fd
 
-    def _stage(self, of: OpenFile) -> None:
-        of.request_id = uuid.uuid4()
-        of.staging_id = f"{os.getpid()}.{of.request_id}"
-        of.fd = of.backend.executor.stage(of.staging_id)
+    def _stage(self, of: OpenFile, *, copy: bool = False) -> None:
+        """A staging file for new content; with `copy`, holding the current content first
+        (backends without in-place writes)."""
+        request_id = uuid.uuid4()
+        staging_id = f"{os.getpid()}.{request_id}"
+        executor = of.backend.executor
+        try:
+            if copy:
+                backend, rel = self.ns.path_of(of.node_id)
+                node = self.ns.node(of.node_id)
+                fd = executor.stage(staging_id, copy_of=rel, copy_size=node.size, etag=node.checksum)
+            else:
+                fd = executor.stage(staging_id)
+        except ExecutorError as exc:
+            raise FsError(errno_for(exc), str(exc)) from exc
+        of.request_id, of.staging_id, of.fd = request_id, staging_id, fd
 
     def _truncate(self, of: OpenFile, size: int) -> None:
         node = self.ns.node(of.node_id)
@@ -254,6 +310,7 @@ class FileTable:
             self._stage(of)  # a whole rewrite: staged, landed atomically at close
             return
         self._begin_change(of)
+        self._prepare(of, size, 0, truncate=True)
         os.ftruncate(of.fd, size)
         of.ranges.append((size, 0))
 
@@ -280,7 +337,8 @@ class FileTable:
             node = self.ns.node(node_id)
             if mode is not None:
                 os.fchmod(of.fd, mode & 0o7777)
-            if (uid is not None or gid is not None) and of.backend.executor.owns_files:
+            executor = of.backend.executor
+            if (uid is not None or gid is not None) and executor.owns_files and executor.in_place:
                 os.fchown(of.fd, -1 if uid is None else uid, -1 if gid is None else gid)
             if atime_ns is not None or mtime_ns is not None:
                 st = os.fstat(of.fd)
@@ -393,6 +451,12 @@ class FileTable:
     @staticmethod
     def _committed(of: OpenFile) -> None:
         """Landed (or dropped): the descriptor, if any, now refers to the file at its name."""
+        if of.reader is not None:
+            of.reader.close()  # it read the previous content
+            of.reader = None
+        if of.fd is not None and not of.backend.executor.in_place:
+            os.close(of.fd)  # a spool file, partly sparse: reads go to the new object now
+            of.fd = None
         of.pending = None
         of.staging_id = None
         of.request_id = None
@@ -416,5 +480,7 @@ class FileTable:
                     of.backend.executor.discard(of.staging_id)
                 if of.fd is not None:
                     os.close(of.fd)
+                if of.reader is not None:
+                    of.reader.close()
                 self._by_node.pop(of.node_id, None)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 
-from executors.base import ExecutorError, NoSpace, Stat, Unsupported
+from executors.base import ExecutorError, NoSpace, PartlyDone, Stat, Unsupported
 from executors.local import STAGING_NAME
 
 from . import metrics, rollups, store
@@ -100,8 +100,9 @@ class Orchestrator:
         # (core.recovery.heal, wired by core.service).
         self.unrecorded: list[Intent] = []
         self.heal: Callable[[Intent], None] | None = None
-        # Called after a commit that wrote rollup deltas (wakes the folder: core.rollup_worker).
-        self.rollups_changed: Callable[[], None] = lambda: None
+        # Called after a commit that wrote rollup deltas, with its changes (core.service: the
+        # served values take them at once, the folder wakes).
+        self.rollups_changed: Callable[[list[store.Change]], None] = lambda changes: None
         # Called after every commit with the nodes and directories it changed, so that other
         # processes drop their copies (core.cache announces them).
         self.changed: Callable[[set[int], set[int], set[tuple[int, bytes]]], None] = lambda *changed: None
@@ -121,6 +122,14 @@ class Orchestrator:
             self.intents.record(Intent(cmd.request_id, cmd.name, cmd.backend.id, cmd.paths))
         try:
             outcome = execute()
+        except PartlyDone as exc:
+            # Started and cut off (an S3 directory rename midway): the intent stays open and the
+            # change is finished and adopted like one the database missed (heal, or recovery).
+            log.error("%s %s: cut off midway (%s); finished by recovery", cmd.name, cmd.path, exc)
+            metrics.EXECUTOR_OUTCOMES.labels(backend_label, cmd.name, "partial").inc()
+            if cmd.backend is not None:
+                self.unrecorded.append(Intent(cmd.request_id, cmd.name, cmd.backend.id, cmd.paths))
+            raise FsError(errno.EIO, str(exc)) from exc
         except ExecutorError as exc:
             code = errno_for(exc)
             metrics.EXECUTOR_OUTCOMES.labels(backend_label, cmd.name, "error").inc()
@@ -162,7 +171,7 @@ class Orchestrator:
                 raise FsError(errno.EIO, "database unavailable") from exc
         self.intents.resolved(cmd.request_id)
         if any(change.rollup or change.moves for _, change in pairs):
-            self.rollups_changed()
+            self.rollups_changed([change for _, change in pairs])
         self.changed(*_touched(change for _, change in pairs))
         self.committed()
         journal_id, entry_ids = rows[0][0]
@@ -178,7 +187,7 @@ class Orchestrator:
         while self.unrecorded and self.heal is not None:
             try:
                 self.heal(self.unrecorded[0])
-            except psycopg.Error:
+            except (psycopg.Error, ExecutorError):
                 return  # still away: the next command tries again
             self.intents.resolved(self.unrecorded.pop(0).request_id)
 
@@ -225,7 +234,18 @@ class Orchestrator:
             raise FsError(errno.EINVAL, "name reserved for the executor's staging area")
         if backend.read_only:
             raise FsError(errno.EROFS)
+        self._backend_name_check(backend, parent_id, name)
         return parent, backend
+
+    def _backend_name_check(self, backend: Backend, parent_id: int, name: bytes) -> None:
+        """Names the backend cannot hold (S3: not UTF-8, key too long) are refused before
+        anything is uploaded, even for a file that reaches the backend only at its close."""
+        checker = getattr(backend.executor, "check_name", None)
+        if checker is not None:
+            try:
+                checker(self._path(parent_id)[1], name)
+            except ExecutorError as exc:
+                raise FsError(errno_for(exc), str(exc)) from exc
 
     def _path(self, node_id: int) -> tuple[Backend, bytes]:
         return self.ns.path_of(node_id)
@@ -300,7 +320,7 @@ class Orchestrator:
 
         def record(st: Stat):
             node = Node(node_id, backend.id, kind, st.size if kind != "dir" else 0, mode, uid, gid, st.rdev,
-                        st.atime_ns, st.mtime_ns, st.ctime_ns, target=target,
+                        st.atime_ns, st.mtime_ns, st.ctime_ns, target=target, checksum=st.checksum,
                         nlink=2 if kind == "dir" else 1)
             change = store.Change(links=[(parent_id, name, node_id)], touches=[(parent_id, st.ctime_ns)])
             change.insert(node, parent_id=parent_id, name=name_arg(name))
@@ -399,7 +419,7 @@ class Orchestrator:
                                 touches=[(parent_id, node.ctime_ns)])
             if write_cmd is None:  # an empty file: the create alone, as the backend has it
                 final = current.changed(size=st.size, atime_ns=st.atime_ns, mtime_ns=st.mtime_ns,
-                                        ctime_ns=st.ctime_ns, version=1)
+                                        ctime_ns=st.ctime_ns, checksum=st.checksum, version=1)
                 link.insert(final, parent_id=parent_id, name=name_arg(name))
                 pairs = [(cmd, link)]
             else:  # version 1 as created (empty), version 2 with the content that landed
@@ -410,7 +430,7 @@ class Orchestrator:
                 # (fine-grained) can be ahead of the disk's (coarse), and atime must not pass mtime
                 final = created.changed(size=st.size, mtime_ns=st.mtime_ns,
                                         ctime_ns=_landed_ctime(st, True, write.get("attrs")),
-                                        atime_ns=st.atime_ns, version=2)
+                                        atime_ns=st.atime_ns, checksum=st.checksum, version=2)
                 content = store.Change()
                 content.update(final, 1)
                 pairs = [(cmd, link), (write_cmd, content)]
@@ -515,6 +535,10 @@ class Orchestrator:
         check_name(new_name)
         if backend.read_only:
             raise self.refuse(cmd, errno.EROFS)
+        try:
+            self._backend_name_check(backend, new_parent_id, new_name)
+        except FsError as exc:
+            raise self.refuse(cmd, exc.errno, str(exc)) from None
         if new_name == STAGING_NAME:
             raise self.refuse(cmd, errno.EINVAL, "name reserved for the executor's staging area")
         if src is None:
@@ -681,7 +705,7 @@ class Orchestrator:
                 size=st.size if current.kind == "file" else current.size,
                 atime_ns=st.atime_ns if times else current.atime_ns,
                 mtime_ns=st.mtime_ns if (times or size is not None) else current.mtime_ns,
-                ctime_ns=st.ctime_ns, version=current.version + 1)
+                ctime_ns=st.ctime_ns, checksum=st.checksum or current.checksum, version=current.version + 1)
             change = store.Change()
             change.update(after, current.version)
 
@@ -783,7 +807,7 @@ class Orchestrator:
             # mode, uid and gid folded in by FileTable.absorb_attrs are already on `current`
             after = current.changed(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=_landed_ctime(st, staged, attrs),
                                     atime_ns=st.atime_ns if attrs and "atime_ns" in attrs else current.atime_ns,
-                                    version=current.version + 1)
+                                    checksum=st.checksum, version=current.version + 1)
             change = store.Change()
             change.update(after, current.version)
 

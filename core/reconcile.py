@@ -152,6 +152,10 @@ class Reconciler:
         node = found[1] if found else None
         if not rel.strip(b"/") and st is None:
             raise NotFound(f"backend root {backend.root} is unreachable")
+        if st is None and node is not None and self._moved_away(backend, rel):
+            # A job for the path it moved to is waiting or running: that job moves the node
+            # (keeping its id); marking it MISSING here first would make that a re-creation.
+            return "moved-away"
         observed = _describe(st)
         self._record_drift(backend, rel, node, observed, source)
         crash_point("reconcile:after_drift")
@@ -286,6 +290,12 @@ class Reconciler:
         if parent is None or found is None or found[1].kind != st.kind or _stat(backend, src) is not None:
             return None
         return parent, name, found[1]
+
+    def _moved_away(self, backend: Backend, rel: bytes) -> bool:
+        return bool(self.db.query(
+            "SELECT 1 FROM filestore.jobs WHERE queue = %s AND state IN ('queued', 'running')"
+            " AND payload->>'from' = %s AND (payload->>'backend')::int = %s LIMIT 1",
+            (RECONCILE, rel.hex(), backend.id)))
 
     def _missing_at(self, backend: Backend, rel: bytes, st: Stat) -> Node | None:
         rows = self.db.query(

@@ -167,6 +167,17 @@ def resolve(fs, backend: Backend, intent: Intent, *, command: str = "recover", w
     changed = 0
     paths = list(intent.paths)
 
+    # A directory rename cut off midway on a backend that moves objects one by one (S3): both
+    # names exist; finish it (copies are idempotent, sources go last) and adopt it below.
+    finish = getattr(backend.executor, "finish_rename", None)
+    if finish is not None and intent.command == "rename" and len(paths) == 2:
+        src_parent, src_name = _locate(fs, backend, paths[0])
+        moved = ns.child(src_parent.id, src_name) if src_parent else None
+        if moved is not None and moved.is_dir and _stat(backend, paths[0]) is not None \
+                and _stat(backend, paths[1]) is not None:
+            finish(paths[0], paths[1])
+            log.info("finished the interrupted rename %s -> %s", display_name(paths[0]), display_name(paths[1]))
+
     # A rename that happened on disk: move the node instead of deleting and re-creating it.
     if intent.command == "rename" and len(paths) == 2:
         src, dst = paths
@@ -228,7 +239,7 @@ def resolve(fs, backend: Backend, intent: Intent, *, command: str = "recover", w
         result={"paths_changed": changed})
     rollups.derive(ns, [change])
     fs.db.transaction([store.record(journal, change), *store.xattr_statements(change)], label="recover")
-    fs.orch.rollups_changed()
+    fs.orch.rollups_changed([change])
     for node_id, _, _ in change.xattrs:
         fs.orch.xattrs.forget(node_id)
     # The view of what was touched is rebuilt from the database on next use.

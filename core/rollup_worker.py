@@ -11,10 +11,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import psycopg
 
-from . import counters, metrics, rollups
+from . import counters, metrics, rollups, store
 from .cache import InlineCache, Invalidation, RedisCache
 from .db import Database
 
@@ -25,9 +26,11 @@ FOLD_INTERVAL = 1.0  # without pokes: deltas written by other processes fold thi
 
 
 class RollupView:
-    """Folded directory totals for serving `stat`: in-process, then the shared cache, then
-    one indexed read. Between folds a directory shows its last folded value; the lag is
-    FOLD_DELAY after a command of this mount, FOLD_INTERVAL for other writers."""
+    """Directory totals for serving `stat`: exact when read (the row plus pending deltas, one
+    query for a directory and its siblings), then kept exact in-process by adding this mount's
+    own deltas as its commands commit, and dropped when a fold (here or in another process)
+    announces new values. So a mount's own changes show at once, and a directory's size does
+    not change again when they are folded (tar checks that a directory did not change)."""
 
     def __init__(self, db: Database, cache: InlineCache | RedisCache,
                  parent_of: Callable[[int], tuple[int, bytes] | None]):
@@ -35,34 +38,58 @@ class RollupView:
         self.cache = cache
         self.parent_of = parent_of
         self._values: dict[int, rollups.Totals] = {}
+        # Directories with deltas of this process not folded yet: the shared cache holds folded
+        # values only, which lack them (a fold deletes the keys it changes and clears this).
+        self._unfolded: set[int] = set()
         cache.subscribe(self.forget)
 
     def get(self, backend_id: int, dir_id: int) -> rollups.Totals | None:
         found = self._values.get(dir_id)
         if found is not None:
             return found
-        shared = self.cache.get(backend_id, dir_id)
+        shared = self.cache.get(backend_id, dir_id) if dir_id not in self._unfolded else None
         if shared is not None:
             found = self._values[dir_id] = rollups.Totals(**shared)
             return found
         # `ls -l` asks for every subdirectory in turn: load the directory's siblings at once.
         parent = self.parent_of(dir_id)
         with self.db.pool.connection() as conn:
-            loaded = rollups.folded_children(conn, parent[0]) if parent else {}
+            loaded = rollups.children_totals(conn, parent[0]) if parent else {}
             if dir_id not in loaded:
-                loaded.update(rollups.folded(conn, [dir_id]))
+                loaded.update(rollups.totals(conn, [dir_id]))
         for node_id, totals in loaded.items():
             self._values.setdefault(node_id, totals)
         found = loaded.get(dir_id)
-        if found is not None:
+        if found is not None and found.state == "exact":  # nothing pending: what every process agrees on
             self.cache.put(backend_id, dir_id, found.__dict__)
         return found
+
+    def apply_local(self, changes: list[store.Change]) -> set[int]:
+        """Add a committed command's deltas to the values held; returns the directories changed."""
+        touched: set[int] = set()
+        for change in changes:
+            for dir_id, (size, files, dirs) in change.rollup.items():
+                touched.add(dir_id)
+                self._unfolded.add(dir_id)
+                held = self._values.get(dir_id)
+                if held is not None:
+                    self._values[dir_id] = replace(held, size_bytes=held.size_bytes + size,
+                                                   file_count=held.file_count + files,
+                                                   dir_count=held.dir_count + dirs, state="pending")
+            for _, old_chain, new_chain in change.moves:  # amounts computed in SQL: read again
+                for dir_id in (*old_chain, *new_chain):
+                    touched.add(dir_id)
+                    self._unfolded.add(dir_id)
+                    self._values.pop(dir_id, None)
+        return touched
 
     def forget(self, change: Invalidation) -> None:
         if change.everything:
             self._values.clear()
+            self._unfolded.clear()
         for dir_id in change.rollups:
             self._values.pop(dir_id, None)
+            self._unfolded.discard(dir_id)
 
 
 class RollupFolder:

@@ -291,31 +291,33 @@ def totals(conn: psycopg.Connection, dir_ids: list[int]) -> dict[int, Totals]:
           FROM unnest(%s::bigint[]) AS d(id)
           CROSS JOIN LATERAL filestore.rollup_totals(d.id) AS t
           LEFT JOIN filestore.rollups r ON r.node_id = d.id""", (dir_ids,)).fetchall()
-    out = {}
-    for node_id, size, files, dirs, pending, state, calculated in rows:
-        state = state or "stale"
-        if pending and state == "exact":
-            state = "pending"
-        out[node_id] = Totals(size, files, dirs, state, float(calculated) if calculated is not None else None)
-    return out
+    return {row[0]: _totals(*row[1:]) for row in rows}
 
 
-def folded(conn: psycopg.Connection, dir_ids: list[int]) -> dict[int, Totals]:
-    """The folded rows only (what the mount serves between folds): one indexed read."""
-    rows = conn.execute(
-        "SELECT node_id, size_bytes, file_count, dir_count, consistency_state,"
-        " extract(epoch FROM last_calculated_at) FROM filestore.rollups WHERE node_id = ANY(%s)",
-        (dir_ids,)).fetchall()
-    return {r[0]: Totals(r[1], r[2], r[3], r[4], float(r[5]) if r[5] is not None else None) for r in rows}
+def children_totals(conn: psycopg.Connection, parent_id: int) -> dict[int, Totals]:
+    """Exact totals now of every subdirectory of a directory, in one query."""
+    rows = conn.execute("""
+        WITH kids AS (
+            SELECT e.node_id FROM filestore.entries e JOIN filestore.nodes n ON n.id = e.node_id
+             WHERE e.parent_id = %(parent)s AND n.kind = 'dir'),
+        pending AS (
+            SELECT u.dir, sum(d.size_bytes)::bigint AS s, sum(d.file_count)::bigint AS f,
+                   sum(d.dir_count)::bigint AS dc, count(*) AS n
+              FROM filestore.rollup_deltas d, unnest(d.dirs) AS u(dir)
+             WHERE u.dir IN (SELECT node_id FROM kids) GROUP BY u.dir)
+        SELECT k.node_id, coalesce(r.size_bytes, 0) + coalesce(p.s, 0), coalesce(r.file_count, 0) + coalesce(p.f, 0),
+               coalesce(r.dir_count, 0) + coalesce(p.dc, 0), coalesce(p.n, 0), r.consistency_state,
+               extract(epoch FROM r.last_calculated_at)
+          FROM kids k LEFT JOIN filestore.rollups r ON r.node_id = k.node_id
+          LEFT JOIN pending p ON p.dir = k.node_id""", {"parent": parent_id}).fetchall()
+    return {row[0]: _totals(*row[1:]) for row in rows}
 
 
-def folded_children(conn: psycopg.Connection, parent_id: int) -> dict[int, Totals]:
-    """The folded rows of every subdirectory of a directory, in one query."""
-    rows = conn.execute(
-        "SELECT r.node_id, r.size_bytes, r.file_count, r.dir_count, r.consistency_state,"
-        " extract(epoch FROM r.last_calculated_at) FROM filestore.entries e"
-        " JOIN filestore.rollups r ON r.node_id = e.node_id WHERE e.parent_id = %s", (parent_id,)).fetchall()
-    return {r[0]: Totals(r[1], r[2], r[3], r[4], float(r[5]) if r[5] is not None else None) for r in rows}
+def _totals(size, files, dirs, pending, state, calculated) -> Totals:
+    state = state or "stale"
+    if pending and state == "exact":
+        state = "pending"
+    return Totals(size, files, dirs, state, float(calculated) if calculated is not None else None)
 
 
 def verify(db: Database, top: int) -> list[dict]:

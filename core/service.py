@@ -55,7 +55,7 @@ class Filestore:
         self.cache = open_cache(settings.redis_url)
         self.rollups = rollup_worker.RollupView(self.db, self.cache, self.ns.parent_of)
         self.folder = rollup_worker.RollupFolder(self.db, self.cache)
-        self.orch.rollups_changed = self.folder.poke
+        self.orch.rollups_changed = self._rollups_changed
         self.orch.changed = self.cache.announce
         self.ns.unrecorded = self.files.unrecorded_in
         # Set by a serving mount: runs a function on the thread that serves requests.
@@ -75,12 +75,16 @@ class Filestore:
         current = {b.id: b for b in self.ns.backends.values()}
         fresh = []
         for backend in store.load_backends(self.db):
+            if "import" in (backend.options or {}):
+                # An import cut off midway: a partial tree is not served; `backend add` resumes it.
+                self.unavailable[backend.name] = "import not finished"
+                continue
             known = current.get(backend.id)
             if known is not None and known.executor is not None:
                 backend.executor = known.executor
             else:
                 try:
-                    backend.executor = backends.make_executor(backend)
+                    backend.executor = backends.make_executor(backend, self.settings.home)
                 except Exception as exc:  # a missing root must not take the other backends down
                     self.unavailable[backend.name] = str(exc)
                     log.error("backend %s unavailable: %s", backend.name, exc)
@@ -89,6 +93,13 @@ class Filestore:
             fresh.append(backend)
         self.ns.set_backends(fresh)
         self.overlaps = overlaps.find(fresh)
+
+    def _rollups_changed(self, changes: list[store.Change]) -> None:
+        """This process's command moved directory totals: serve them at once (the kernel drops
+        its cached attributes of those directories too) and wake the folder."""
+        touched = self.rollups.apply_local(changes)
+        self.kernel_invalidate(Invalidation(rollups=sorted(touched)))
+        self.folder.poke()
 
     def _changed_elsewhere(self, change: Invalidation) -> None:
         """Another process changed nodes or directories: drop this process's copies (on the

@@ -222,16 +222,22 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
     url = database_url(settings)
     backends = open_backends(db)
     ctx = Context(db, settings, JobQueue(db), lambda: backends, "sidecar")
-    loops = Loops(ctx, in_flight=HomeIntents(db, settings.home), workers=workers)
+    from . import eventloops, rollup_worker
+    from .cache import open_cache
+    cache = open_cache(settings.redis_url)
+
+    def announce(applied: Applied) -> None:
+        """Running mounts drop what they hold of a reconciled change (with a Redis: D23)."""
+        cache.announce({n.id for n in applied.puts} | {node.id for *_, node in applied.links},
+                       {p for p, _, _ in applied.unlinks} | {p for p, *_ in applied.links},
+                       {(p, name) for p, name, _ in applied.unlinks})
+    loops = Loops(ctx, in_flight=HomeIntents(db, settings.home), workers=workers, on_applied=announce)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     loops.start()
     # The other issues' loops: rollup folding (every sidecar may fold: they split batches) and
     # the event relay with the consumers switched on (one relay publishes at a time).
-    from . import eventloops, rollup_worker
-    from .cache import open_cache
-    cache = open_cache(settings.redis_url)
     for name, worker in [("rollup-folder", rollup_worker.RollupFolder(db, cache)), *eventloops.loops_for(ctx)]:
         loops._spawn(name, worker.run)
     server = None

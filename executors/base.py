@@ -28,6 +28,13 @@ class OutsideRoot(ExecutorError):
 class Unsupported(ExecutorError): ...
 class Transient(ExecutorError):
     """Worth retrying: throttling, timeouts, connection resets."""
+class RetriesExhausted(Transient):
+    """A remote store kept failing after the bounded retries: the command fails with EIO."""
+class PartlyDone(RetriesExhausted):
+    """A change that was started, could not be finished and could not be undone (a directory
+    rename on S3 cut off midway): the caller sees EIO, and recovery finishes it from the intent."""
+class IllegalName(InvalidArgument):
+    """A name the backend cannot hold (not UTF-8 on S3): EILSEQ, refused before any upload."""
 
 
 # How the operating system's failures map onto the domain errors above.
@@ -63,6 +70,7 @@ class Stat:
     nlink: int = 1
     target: bytes | None = None
     ino: int = 0  # the backend's own inode number (local disks), to recognise hard links
+    checksum: str | None = None  # the S3 ETag of the content, where the backend has one
 
 
 _KINDS = {

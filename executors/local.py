@@ -75,6 +75,7 @@ def stat_from(st: os.stat_result, target: bytes | None = None) -> Stat:
 
 class LocalExecutor:
     kind = "local"
+    in_place = True  # files are written through descriptors onto them (see core.files)
 
     def __init__(self, root: str | os.PathLike, *, read_only: bool = False):
         self.root = os.fsencode(os.path.abspath(root))

@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-pytest_plugins = ["fixtures_posix", "fixtures_redis", "fixtures_sidecar"]  # tests/fixtures_*.py
+pytest_plugins = ["fixtures_posix", "fixtures_redis", "fixtures_s3", "fixtures_sidecar"]  # tests/fixtures_*.py
 
 REPO = Path(__file__).resolve().parent.parent
 FILESTORE = [sys.executable, "-m", "fsmount.cli"]

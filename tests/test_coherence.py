@@ -69,3 +69,23 @@ def test_rollup_summaries_are_shared_and_invalidated_in_redis(tracked, tmp_path,
     finally:
         client.close()
         b.stop()
+
+
+def test_a_separate_sidecars_reconciliations_reach_the_mount(tracked, sidecars, redis_server):
+    """The mount leaves drift to a `filestore sidecar`; what the sidecar reconciles it announces,
+    and the mount (another process) shows it without reloading anything by itself."""
+    tracked.mount.stop()
+    tracked.mount.env = {**tracked.env, "REDIS_URL": redis_server.url, "FILESTORE_INLINE_LOOPS": "0"}
+    tracked.mount.start()
+    sidecars(REDIS_URL=redis_server.url)
+    base, root = tracked.path, tracked.backend_root
+    (base / "kept.txt").write_bytes(b"v1")
+    assert os.listdir(base) == ["kept.txt"]  # listing loaded and held by the mount
+    (root / "outside.txt").write_bytes(b"made on the disk")
+    wait_until(lambda: "outside.txt" in os.listdir(base), timeout=15, message="the mount lists it")
+    with open(root / "kept.txt", "ab") as f:
+        f.write(b" and v2")
+    wait_until(lambda: (base / "kept.txt").read_bytes() == b"v1 and v2", timeout=15,
+               message="the mount reads the new content")
+    os.unlink(root / "outside.txt")
+    wait_until(lambda: "outside.txt" not in os.listdir(base), timeout=15, message="the mount drops it")

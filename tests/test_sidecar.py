@@ -76,6 +76,8 @@ def settled(db, root, backend="local") -> bool:
 
 def test_changes_on_the_backend_disk_are_reconciled_and_journaled(backend, db, sidecars):
     car = sidecars()
+    # the start audit's own jobs done first: what follows is the watchers' work alone
+    wait_until(lambda: settled(db, backend), BOUND, message="the start audit")
     a_id = node_at(db, "a.txt")["id"]
     b_id = node_at(db, "d/b.txt")["id"]
     gone_id = node_at(db, "gone.txt")["id"]
@@ -274,6 +276,7 @@ def test_ready_names_an_unreachable_redis(backend, db, sidecars):
 
 def test_a_directory_renamed_on_disk_keeps_its_nodes(backend, db, sidecars):
     sidecars()
+    wait_until(lambda: settled(db, backend), BOUND, message="the start audit")
     dir_id, child_id = node_at(db, "old")["id"], node_at(db, "old/x.txt")["id"]
     os.rename(backend / "old", backend / "d" / "new")
     wait_until(lambda: settled(db, backend), BOUND, message="the move reconciled")

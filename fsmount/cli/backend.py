@@ -20,12 +20,19 @@ def backend() -> None:
 @click.argument("name")
 @click.argument("path")
 @click.option("--read-only", is_flag=True, help="Every change through the mount answers EROFS.")
+@click.option("--endpoint-url", help="S3 only: an S3-compatible endpoint (default: AWS).")
+@click.option("--region", help="S3 only: the bucket's region (default: the usual boto3 configuration).")
 @one_line_errors
-def add(name: str, path: str, read_only: bool) -> None:
-    """Track the directory PATH as backend NAME, importing what it already holds.
+def add(name: str, path: str, read_only: bool, endpoint_url: str | None, region: str | None) -> None:
+    """Track the directory PATH, or the S3 prefix s3://BUCKET/PREFIX, as backend NAME,
+    importing what it already holds. S3 credentials come the usual boto3 way (environment,
+    profile, instance role).
 
-    Example: filestore backend add projects /srv/projects
+    Examples: filestore backend add projects /srv/projects;
+    filestore backend add archive s3://bucket/archive --endpoint-url http://127.0.0.1:9000
     """
+    if (endpoint_url or region) and not path.startswith("s3://"):
+        raise click.UsageError("--endpoint-url and --region apply to s3:// backends only")
     db = open_database(settings())
     show = sys.stderr.isatty()
 
@@ -33,7 +40,8 @@ def add(name: str, path: str, read_only: bool) -> None:
         if show:
             click.echo(f"\rimported {count} entries", nl=False, err=True)
 
-    added = backends.add(db, name, path, read_only=read_only, progress=progress)
+    added = backends.add(db, name, path, read_only=read_only, progress=progress,
+                         options={"endpoint_url": endpoint_url, "region": region})
     if show:
         click.echo("", err=True)
     click.echo(f"added backend {added.name} -> {added.root}{' (read-only)' if read_only else ''}")

@@ -95,9 +95,10 @@ class RollupView:
 class RollupFolder:
     """The folding loop: `run(stop)` until the event is set; `poke()` after a commit."""
 
-    def __init__(self, db: Database, cache: InlineCache | RedisCache):
+    def __init__(self, db: Database, cache: InlineCache | RedisCache, queue=None):
         self.db = db
         self.cache = cache
+        self.queue = queue  # where directories found without a row are sent for a recount
         self._wake = threading.Event()
 
     def poke(self) -> None:
@@ -125,15 +126,20 @@ class RollupFolder:
             counters.fold(conn)
         metrics.ROLLUP_PENDING.set(pending)
         metrics.ROLLUP_LAG.set(lag)
+        stale = [dir_id for dir_id, _, created in changed if created]
+        if stale and self.queue is not None:
+            enqueue_recalculation(self.queue, stale, "no rollup row")
+        changed = [(dir_id, backend_id) for dir_id, backend_id, _ in changed]
         if changed:
             metrics.ROLLUP_FOLDED.inc(len(changed))
             self.cache.invalidate({(backend_id, dir_id) for dir_id, backend_id in changed})
         return len(changed)
 
 
-def start(folder: RollupFolder) -> tuple[threading.Thread, threading.Event]:
+def start(worker) -> tuple[threading.Thread, threading.Event]:
+    """Run a worker's `run(stop)` in a daemon thread; returns the thread and its stop event."""
     stop = threading.Event()
-    thread = threading.Thread(target=folder.run, args=(stop,), name="rollup-folder", daemon=True)
+    thread = threading.Thread(target=worker.run, args=(stop,), name=type(worker).__name__, daemon=True)
     thread.start()
     return thread, stop
 
@@ -147,3 +153,43 @@ def wait_folded(db: Database, timeout: float = 10.0) -> bool:
                 return True
         time.sleep(0.05)
     return False
+
+
+class RecalculationJobs:
+    """Runs `filestore_rollup_queue` jobs: recount a subtree set-based (rollups.recalculate),
+    which journals `rollups.recalculate` (its completion event) and marks the rows exact.
+    Jobs come from `filestore rollups repair --queue` and from folds that met a directory
+    without a row (a tree whose rollups were never built). Every sidecar runs one, and an
+    inline mount too; the queue's lease runs each job once at a time."""
+
+    IDLE = 0.5
+
+    def __init__(self, db: Database, queue):
+        self.db = db
+        self.queue = queue
+
+    def run(self, stop: threading.Event) -> None:
+        from .queue import ROLLUP
+        while not stop.is_set():
+            try:
+                jobs = self.queue.claim(ROLLUP, 1)
+            except Exception as exc:
+                log.warning("cannot claim rollup jobs: %s", exc)
+                stop.wait(1.0)
+                continue
+            if not jobs:
+                stop.wait(self.IDLE)
+                continue
+            job = jobs[0]
+            try:
+                rollups.recalculate(self.db, int(job.payload["node_id"]), reason=job.payload.get("reason", "job"))
+            except Exception as exc:  # retried with backoff by the queue, parked after its attempts
+                log.warning("rollup recalculation of node %s failed: %s", job.payload.get("node_id"), exc)
+                self.queue.fail(job, str(exc))
+                continue
+            self.queue.finish(job)
+
+
+def enqueue_recalculation(queue, node_ids, reason: str) -> None:
+    from .queue import ROLLUP
+    queue.enqueue_many(ROLLUP, [(f"recalculate:{n}", {"node_id": n, "reason": reason}) for n in node_ids])

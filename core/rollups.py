@@ -156,13 +156,14 @@ SELECT agg.dir, n.backend_id, agg.s, agg.f, agg.d, now(), 'stale'
 ON CONFLICT (node_id) DO UPDATE SET size_bytes = r.size_bytes + excluded.size_bytes,
        file_count = r.file_count + excluded.file_count, dir_count = r.dir_count + excluded.dir_count,
        last_calculated_at = now()
-RETURNING r.node_id, r.backend_id
+RETURNING r.node_id, r.backend_id, (r.xmax = 0) AS inserted  -- xmax 0: a new row, not an update
 """
 
 
 def fold(conn: psycopg.Connection, limit: int = FOLD_BATCH) -> list[tuple[int, int]]:
-    """Fold one batch of pending deltas into the rows; returns the (directory, backend) pairs
-    changed. A row that did not exist is created `stale`: only a recount can make it exact."""
+    """Fold one batch of pending deltas into the rows; returns (directory, backend, created) for
+    each row changed. A row that did not exist is created `stale`: only a recount can make it
+    exact, so the caller queues one."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (FOLD_LOCK,))
         return conn.execute(_FOLD, {"limit": limit}).fetchall()

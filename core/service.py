@@ -16,6 +16,7 @@ from .intents import IntentLog
 from .model import ROOT_INODE, Node
 from .namespace import Namespace
 from .orchestrator import Orchestrator
+from .queue import JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ class Filestore:
         self.orch.heal = lambda intent: recovery.heal(self, intent)
         self.cache = open_cache(settings.redis_url)
         self.rollups = rollup_worker.RollupView(self.db, self.cache, self.ns.parent_of)
-        self.folder = rollup_worker.RollupFolder(self.db, self.cache)
+        self.jobs = JobQueue(self.db)
+        self.folder = rollup_worker.RollupFolder(self.db, self.cache, self.jobs)
         self.orch.rollups_changed = self._rollups_changed
         self.orch.changed = self.cache.announce
         self.ns.unrecorded = self.files.unrecorded_in
@@ -113,8 +115,9 @@ class Filestore:
             self.serving_call(lambda: self.ns.forget(change.nodes, change.dirs, keep=keep))
 
     def start_workers(self) -> None:
-        """The background loops a serving process runs: the rollup folder."""
+        """The background loops a serving process runs: the rollup folder and recalculations."""
         self._workers.append(rollup_worker.start(self.folder))
+        self._workers.append(rollup_worker.start(rollup_worker.RecalculationJobs(self.db, self.jobs)))
 
     def stop_workers(self) -> None:
         for thread, stop in self._workers:

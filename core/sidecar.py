@@ -238,7 +238,9 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
     loops.start()
     # The other issues' loops: rollup folding (every sidecar may fold: they split batches) and
     # the event relay with the consumers switched on (one relay publishes at a time).
-    for name, worker in [("rollup-folder", rollup_worker.RollupFolder(db, cache)), *eventloops.loops_for(ctx)]:
+    for name, worker in [("rollup-folder", rollup_worker.RollupFolder(db, cache, ctx.queue)),
+                         ("rollup-jobs", rollup_worker.RecalculationJobs(db, ctx.queue)),
+                         *eventloops.loops_for(ctx)]:
         loops._spawn(name, worker.run)
     server = None
     if http_port is not None:  # after the loops: /health answering means the watchers are on

@@ -301,3 +301,31 @@ def test_rollups_follow_changes_made_behind_the_mounts_back(tracked):
     wait_until(lambda: du_json(tracked) == disk_totals(tracked.backend_root), timeout=30,
                message="reconciled rollups equal the disk")
     assert tracked.cli("rollups", "verify", "local:/", check=False).returncode == 0
+
+
+def test_recalculation_jobs_run_from_the_rollup_queue(tracked):
+    """A queued repair, and a directory met by a fold without a row, are recounted by the
+    mount's job worker: journaled as rollups.recalculate and left exact."""
+    os.makedirs(tracked.path / "q" / "r")
+    (tracked.path / "q" / "r" / "f").write_bytes(b"q" * 300)
+    wait_until(lambda: tracked.db.execute("SELECT count(*) FROM filestore.rollup_deltas").fetchone()[0] == 0,
+               message="folded")
+    q, r = tracked.node("q")["id"], tracked.node("q/r")["id"]
+    state = "SELECT consistency_state FROM filestore.rollups WHERE node_id = %s"
+    since = tracked.last_journal_id()
+    tracked.db.execute("DELETE FROM filestore.rollups WHERE node_id = %s", (r,))  # as if never built
+    (tracked.path / "q" / "r" / "g").write_bytes(b"g" * 5)  # the fold meets r without a row
+    wait_until(lambda: (tracked.db.execute(state, (r,)).fetchone() or [None])[0] == "exact", timeout=20,
+               message="r recounted")
+    assert [row["node_id"] for row in tracked.journal(since) if row["command"] == "rollups.recalculate"] == [r]
+    assert tracked.cli("rollups", "verify", "local:/", check=False).returncode == 0
+
+    since = tracked.last_journal_id()
+    tracked.db.execute("UPDATE filestore.rollups SET size_bytes = 1 WHERE node_id = %s", (q,))
+    assert "queued" in tracked.cli("rollups", "repair", "local:/q", "--queue").stdout
+    wait_until(lambda: tracked.cli("rollups", "verify", "local:/", check=False).returncode == 0, timeout=20,
+               message="the queued repair ran")
+    [row] = [row for row in tracked.journal(since) if row["command"] == "rollups.recalculate"]
+    assert (row["node_id"], row["actor"], row["args"]["reason"]) == (q, "rollups", "repair")
+    wait_until(lambda: tracked.db.execute("SELECT count(*) FROM filestore.jobs").fetchone()[0] == 0,
+               message="the queue drained")

@@ -6,7 +6,8 @@ import time
 
 import click
 
-from core import counters, journal as journal_queries, rollups
+from core import counters, journal as journal_queries, rollup_worker, rollups
+from core.queue import JobQueue
 from core.model import Principal
 from core.service import open_database
 
@@ -99,13 +100,19 @@ def verify(path: str, as_json: bool) -> None:
 
 @rollups_group.command("repair")
 @click.argument("path")
+@click.option("--queue", "queued", is_flag=True,
+              help="Queue the recount on filestore_rollup_queue (a mount or sidecar runs it) and return.")
 @one_line_errors
-def repair(path: str) -> None:
+def repair(path: str, queued: bool) -> None:
     """Rebuild the rollups of the subtree at PATH from a recount (only that subtree is read).
 
     Example: filestore rollups repair local:/projects
     """
     db, backend, rel, top = _target(path)
+    if queued:
+        rollup_worker.enqueue_recalculation(JobQueue(db), [top], "repair")
+        click.echo(f"queued a recount of {backend}:/{os.fsdecode(rel)} on filestore_rollup_queue")
+        return
     before = rollups.verify(db, top)
     result = rollups.recalculate(db, top, Principal.current_process(), reason="repair")
     click.echo(f"repaired {backend}:/{os.fsdecode(rel)}: {len(before)} director{'y' if len(before) == 1 else 'ies'}"

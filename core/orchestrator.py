@@ -703,7 +703,7 @@ class Orchestrator:
                 mode=(mode & 0o7777) if mode is not None else current.mode,
                 uid=current.uid if uid is None else uid, gid=current.gid if gid is None else gid,
                 size=st.size if current.kind == "file" else current.size,
-                atime_ns=st.atime_ns if times else current.atime_ns,
+                atime_ns=_set_atime(st, times) if times else current.atime_ns,
                 mtime_ns=st.mtime_ns if (times or size is not None) else current.mtime_ns,
                 ctime_ns=st.ctime_ns, checksum=st.checksum or current.checksum, version=current.version + 1)
             change = store.Change()
@@ -832,6 +832,13 @@ class Orchestrator:
 
     def record_intent(self, request_id: uuid.UUID, command: str, backend: Backend, paths: tuple[bytes, ...]) -> None:
         self.intents.record(Intent(request_id, command, backend.id, paths))
+
+
+def _set_atime(st: Stat, times: tuple[int, int]) -> int:
+    """The atime a utimensat set. The stat taken after it may already show a later one (a
+    directory read on the disk meanwhile moves it, relatime): where the disk kept the mtime
+    asked for to the nanosecond, it kept the atime asked for too."""
+    return times[0] if st.mtime_ns == times[1] else st.atime_ns
 
 
 def _touched(changes) -> tuple[set[int], set[int], set[tuple[int, bytes]]]:

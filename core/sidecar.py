@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 8
 IDLE_POLL_MAX = 0.25  # seconds between polls of an empty queue (the latency bound adds this)
-BUSY_RETRY = 0.5  # a path being changed by a mount is looked at again after this
+BUSY_RETRY = 0.5
+S3_AUDIT_SECONDS = float(os.environ.get("FILESTORE_S3_AUDIT_SECONDS", "60"))  # between list audits  # a path being changed by a mount is looked at again after this
 
 
 @dataclass
@@ -80,6 +81,8 @@ class Loops:
                 self._spawn("watchers", watchers.run)
         for i in range(self._workers):
             self._spawn(f"reconcile-{i}", self._work)
+        if self._audit and any(b.kind == "s3" for b in self.ctx.backends().values()):
+            self._spawn("s3-audits", self._audit_s3)
         self._spawn("leases", self._keep_leases)
         for factory in EXTRA_WORKERS:
             worker = factory(self.ctx)
@@ -104,14 +107,21 @@ class Loops:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def audit(self) -> None:
-        """A full comparison of every backend with the database, as jobs: one per directory."""
+    def audit(self, kinds: tuple[str, ...] = ("local", "s3")) -> None:
+        """A full comparison of backends with the database, as jobs: one per directory (an S3
+        prefix is listed page by page by its executor)."""
         for backend in self.ctx.backends().values():
-            if backend.kind == "local":
+            if backend.kind in kinds:
                 self.ctx.queue.enqueue(RECONCILE, job_key(backend.id, b""),
                                        job_payload(backend.id, b"", source="audit", deep=True))
-            # S3 list audits: a scheduled, paginated listing per prefix will enqueue the same
-            # per-directory jobs once executors.s3 exists (issue 5).
+
+    def _audit_s3(self, stop: threading.Event) -> None:
+        """S3 has no change notifications: its prefixes are audited on a schedule."""
+        while not stop.wait(S3_AUDIT_SECONDS):
+            try:
+                self.audit(kinds=("s3",))
+            except Exception as exc:  # the database is away: the next round tries again
+                log.warning("S3 audit not queued: %s", exc)
 
     # -- reconcile workers -------------------------------------------------------------
     def _work(self, stop: threading.Event) -> None:

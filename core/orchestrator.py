@@ -175,6 +175,10 @@ class Orchestrator:
         self.changed(*_touched(change for _, change in pairs))
         self.committed()
         journal_id, entry_ids = rows[0][0]
+        if log.isEnabledFor(logging.DEBUG):  # -vv: one line per command, with its journal id
+            log.debug("%s %s committed", cmd.name, cmd.path,
+                      extra={"journal_id": journal_id, "command": cmd.name, "path": cmd.path,
+                             "backend": backend_label})
         value = apply(entry_ids)
         if cmd.backend is not None and cmd.paths:
             self.mirror(cmd.backend, cmd.name, cmd.request_id, cmd.paths)

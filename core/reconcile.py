@@ -217,7 +217,8 @@ class Reconciler:
         applied.links = [(p, n, eid, linked) for (p, n, _, linked), eid in zip(applied.links, entry_ids)]
         metrics.RECONCILED.labels(backend.name, outcome).inc()
         log.info("reconciled %s:/%s: %s", backend.name, display_name(rel), outcome,
-                 extra={"backend": backend.name, "path": display_name(rel), "outcome": outcome})
+                 extra={"backend": backend.name, "path": display_name(rel), "outcome": outcome,
+                        "journal_id": rows[0][0][0] if rows and rows[0] else None})
         if self.on_applied is not None:
             self.on_applied(applied)
         if current is not None and current.is_dir:

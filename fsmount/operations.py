@@ -33,6 +33,7 @@ ATTR_TIMEOUT = float(os.environ.get("FILESTORE_ATTR_TIMEOUT", "1.0"))
 # round trip per `ls -l` entry or per write); see docs/architecture.md D18
 XATTRS = os.environ.get("FILESTORE_XATTRS", "on").lower() not in ("off", "0", "no", "false")
 NAME_MAX = 255
+INVALIDATION_BATCH_SECONDS = 0.02
 KINDS = {stat_mod.S_IFIFO: "fifo", stat_mod.S_IFSOCK: "socket", stat_mod.S_IFCHR: "chardev",
          stat_mod.S_IFBLK: "blockdev", stat_mod.S_IFREG: "file"}
 RENAME_NOREPLACE = getattr(pyfuse3, "RENAME_NOREPLACE", 1)
@@ -141,7 +142,19 @@ class Operations(pyfuse3.Operations):
         """Inodes core changed behind the kernel's back (adopted from the disk): drop the
         kernel's attributes, pages and listings of them, from this thread of its own."""
         while True:
-            self._caches_changed(self._to_invalidate.get())
+            first = self._to_invalidate.get()
+            # A burst of commands in one directory asks once: every invalidation makes the
+            # kernel fetch the attributes again (a GETATTR before its next permission check).
+            time.sleep(INVALIDATION_BATCH_SECONDS)
+            batch = [first]
+            while not self._to_invalidate.empty():
+                batch.append(self._to_invalidate.get_nowait())
+            self._caches_changed(Invalidation(
+                rollups=sorted({d for c in batch for d in c.rollups}),
+                nodes=sorted({n for c in batch for n in c.nodes}),
+                dirs=sorted({d for c in batch for d in c.dirs}),
+                names=sorted({n for c in batch for n in c.names}),
+                everything=any(c.everything for c in batch)))
 
     def _root_attrs(self) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()

@@ -143,9 +143,11 @@ class Operations(pyfuse3.Operations):
         kernel's attributes, pages and listings of them, from this thread of its own."""
         while True:
             first = self._to_invalidate.get()
-            # A burst of commands in one directory asks once: every invalidation makes the
-            # kernel fetch the attributes again (a GETATTR before its next permission check).
-            time.sleep(INVALIDATION_BATCH_SECONDS)
+            if not (first.nodes or first.dirs or first.names or first.everything):
+                # New directory sizes only: a burst of commands in one directory asks once
+                # (each invalidation makes the kernel fetch the attributes again, a GETATTR).
+                # Names and nodes changed behind the kernel's back go at once.
+                time.sleep(INVALIDATION_BATCH_SECONDS)
             batch = [first]
             while not self._to_invalidate.empty():
                 batch.append(self._to_invalidate.get_nowait())

@@ -139,24 +139,22 @@ class Operations(pyfuse3.Operations):
                     pass
 
     def _invalidate_for_core(self) -> None:
-        """Inodes core changed behind the kernel's back (adopted from the disk): drop the
-        kernel's attributes, pages and listings of them, from this thread of its own."""
+        """Inodes core changed behind the kernel's back (adopted from the disk), and directory
+        sizes this mount's commands moved: the kernel drops what it holds of them, from this
+        thread of its own. A directory's size is invalidated at most once per
+        INVALIDATION_BATCH_SECONDS (each invalidation costs a GETATTR; the fold that follows
+        invalidates it again), names and nodes every time."""
+        recent: dict[int, float] = {}
         while True:
-            first = self._to_invalidate.get()
-            if not (first.nodes or first.dirs or first.names or first.everything):
-                # New directory sizes only: a burst of commands in one directory asks once
-                # (each invalidation makes the kernel fetch the attributes again, a GETATTR).
-                # Names and nodes changed behind the kernel's back go at once.
-                time.sleep(INVALIDATION_BATCH_SECONDS)
-            batch = [first]
-            while not self._to_invalidate.empty():
-                batch.append(self._to_invalidate.get_nowait())
-            self._caches_changed(Invalidation(
-                rollups=sorted({d for c in batch for d in c.rollups}),
-                nodes=sorted({n for c in batch for n in c.nodes}),
-                dirs=sorted({d for c in batch for d in c.dirs}),
-                names=sorted({n for c in batch for n in c.names}),
-                everything=any(c.everything for c in batch)))
+            change = self._to_invalidate.get()
+            now = time.monotonic()
+            fresh = [d for d in change.rollups if now - recent.get(d, 0.0) >= INVALIDATION_BATCH_SECONDS]
+            for d in fresh:
+                recent[d] = now
+            if len(recent) > 100_000:
+                recent.clear()
+            change.rollups = fresh
+            self._caches_changed(change)
 
     def _root_attrs(self) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()

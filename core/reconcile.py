@@ -17,7 +17,6 @@ journal when it reappears, and it becomes ACTIVE again.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import time
 import uuid
@@ -28,6 +27,7 @@ from typing import Any
 from executors.base import NotFound, Stat
 
 from . import metrics, rollups, store
+from .recovery import stat_or_none
 from .db import Database, IdPool
 from .faults import crash_point
 from .model import Backend, Node, Principal, display_name, name_arg
@@ -56,17 +56,6 @@ def job_key(backend_id: int, rel: bytes) -> str:
 
 def job_payload(backend_id: int, rel: bytes, **extra: Any) -> dict[str, Any]:
     return {"backend": backend_id, "path": rel.hex(), **extra}
-
-
-def _stat(backend: Backend, rel: bytes) -> Stat | None:
-    try:
-        return backend.executor.stat(rel)
-    except NotFound:
-        return None
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            return None
-        raise
 
 
 def _same_disk(a: Stat | None, b: Stat | None) -> bool:
@@ -120,7 +109,7 @@ class Reconciler:
         source = payload.get("source", "watcher")
         src = bytes.fromhex(payload["from"]) if payload.get("from") else None
 
-        first = _stat(backend, rel)
+        first = stat_or_none(backend, rel)
         for path in (rel, src):
             if path is not None and self.in_flight is not None and self.in_flight.busy(backend.id, path):
                 raise Busy(f"a mount is changing {display_name(path)}")
@@ -135,7 +124,7 @@ class Reconciler:
             self.queue.enqueue(RECONCILE, job_key(backend.id, ancestor),
                                job_payload(backend.id, ancestor, source=source, deep=True))
             return "parent-queued"
-        st = _stat(backend, rel)
+        st = stat_or_none(backend, rel)
         if not _same_disk(first, st):
             raise Busy(f"{display_name(rel)} is still changing on disk")
         node = found[1] if found else None
@@ -292,7 +281,7 @@ class Reconciler:
     def _moved_node(self, backend: Backend, src: bytes, st: Stat) -> tuple[Node, bytes, Node] | None:
         """(parent, name, node) recorded at `src` if the disk no longer has it: a rename made outside."""
         parent, name, found = self._locate(backend, src)
-        if parent is None or found is None or found[1].kind != st.kind or _stat(backend, src) is not None:
+        if parent is None or found is None or found[1].kind != st.kind or stat_or_none(backend, src) is not None:
             return None
         return parent, name, found[1]
 

@@ -173,8 +173,8 @@ def resolve(fs, backend: Backend, intent: Intent, *, command: str = "recover", w
     if finish is not None and intent.command == "rename" and len(paths) == 2:
         src_parent, src_name = _locate(fs, backend, paths[0])
         moved = ns.child(src_parent.id, src_name) if src_parent else None
-        if moved is not None and moved.is_dir and _stat(backend, paths[0]) is not None \
-                and _stat(backend, paths[1]) is not None:
+        if moved is not None and moved.is_dir and stat_or_none(backend, paths[0]) is not None \
+                and stat_or_none(backend, paths[1]) is not None:
             finish(paths[0], paths[1])
             log.info("finished the interrupted rename %s -> %s", display_name(paths[0]), display_name(paths[1]))
 
@@ -184,8 +184,8 @@ def resolve(fs, backend: Backend, intent: Intent, *, command: str = "recover", w
         src_parent, src_name = _locate(fs, backend, src)
         dst_parent, dst_name = _locate(fs, backend, dst)
         moved = ns.child(src_parent.id, src_name) if src_parent else None
-        if moved is not None and dst_parent is not None and _stat(backend, src) is None \
-                and _stat(backend, dst) is not None:
+        if moved is not None and dst_parent is not None and stat_or_none(backend, src) is None \
+                and stat_or_none(backend, dst) is not None:
             replaced = ns.child(dst_parent.id, dst_name)
             if replaced is not None:
                 _drop(change, replaced, dst_parent.id, dst_name, now)
@@ -201,7 +201,7 @@ def resolve(fs, backend: Backend, intent: Intent, *, command: str = "recover", w
         parent, name = _locate(fs, backend, rel)
         if parent is None:
             continue
-        st = _stat(backend, rel)
+        st = stat_or_none(backend, rel)
         node = ns.child(parent.id, name)
         if st is None and node is None:
             continue
@@ -290,13 +290,15 @@ def _locate(fs, backend: Backend, rel: bytes) -> tuple[Node | None, bytes]:
     return current, name
 
 
-def _stat(backend: Backend, rel: bytes) -> Stat | None:
+def stat_or_none(backend: Backend, rel: bytes) -> Stat | None:
+    """What the backend holds at `rel` now, or None when nothing is there (also when a parent
+    on the way is not a directory any more)."""
     try:
         return backend.executor.stat(rel)
     except NotFound:
         return None
     except OSError as exc:
-        if exc.errno == errno.ENOENT:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return None
         raise
 

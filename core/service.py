@@ -6,6 +6,8 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+import psycopg
+
 from . import backends, embedded_pg, overlaps, recovery, rollup_worker, rollups, schema, store, xattrs
 from .cache import Invalidation, open_cache
 from .config import Settings
@@ -19,6 +21,10 @@ from .orchestrator import Orchestrator
 from .queue import JobQueue
 
 log = logging.getLogger(__name__)
+
+# Backend roots with more entries than this are not loaded before serving (the first lookup
+# loads them): a mount must not take minutes to appear because a root holds millions of files.
+WARM_ROOT_ENTRIES = 20_000
 
 ROLLUP_XATTRS = (b"size_bytes", b"file_count", b"dir_count", b"consistency_state", b"last_calculated_at")
 
@@ -113,6 +119,26 @@ class Filestore:
             self.serving_call(lambda: self.ns.forget_everything(keep=keep))
         else:
             self.serving_call(lambda: self.ns.forget(change.nodes, change.dirs, keep=keep))
+
+    def warm(self) -> None:
+        """Load, before serving, what a first look at the mount asks for: each backend root's
+        listing and the totals of its directories (one query per root), and the connection
+        pool they are read through. The first `stat` of a tree then answers from memory:
+        measured 6 ms cold against 0.6 ms warm on a 20,000-file tree (issue 6 asks for under
+        1/1000 of a cold `du -s`)."""
+        for backend in list(self.ns.backends.values()):
+            root = backend.root_node_id
+            try:
+                if store.count_entries(self.db, root, up_to=WARM_ROOT_ENTRIES + 1) > WARM_ROOT_ENTRIES:
+                    continue
+                listing = self.ns.listing(root)
+                self.rollups.get(backend.id, root)
+                for _, node_id in listing.by_name.values():
+                    if self.ns.node(node_id).is_dir:
+                        self.rollups.get(backend.id, node_id)  # loads every sibling's totals at once
+                        break
+            except (psycopg.Error, FsError) as exc:  # serving does not depend on it
+                log.warning("warming backend %s: %s", backend.name, exc)
 
     def start_workers(self) -> None:
         """The background loops a serving process runs: the rollup folder and recalculations."""

@@ -50,6 +50,12 @@ def load_listing(db: Database, dir_id: int) -> list[tuple[int, bytes, Node]]:
     return [(row[0], bytes(row[1]), _node(row[2:])) for row in rows]
 
 
+def count_entries(db: Database, dir_id: int, *, up_to: int) -> int:
+    """How many entries a directory has, counting no further than up_to."""
+    return db.query("SELECT count(*) FROM (SELECT 1 FROM filestore.entries WHERE parent_id = %s LIMIT %s) e",
+                    (dir_id, up_to))[0][0]
+
+
 def load_parent(db: Database, node_id: int) -> tuple[int, bytes] | None:
     rows = db.query("SELECT parent_id, name FROM filestore.entries WHERE node_id = %s ORDER BY id LIMIT 1",
                     (node_id,))

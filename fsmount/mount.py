@@ -93,6 +93,7 @@ def serve(settings: Settings, mountpoint: str) -> None:
         if report.total:
             log.info("recovery: %s", report)
         loops = eventloops.start_in_mount(fs)
+        fs.warm()
         options = set(pyfuse3.default_options)
         options |= {"fsname=filestore", "subtype=filestore"}
         if os.geteuid() == 0:

@@ -7,11 +7,12 @@ failures and deadlocks by exception class, and an optimistic-version conflict ra
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ContextManager
 
 import psycopg
 from psycopg import ClientCursor
@@ -53,8 +54,13 @@ class Database:
         self.url = url
         self._pool: ConnectionPool | None = None
         self._pool_size = pool_size
-        self._command_conn: psycopg.Connection | None = None
-        self._command_lock = threading.Lock()
+        # Command connections, each used by one thread at a time: the serving thread and the
+        # workers committing closed files (core.corelock) overlap their round trips.
+        self._idle_commands: list[psycopg.Connection] = []
+        self._all_commands: list[psycopg.Connection] = []
+        self._commands_lock = threading.Lock()
+        # Entered around each command round trip: core.corelock lets other threads run then.
+        self.at_the_database: Callable[[], ContextManager] = contextlib.nullcontext
 
     # -- connections -------------------------------------------------------------------
     @property
@@ -68,27 +74,37 @@ class Database:
             )
         return self._pool
 
-    def command_connection(self) -> psycopg.Connection:
-        """The connection commands run on; raises psycopg.OperationalError while the server is away."""
-        if self._command_conn is None or self._command_conn.closed:
+    @contextlib.contextmanager
+    def command_connection(self) -> Iterator[psycopg.Connection]:
+        """A command connection for one transaction; raises psycopg.OperationalError while
+        the server is away (and then drops the connection, so the next one reconnects)."""
+        with self._commands_lock:
+            conn = self._idle_commands.pop() if self._idle_commands else None
+        if conn is None or conn.closed:
             conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
             # Commits stay atomic; a database crash may lose the last fraction of a second of
             # them. fsync on a file waits for the WAL (flush_wal), see docs/architecture.md.
             conn.execute("SET synchronous_commit = off")
-            self._command_conn = conn
-        return self._command_conn
-
-    def _drop_command_connection(self) -> None:
-        if self._command_conn is not None:
+            with self._commands_lock:
+                self._all_commands = [c for c in self._all_commands if not c.closed] + [conn]
+        try:
+            yield conn
+        except psycopg.OperationalError:
             try:
-                self._command_conn.close()
+                conn.close()
             except psycopg.Error:
                 pass
-        self._command_conn = None
+            raise
+        finally:
+            if not conn.closed:
+                with self._commands_lock:
+                    self._idle_commands.append(conn)
 
     def close(self) -> None:
-        if self._command_conn is not None:
-            self._command_conn.close()
+        with self._commands_lock:
+            for conn in self._all_commands:
+                conn.close()
+            self._all_commands, self._idle_commands = [], []
         if self._pool is not None:
             self._pool.close()
 
@@ -111,49 +127,45 @@ class Database:
         serialization failures and deadlocks; raises Conflict on an optimistic-version
         conflict and lets every other database error through.
         """
-        with self._command_lock:
-            for attempt in range(1, MAX_ATTEMPTS + 1):
-                steps = statements() if callable(statements) else statements
-                started = time.perf_counter()
-                try:
-                    return _run_as_one_query(self.command_connection(), steps)
-                except RETRYABLE:
-                    metrics.TXN_RESTARTS.labels(label).inc()
-                    if attempt == MAX_ATTEMPTS:
-                        raise
-                    time.sleep(0.002 * 2 ** attempt)
-                except psycopg.OperationalError:
-                    # The server went away (restart, outage): reconnect and retry a few times.
-                    # A retry of a command that did commit fails on its unique request id, and
-                    # is then treated like an outage: recovery finds the row and changes nothing.
-                    self._drop_command_connection()
-                    if attempt == MAX_ATTEMPTS:
-                        raise
-                    time.sleep(0.05 * attempt)
-                except psycopg.errors.DatabaseError as exc:
-                    if getattr(exc, "sqlstate", None) == "FS409":
-                        raise Conflict(_first_line(exc)) from exc
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            steps = statements() if callable(statements) else statements
+            started = time.perf_counter()
+            try:
+                with self.at_the_database(), self.command_connection() as conn:
+                    return _run_as_one_query(conn, steps)
+            except RETRYABLE:
+                metrics.TXN_RESTARTS.labels(label).inc()
+                if attempt == MAX_ATTEMPTS:
                     raise
-                finally:
-                    metrics.TXN_SECONDS.labels(label).observe(time.perf_counter() - started)
-            raise AssertionError("unreachable")
+                time.sleep(0.002 * 2 ** attempt)
+            except psycopg.OperationalError:
+                # The server went away (restart, outage): reconnect and retry a few times.
+                # A retry of a command that did commit fails on its unique request id, and
+                # is then treated like an outage: recovery finds the row and changes nothing.
+                if attempt == MAX_ATTEMPTS:
+                    raise
+                time.sleep(0.05 * attempt)
+            except psycopg.errors.DatabaseError as exc:
+                if getattr(exc, "sqlstate", None) == "FS409":
+                    raise Conflict(_first_line(exc)) from exc
+                raise
+            finally:
+                metrics.TXN_SECONDS.labels(label).observe(time.perf_counter() - started)
+        raise AssertionError("unreachable")
 
     def flush_wal(self) -> None:
         """Wait until every commit made so far is durable (the fsync rule)."""
-        with self._command_lock:
-            for attempt in range(1, MAX_ATTEMPTS + 1):
-                try:
-                    conn = self.command_connection()
-                    with conn.transaction():
-                        conn.execute("SET LOCAL synchronous_commit = on")
-                        # An xid forces a commit record, whose synchronous flush covers all earlier WAL.
-                        conn.execute("SELECT pg_current_xact_id()")
-                    return
-                except psycopg.OperationalError:
-                    self._drop_command_connection()
-                    if attempt == MAX_ATTEMPTS:
-                        raise
-                    time.sleep(0.05 * attempt)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                with self.at_the_database(), self.command_connection() as conn, conn.transaction():
+                    conn.execute("SET LOCAL synchronous_commit = on")
+                    # An xid forces a commit record, whose synchronous flush covers all earlier WAL.
+                    conn.execute("SELECT pg_current_xact_id()")
+                return
+            except psycopg.OperationalError:
+                if attempt == MAX_ATTEMPTS:
+                    raise
+                time.sleep(0.05 * attempt)
 
 
 def _run_as_one_query(conn: psycopg.Connection, steps: Sequence[Statement]) -> list[list[tuple]]:

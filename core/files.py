@@ -22,9 +22,9 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from executors.base import ExecutorError, PermissionDenied, Stat
@@ -56,6 +56,7 @@ class OpenFile:
     attrs: dict = field(default_factory=dict)  # attribute changes folded into the pending write
     pending: PendingCreate | None = None  # created here, not yet on the backend nor journaled
     reader: object | None = None  # ranged reads of committed content (backends without descriptors)
+    committing: bool = False  # a commit of it is under way, maybe waiting at the database (core.corelock)
 
     @property
     def dirty(self) -> bool:
@@ -63,6 +64,8 @@ class OpenFile:
 
 
 class FileTable:
+    """Open files of one process. Used under core.corelock's lock (one thread at a time)."""
+
     def __init__(self, orchestrator: Orchestrator, ns: Namespace):
         self.orch = orchestrator
         self.ns = ns
@@ -74,7 +77,10 @@ class FileTable:
         self._retained: dict[int, int] = {}
         self._handles: dict[int, OpenFile] = {}
         self._next = itertools.count(1)
-        self._lock = threading.RLock()
+        # Set by core.service to core.corelock's: waiting lets other threads run core code,
+        # among them the one finishing a commit of the file waited for.
+        self.wait_until: Callable[[Callable[[], bool]], None] = lambda predicate: None
+        self.notify: Callable[[], None] = lambda: None
 
     # -- opening ----------------------------------------------------------------------
     def create(self, who: Principal, parent_id: int, name: bytes, mode: int, flags: int) -> tuple[int, object]:
@@ -82,24 +88,22 @@ class FileTable:
         pending = self.orch.create_deferred(who, parent_id, name, mode)
         of = OpenFile(pending.node.id, pending.backend, writable=True, fresh=True, pending=pending,
                       sync_writes=bool(flags & (os.O_SYNC | os.O_DSYNC)), who=who)
-        with self._lock:
-            self._by_node[pending.node.id] = of
-            return self._new_handle(of), pending.node
+        self._by_node[pending.node.id] = of
+        return self._new_handle(of), pending.node
 
     def settle(self, node_id: int) -> None:
         """Put a file created here, or staged content, on the backend before another command
         changes the file (rename, link, unlink, setattr...): a hard link made to a file whose
         rewrite is staged would otherwise be split from it when the staged content lands."""
-        with self._lock:
-            of = self._by_node.get(node_id)
-            if of is None:
-                return
-            if of.pending is not None or of.staging_id is not None:
-                self._commit(of, durable=False)
-            if of.fd is None and not of.fresh:
-                # The command may remove the name (unlink, rename over): an open file stays
-                # readable and writable until its last close, so take its descriptor now.
-                self._descriptor(of)
+        of = self._quiet(self._by_node.get(node_id))
+        if of is None:
+            return
+        if of.pending is not None or of.staging_id is not None:
+            self._commit(of, durable=False)
+        if of.fd is None and not of.fresh:
+            # The command may remove the name (unlink, rename over): an open file stays
+            # readable and writable until its last close, so take its descriptor now.
+            self._descriptor(of)
 
     def retain(self, node_id: int) -> None:
         """Called before a command removes a regular file's last name (unlink, rename over).
@@ -110,23 +114,21 @@ class FileTable:
         node = self.ns.node(node_id)
         if node.kind != "file" or node.nlink > 1 or node_id in self._retained:
             return
-        with self._lock:
-            of = self._by_node.get(node_id)
-            if of is not None and of.fresh:
-                return
-            backend, rel = self.ns.path_of(node_id)
-            try:
-                self._retained[node_id] = backend.executor.open_file(rel, write=not backend.read_only)
-            except ExecutorError:
-                pass  # nothing to keep: the removal itself will report what is wrong
+        of = self._quiet(self._by_node.get(node_id))
+        if of is not None and of.fresh:
+            return
+        backend, rel = self.ns.path_of(node_id)
+        try:
+            self._retained[node_id] = backend.executor.open_file(rel, write=not backend.read_only)
+        except ExecutorError:
+            pass  # nothing to keep: the removal itself will report what is wrong
 
     def unrecorded_in(self, dir_id: int) -> list[tuple[int, bytes, Node]]:
         """Files created in this directory by this process and not recorded yet (namespace
         listings re-add them when they load the directory from the database)."""
-        with self._lock:
-            return [(of.pending.entry_id, of.pending.name, self.ns.nodes.get(of.node_id, of.pending.node))
-                    for of in self._by_node.values()
-                    if of.pending is not None and of.pending.parent_id == dir_id]
+        return [(of.pending.entry_id, of.pending.name, self.ns.nodes.get(of.node_id, of.pending.node))
+                for of in self._by_node.values()
+                if of.pending is not None and of.pending.parent_id == dir_id]
 
     def holds(self, node_id: int) -> bool:
         """True while this process has changes to the node that are not recorded yet."""
@@ -148,23 +150,22 @@ class FileTable:
         wants_write = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR) or bool(flags & os.O_TRUNC)
         if wants_write and backend.read_only:
             raise FsError(errno.EROFS)
-        with self._lock:
-            of = self._by_node.get(node_id)
-            if of is None:
-                of = OpenFile(node_id, backend, writable=not backend.read_only)
-                self._by_node[node_id] = of
-            if flags & (os.O_SYNC | os.O_DSYNC):
-                of.sync_writes = True
-            if wants_write:
-                of.who = who
-            handle = self._new_handle(of)
-            try:
-                if wants_write and flags & os.O_TRUNC:
-                    self._truncate(of, 0)
-            except BaseException:
-                self.release(handle)
-                raise
-            return handle
+        of = self._quiet(self._by_node.get(node_id))
+        if of is None:
+            of = OpenFile(node_id, backend, writable=not backend.read_only)
+            self._by_node[node_id] = of
+        if flags & (os.O_SYNC | os.O_DSYNC):
+            of.sync_writes = True
+        if wants_write:
+            of.who = who
+        handle = self._new_handle(of)
+        try:
+            if wants_write and flags & os.O_TRUNC:
+                self._truncate(of, 0)
+        except BaseException:
+            self.release(handle)
+            raise
+        return handle
 
     def _new_handle(self, of: OpenFile) -> int:
         handle = next(self._next)
@@ -174,9 +175,15 @@ class FileTable:
 
     def _get(self, handle: int) -> OpenFile:
         try:
-            return self._handles[handle]
+            return self._quiet(self._handles[handle])
         except KeyError:
             raise FsError(errno.EBADF) from None
+
+    def _quiet(self, of: OpenFile | None) -> OpenFile | None:
+        """The open file once no commit of it is under way (another thread may be finishing one)."""
+        if of is not None and of.committing:
+            self.wait_until(lambda: not of.committing)
+        return of
 
     def _descriptor(self, of: OpenFile) -> int:
         if of.fd is None and of.node_id in self._retained:
@@ -250,13 +257,12 @@ class FileTable:
 
     def write(self, handle: int, offset: int, data: bytes) -> int:
         of = self._get(handle)
-        with self._lock:
-            self._begin_change(of)
-            self._prepare(of, offset, len(data))
-            written = os.pwrite(of.fd, data, offset)
-            of.ranges.append((offset, written))
-            if of.staging_id is not None:
-                crash_point("after_stage_write")
+        self._begin_change(of)
+        self._prepare(of, offset, len(data))
+        written = os.pwrite(of.fd, data, offset)
+        of.ranges.append((offset, written))
+        if of.staging_id is not None:
+            crash_point("after_stage_write")
         if of.sync_writes:
             self._commit(of, durable=True)
         return written
@@ -316,12 +322,11 @@ class FileTable:
 
     def truncate_open(self, node_id: int, size: int) -> bool:
         """Apply a size change to the open content of a node, if this process has it open."""
-        with self._lock:
-            of = self._by_node.get(node_id)
-            if of is None or not (of.dirty or of.fresh):
-                return False
-            self._truncate(of, size)
-            return True
+        of = self._quiet(self._by_node.get(node_id))
+        if of is None or not (of.dirty or of.fresh):
+            return False
+        self._truncate(of, size)
+        return True
 
     def absorb_attrs(self, node_id: int, *, mode: int | None = None, uid: int | None = None,
                      gid: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> bool:
@@ -330,27 +335,26 @@ class FileTable:
         at close instead of four). True if absorbed; the change is applied to the open content
         now, so it survives the landing of staged content, and is visible at once in this mount.
         """
-        with self._lock:
-            of = self._by_node.get(node_id)
-            if of is None or not of.dirty or of.fd is None:
-                return False
-            node = self.ns.node(node_id)
-            if mode is not None:
-                os.fchmod(of.fd, mode & 0o7777)
-            executor = of.backend.executor
-            if (uid is not None or gid is not None) and executor.owns_files and executor.in_place:
-                os.fchown(of.fd, -1 if uid is None else uid, -1 if gid is None else gid)
-            if atime_ns is not None or mtime_ns is not None:
-                st = os.fstat(of.fd)
-                os.utime(of.fd, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
-                                    st.st_mtime_ns if mtime_ns is None else mtime_ns))
-            self.ns.put(node.changed(mode=node.mode if mode is None else mode & 0o7777,
-                                     uid=node.uid if uid is None else uid,
-                                     gid=node.gid if gid is None else gid))
-            changes = {k: v for k, v in (("mode", mode), ("uid", uid), ("gid", gid), ("atime_ns", atime_ns),
-                                          ("mtime_ns", mtime_ns)) if v is not None}
-            of.attrs.update(changes)
-            return True
+        of = self._quiet(self._by_node.get(node_id))
+        if of is None or not of.dirty or of.fd is None:
+            return False
+        node = self.ns.node(node_id)
+        if mode is not None:
+            os.fchmod(of.fd, mode & 0o7777)
+        executor = of.backend.executor
+        if (uid is not None or gid is not None) and executor.owns_files and executor.in_place:
+            os.fchown(of.fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        if atime_ns is not None or mtime_ns is not None:
+            st = os.fstat(of.fd)
+            os.utime(of.fd, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                                st.st_mtime_ns if mtime_ns is None else mtime_ns))
+        self.ns.put(node.changed(mode=node.mode if mode is None else mode & 0o7777,
+                                 uid=node.uid if uid is None else uid,
+                                 gid=node.gid if gid is None else gid))
+        changes = {k: v for k, v in (("mode", mode), ("uid", uid), ("gid", gid), ("atime_ns", atime_ns),
+                                      ("mtime_ns", mtime_ns)) if v is not None}
+        of.attrs.update(changes)
+        return True
 
     def live_stat(self, node_id: int) -> Stat | None:
         """Size and times of content written but not yet committed."""
@@ -361,22 +365,30 @@ class FileTable:
 
     # -- committing -------------------------------------------------------------------
     def flush(self, handle: int) -> None:
+        """close(2): commit what changed. May run on a worker thread (core.corelock), so it
+        holds no lock of this table while the commit waits for the database."""
         of = self._get(handle)
-        with self._lock:
-            if of.dirty or of.pending is not None:
-                self._commit(of, durable=False)
+        if of.dirty or of.pending is not None:
+            self._commit(of, durable=False)
 
     def fsync(self, handle: int, datasync: bool) -> None:
         of = self._get(handle)
-        with self._lock:
-            if of.dirty or of.pending is not None:
-                self._commit(of, durable=True)
-                return
-            if of.fd is not None:
-                (os.fdatasync if datasync else os.fsync)(of.fd)
+        if of.dirty or of.pending is not None:
+            self._commit(of, durable=True)
+            return
+        if of.fd is not None:
+            (os.fdatasync if datasync else os.fsync)(of.fd)
         self.orch.db.flush_wal()
 
     def _commit(self, of: OpenFile, *, durable: bool) -> None:
+        of.committing = True
+        try:
+            self._commit_now(of, durable=durable)
+        finally:
+            of.committing = False
+            self.notify()
+
+    def _commit_now(self, of: OpenFile, *, durable: bool) -> None:
         if of.pending is not None:
             self._commit_created(of, durable=durable)
             return
@@ -465,22 +477,21 @@ class FileTable:
         of.fresh = False
 
     def release(self, handle: int) -> None:
-        with self._lock:
-            of = self._handles.pop(handle, None)
-            if of is None:
-                return
-            of.handles -= 1
-            if of.handles > 0:
-                return
-            try:
-                if of.dirty or of.pending is not None:
-                    self._commit(of, durable=False)
-            finally:
-                if of.staging_id is not None:
-                    of.backend.executor.discard(of.staging_id)
-                if of.fd is not None:
-                    os.close(of.fd)
-                if of.reader is not None:
-                    of.reader.close()
-                self._by_node.pop(of.node_id, None)
+        of = self._quiet(self._handles.pop(handle, None))
+        if of is None:
+            return
+        of.handles -= 1
+        if of.handles > 0:
+            return
+        try:
+            if of.dirty or of.pending is not None:
+                self._commit(of, durable=False)
+        finally:
+            if of.staging_id is not None:
+                of.backend.executor.discard(of.staging_id)
+            if of.fd is not None:
+                os.close(of.fd)
+            if of.reader is not None:
+                of.reader.close()
+            self._by_node.pop(of.node_id, None)
 

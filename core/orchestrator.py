@@ -110,6 +110,9 @@ class Orchestrator:
         self.mirror: Callable[[Backend, str, uuid.UUID, tuple[bytes, ...]], None] = lambda *args: None
         # Called after every journal row commits: wakes the in-process event relay (core.relay).
         self.committed: Callable[[], None] = lambda: None
+        # Called before a directory moves: waits until no commit is at the database, as their
+        # rollup deltas name the directory chain they saw (core.corelock).
+        self.quiesce: Callable[[], None] = lambda: None
 
     # == the template ==================================================================
     def _run(self, cmd: Command, execute: Callable[[], Any],
@@ -551,6 +554,8 @@ class Orchestrator:
         dst = self.ns.child(new_parent_id, new_name)
         if dst is not None:
             self.settle(dst.id)
+        if src.is_dir or (dst is not None and dst.is_dir):
+            self.quiesce()
         if exchange:
             return self._exchange(cmd, src, dst, (old_parent, old_rel_parent, old_name),
                                   (new_parent, new_rel_parent, new_name))

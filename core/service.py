@@ -11,6 +11,7 @@ import psycopg
 from . import backends, embedded_pg, overlaps, recovery, rollup_worker, rollups, schema, store, xattrs
 from .cache import Invalidation, open_cache
 from .config import Settings
+from .corelock import CoreLock
 from .db import Database, connect
 from .errors import ConfigError, FsError
 from .files import FileTable
@@ -54,10 +55,15 @@ class Filestore:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.db = open_database(settings)
+        self.core_lock = CoreLock()
+        self.db.at_the_database = self.core_lock.at_the_database
         self.ns = Namespace(self.db)
         self.intents = IntentLog(settings.intents_path, before_compact=self.db.flush_wal)
         self.orch = Orchestrator(self.db, self.ns, self.intents)
         self.files = FileTable(self.orch, self.ns)
+        self.files.wait_until = self.core_lock.wait_until
+        self.files.notify = self.core_lock.notify
+        self.orch.quiesce = self.core_lock.quiesce
         self.orch.heal = lambda intent: recovery.heal(self, intent)
         self.cache = open_cache(settings.redis_url)
         self.rollups = rollup_worker.RollupView(self.db, self.cache, self.ns.parent_of)

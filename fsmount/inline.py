@@ -87,6 +87,10 @@ class Inline:
                 pass  # the kernel does not know this inode: nothing cached
 
     def _apply(self, applied: Applied) -> None:
+        with self.fs.core_lock:
+            self._apply_locked(applied)
+
+    def _apply_locked(self, applied: Applied) -> None:
         ns = self.fs.ns
         for node in applied.puts:
             ns.put(node)

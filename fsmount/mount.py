@@ -119,11 +119,15 @@ def serve(settings: Settings, mountpoint: str) -> None:
 async def _main(fs: Filestore, path: str, started: list) -> None:
     token = trio.lowlevel.current_trio_token()
 
+    def locked(fn) -> None:
+        with fs.core_lock:
+            fn()
+
     def on_serving_thread(fn) -> None:
         try:
-            trio.from_thread.run_sync(fn, trio_token=token)
+            trio.from_thread.run_sync(locked, fn, trio_token=token)
         except trio.RunFinishedError:
-            fn()  # the mount is gone: nothing serves concurrently any more
+            locked(fn)  # the mount is gone: nothing serves any more
     fs.serving_call = on_serving_thread
     # The sidecar's loops (inline mode), health endpoints and registration need the trio token.
     started.append(Inline(fs, path, token))

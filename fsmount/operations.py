@@ -1,8 +1,10 @@
 """The pyfuse3 Operations: every handler makes one call into core and translates the answer.
 
 Handlers run on the trio thread and call core synchronously: core's statements are short
-and a thread hop costs more than most of them (DESIGN.md section 11). Nothing may escape a
-handler: `FsError` becomes its errno, anything else is logged with its traceback, counted
+and a thread hop costs more than most of them (DESIGN.md section 11). The exception is
+`flush` (close), which commits a written file: it runs on a worker thread that lets other
+requests go on while its transaction is at the database (core.corelock), so concurrent
+writers no longer queue behind each other's round trips. Nothing may escape a handler: `FsError` becomes its errno, anything else is logged with its traceback, counted
 and answered with EIO.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from collections import Counter
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from core import metrics
@@ -38,26 +41,52 @@ KINDS = {stat_mod.S_IFIFO: "fifo", stat_mod.S_IFSOCK: "socket", stat_mod.S_IFCHR
          stat_mod.S_IFBLK: "blockdev", stat_mod.S_IFREG: "file"}
 RENAME_NOREPLACE = getattr(pyfuse3, "RENAME_NOREPLACE", 1)
 RENAME_EXCHANGE = getattr(pyfuse3, "RENAME_EXCHANGE", 2)
+# Closed files committing at once, each on its own thread and database connection.
+COMMIT_THREADS = trio.CapacityLimiter(int(os.environ.get("FILESTORE_COMMIT_THREADS", "8")))
+
+
+def _answer(op: str, exc: BaseException) -> FUSEError:
+    """What the kernel is told of a failure: nothing may escape a handler."""
+    if isinstance(exc, FUSEError):
+        return exc
+    if isinstance(exc, FsError):
+        return FUSEError(exc.errno)
+    if isinstance(exc, OSError):
+        # A descriptor-level failure (pread/pwrite on the backend file): report it as is.
+        return FUSEError(exc.errno or errno.EIO)
+    log.error("unexpected failure in %s", op, exc_info=exc)
+    metrics.FUSE_ERRORS.labels(op).inc()
+    return FUSEError(errno.EIO)
 
 
 def handler(fn):
+    """Run on the serving thread, holding the core lock (core.corelock)."""
     op = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self, *args, **kwargs):
         try:
-            return fn(self, *args, **kwargs)
-        except FUSEError:
-            raise
-        except FsError as exc:
-            raise FUSEError(exc.errno) from None
-        except OSError as exc:
-            # A descriptor-level failure (pread/pwrite on the backend file): report it as is.
-            raise FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("unexpected failure in %s", op)
-            metrics.FUSE_ERRORS.labels(op).inc()
-            raise FUSEError(errno.EIO) from None
+            with self.fs.core_lock:
+                return fn(self, *args, **kwargs)
+        except Exception as exc:
+            raise _answer(op, exc) from None
+    return wrapper
+
+
+def committing(fn):
+    """Run on a worker thread that lets go of the core lock while its transaction is at the
+    database, so one writer's commit does not hold up every other request (core.corelock)."""
+    op = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        def run():
+            with self.fs.core_lock.committing():
+                return fn(self, *args)
+        try:
+            return await trio.to_thread.run_sync(run, limiter=COMMIT_THREADS)
+        except Exception as exc:
+            raise _answer(op, exc) from None
     return wrapper
 
 
@@ -333,7 +362,7 @@ class Operations(pyfuse3.Operations):
     def write(self, fh, off, buf):
         return self.files.write(fh, off, buf)
 
-    @handler
+    @committing
     def flush(self, fh):
         self.files.flush(fh)
 

@@ -140,6 +140,50 @@ def test_concurrent_writers_in_disjoint_subtrees(tracked):
     assert tracked.cli("rollups", "verify", "local:/", check=False).returncode == 0
 
 
+def test_directories_moved_while_files_commit_beneath_them(tracked):
+    """Closes commit on worker threads that let go of the mount while at the database; a
+    directory moved meanwhile must not leave their deltas on its old ancestors."""
+    for side in ("a", "b"):
+        os.makedirs(tracked.path / side)
+    for i in range(3):
+        os.makedirs(tracked.path / "a" / f"w{i}" / "leaf")
+    stop = threading.Event()
+    errors = []
+
+    def writer(i: int) -> None:
+        dfd = os.open(tracked.path / "a" / f"w{i}" / "leaf", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            n = 0
+            while not stop.is_set():  # names relative to the directory: its moves do not matter
+                fd = os.open(f"f{n}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd)
+                os.write(fd, b"x" * (n % 7000))
+                os.close(fd)
+                n += 1
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+        finally:
+            os.close(dfd)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        where = {i: "a" for i in range(3)}
+        for step in range(60):
+            i = step % 3
+            there = "b" if where[i] == "a" else "a"
+            os.rename(tracked.path / where[i] / f"w{i}", tracked.path / there / f"w{i}")
+            where[i] = there
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert du_json(tracked) == disk_totals(tracked.backend_root)
+    verified = tracked.cli("rollups", "verify", "local:/", check=False)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
 def test_stat_of_a_directory_serves_its_recursive_size(tracked):
     os.makedirs(tracked.path / "a" / "b")
     (tracked.path / "a" / "b" / "one").write_bytes(b"1" * 1000)

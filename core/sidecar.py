@@ -72,7 +72,7 @@ class Loops:
         if self._audit:
             self.audit()
         if self._watch:
-            watchers = Watchers(self.ctx.queue, list(self.ctx.backends().values()))
+            watchers = Watchers(self.ctx.queue, list(self.ctx.backends().values()), known=self.reconciler.known)
             try:
                 watchers.start()
             except OSError as exc:  # e.g. ENOSPC: more directories than fs.inotify.max_user_watches

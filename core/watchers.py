@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from watchdog.events import (DirAttribEvent, DirCreatedEvent, DirDeletedEvent, DirModifiedEvent, DirMovedEvent,
@@ -19,12 +20,14 @@ from watchdog.events import (DirAttribEvent, DirCreatedEvent, DirDeletedEvent, D
                              FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
 from watchdog.observers import Observer
 
+from executors.base import Stat
 from executors.local import STAGING_NAME
 
 from . import metrics
 from .model import Backend
 from .queue import RECONCILE, JobQueue
 from .reconcile import job_key, job_payload
+from .recovery import stat_or_none
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +84,14 @@ class _Backlog(FileSystemEventHandler):
 class Watchers:
     """One observer for every local backend, feeding filestore_reconcile_queue."""
 
-    def __init__(self, queue: JobQueue, backends: list[Backend]):
+    def __init__(self, queue: JobQueue, backends: list[Backend],
+                 known: Callable[[Backend, bytes, Stat], bool] | None = None):
         self.queue = queue
         self.backends = [b for b in backends if b.kind == "local"]
+        # Inline: the mount's own view of a path. Most events a mount's watcher sees are its
+        # own writes, already committed and in its namespace by the time of the flush: those
+        # are dropped here instead of costing a queued job each (claimed, looked at, finished).
+        self.known = known
         self._pending: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._observer = Observer()
@@ -113,6 +121,8 @@ class Watchers:
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
+        if self.known is not None:
+            pending = {key: payload for key, payload in pending.items() if not self._known(payload)}
         if not pending:
             return
         try:
@@ -122,3 +132,15 @@ class Watchers:
             with self._lock:
                 for key, payload in pending.items():
                     self._pending.setdefault(key, {}).update(payload)
+
+    def _known(self, payload: dict[str, Any]) -> bool:
+        """Does the disk show what the mount already holds? (A move or a directory arriving
+        with content is always looked at.)"""
+        if payload.get("deep") or payload.get("from"):
+            return False
+        backend = next((b for b in self.backends if b.id == payload["backend"]), None)
+        if backend is None:
+            return False
+        rel = bytes.fromhex(payload["path"])
+        st = stat_or_none(backend, rel)
+        return st is not None and self.known(backend, rel, st)

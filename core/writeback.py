@@ -211,6 +211,7 @@ class WriteBack:
 
     def _work(self, upload: Upload) -> None:
         while not self._give_up:
+            draining = self._stopping.is_set()
             try:
                 self._upload(upload)
                 return
@@ -220,8 +221,10 @@ class WriteBack:
                     self._lost(upload, "spool file vanished before its upload")
                     return
                 self._failed(upload, exc)
-                if self._stopping.is_set():
-                    self._give_up = True  # unmounting with S3 failing: the rest wait for the next start
+                if draining:
+                    # An attempt made while unmounting failed: S3 is failing; this upload and
+                    # those not started wait for the next start (rows and spool files stay).
+                    self._give_up = True
                     return
                 # Backoff; an unmount wakes it for one last attempt.
                 self._stopping.wait(min(30.0, 0.25 * 2 ** min(upload.attempts, 7)))

@@ -429,3 +429,35 @@ COMMENT ON COLUMN filestore.processes.stopped_at IS 'Set by a clean stop; NULL w
 -- The reconciler finds a MISSING node again by the path it vanished from (core.reconcile).
 CREATE INDEX IF NOT EXISTS journal_missing_idx ON filestore.journal_entries (backend_id, path)
     WHERE command = 'reconcile' AND args->>'outcome' = 'missing';
+
+-- == Write-back uploads of S3 backends (docs/architecture.md D34) ==
+
+-- A file closed on an S3 backend is recorded at once (its write command, upload: pending) and
+-- uploaded in the background from a spool file on the writing host. This row, written in the
+-- write command's transaction, says so until the upload lands; it is deleted in the transaction
+-- of the `upload` command that records the object's ETag. While it exists, every process waits
+-- for it before reading or changing the node, and audits leave the node alone.
+CREATE TABLE IF NOT EXISTS filestore.uploads (
+    node_id          bigint PRIMARY KEY REFERENCES filestore.nodes(id),
+    backend_id       integer NOT NULL REFERENCES filestore.backend_mounts(id),
+    spool            text NOT NULL,
+    owner            text NOT NULL,
+    path             bytea NOT NULL,
+    size             bigint NOT NULL CHECK (size >= 0),
+    mtime_ns         bigint NOT NULL,
+    request_id       uuid NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    attempts         integer NOT NULL DEFAULT 0,
+    last_error       text,
+    last_attempt_at  timestamptz
+);
+CREATE INDEX IF NOT EXISTS uploads_owner_idx ON filestore.uploads (owner);
+CREATE INDEX IF NOT EXISTS uploads_backend_idx ON filestore.uploads (backend_id);
+COMMENT ON TABLE filestore.uploads IS
+    'S3 content recorded but not uploaded yet (write-back). Inserted with the write command, deleted with its upload command. Written by core.files (through the orchestrator) and core.writeback.';
+COMMENT ON COLUMN filestore.uploads.spool IS 'Name of the spool file under FILESTORE_HOME/s3/BACKEND/pending on the owner''s host.';
+COMMENT ON COLUMN filestore.uploads.owner IS 'host:FILESTORE_HOME of the mount that holds the spool file; only that home uploads (and resumes) it.';
+COMMENT ON COLUMN filestore.uploads.path IS 'Backend-relative path of the object when recorded (commands on the node wait for the upload, so it is the key uploaded).';
+COMMENT ON COLUMN filestore.uploads.size IS 'Size and mtime_ns of the spool file as recorded: a spool file found different at resume is not uploaded (reported, node INCONSISTENT). The upload itself is verified by ETag against the MD5s of what was sent.';
+COMMENT ON COLUMN filestore.uploads.request_id IS 'The write command that recorded this content.';
+COMMENT ON COLUMN filestore.uploads.attempts IS 'Upload attempts that failed so far (with backoff); last_error says why.';

@@ -81,6 +81,8 @@ class FileTable:
         # among them the one finishing a commit of the file waited for.
         self.wait_until: Callable[[Callable[[], bool]], None] = lambda predicate: None
         self.notify: Callable[[], None] = lambda: None
+        # Write-back uploads of S3 backends (core.writeback), set by core.service.
+        self.writeback = None
 
     # -- opening ----------------------------------------------------------------------
     def create(self, who: Principal, parent_id: int, name: bytes, mode: int, flags: int) -> tuple[int, object]:
@@ -96,14 +98,23 @@ class FileTable:
         changes the file (rename, link, unlink, setattr...): a hard link made to a file whose
         rewrite is staged would otherwise be split from it when the staged content lands."""
         of = self._quiet(self._by_node.get(node_id))
-        if of is None:
+        if of is not None:
+            if of.pending is not None or of.staging_id is not None:
+                self._commit(of, durable=False)
+            if of.fd is None and not of.fresh:
+                # The command may remove the name (unlink, rename over): an open file stays
+                # readable and writable until its last close, so take its descriptor now.
+                self._descriptor(of)
+        self._await_upload(node_id)
+
+    def _await_upload(self, node_id: int) -> None:
+        """Content of an S3 file recorded but not uploaded yet (here or by another mount) lands
+        before anything else changes or reads the object (core.writeback)."""
+        if self.writeback is None:
             return
-        if of.pending is not None or of.staging_id is not None:
-            self._commit(of, durable=False)
-        if of.fd is None and not of.fresh:
-            # The command may remove the name (unlink, rename over): an open file stays
-            # readable and writable until its last close, so take its descriptor now.
-            self._descriptor(of)
+        node = self.ns.node(node_id)
+        if node.kind == "file" and self.writeback.is_s3(self.ns.backend_of(node)):
+            self.writeback.wait(node_id)
 
     def retain(self, node_id: int) -> None:
         """Called before a command removes a regular file's last name (unlink, rename over).
@@ -246,6 +257,13 @@ class FileTable:
     def _reader(self, of: OpenFile):
         if of.reader is None:
             node = self.ns.node(of.node_id)
+            wb = self.writeback
+            if wb is not None and wb.is_s3(of.backend):
+                of.reader = wb.reader(node.id)  # this mount's content not uploaded yet
+                if of.reader is not None:
+                    return of.reader
+                if wb.wait(node.id) or node.checksum is None:  # another mount's upload landed
+                    node = wb.refresh(node.id)
             backend, rel = self.ns.path_of(of.node_id)
             try:
                 of.reader = backend.executor.reader(
@@ -276,6 +294,7 @@ class FileTable:
         if of.fresh and of.fd is None:
             self._stage(of)
             return
+        self._await_upload(of.node_id)  # the copy must start from the uploaded content
         if not of.backend.executor.in_place:
             self._stage(of, copy=True)
             return
@@ -313,6 +332,7 @@ class FileTable:
         if size == 0 and not of.dirty and of.fd is None and node.nlink <= 1:
             if of.fresh:
                 return  # already empty
+            self._await_upload(of.node_id)  # one pending upload per node: the new one lands after
             self._stage(of)  # a whole rewrite: staged, landed atomically at close
             return
         self._begin_change(of)
@@ -378,6 +398,8 @@ class FileTable:
             return
         if of.fd is not None:
             (os.fdatasync if datasync else os.fsync)(of.fd)
+        else:
+            self._await_upload(of.node_id)  # fsync: durable in the backend, so uploaded
         self.orch.db.flush_wal()
 
     def _commit(self, of: OpenFile, *, durable: bool) -> None:
@@ -404,8 +426,15 @@ class FileTable:
         node = self.ns.node(of.node_id)
         staged = of.staging_id is not None
         executor = backend.executor
+        wb = self.writeback
+        write_back = staged and not durable and wb is not None and wb.applies(backend, of.staging_id)
+        kept = []
 
         def land() -> Stat:
+            if write_back:  # fsynced locally and recorded as pending; uploaded in the background
+                upload, st = wb.keep(backend, node, of.staging_id, of.fd, rel, of.request_id)
+                kept.append(upload)
+                return st
             if staged:
                 st = executor.land(of.staging_id, parent_rel, name, mode=node.mode, uid=node.uid,
                                    gid=node.gid, times_ns=None, durable=durable)
@@ -418,8 +447,12 @@ class FileTable:
         try:
             self.orch.write(of.who or Principal.system("fuse"), of.node_id, land=land, ranges=of.ranges,
                             request_id=of.request_id, staged=staged, paths=(rel,), durable=durable,
-                            attrs=of.attrs)
+                            attrs=of.attrs, pending_upload=(lambda: [wb.row(kept[0])]) if write_back else None)
+            if kept:
+                wb.enqueue(kept[0])
         except BaseException:
+            if kept:
+                wb.abandon(kept[0])
             self._drop_staged(of)
             raise
         finally:
@@ -431,8 +464,17 @@ class FileTable:
         executor = of.backend.executor
         node = self.ns.node(of.node_id)
         staging_id = of.staging_id
+        wb = self.writeback
+        write_back = staging_id is not None and not durable and wb is not None and wb.applies(of.backend, staging_id)
+        request_id = of.request_id or uuid.uuid4()
+        kept = []
 
         def land(parent_rel: bytes, name: bytes) -> Stat:
+            if write_back:  # fsynced locally and recorded as pending; uploaded in the background
+                rel = parent_rel + b"/" + name if parent_rel else name
+                upload, st = wb.keep(of.backend, node, staging_id, of.fd, rel, request_id)
+                kept.append(upload)
+                return st
             if staging_id is None:
                 return executor.create_file(parent_rel, name, node.mode, node.uid, node.gid)
             st = executor.land(staging_id, parent_rel, name, mode=node.mode, uid=node.uid, gid=node.gid,
@@ -444,9 +486,14 @@ class FileTable:
         if staging_id is not None:
             write = write_args(of.ranges, staged=True, durable=durable, attrs=of.attrs)
         try:
-            self.orch.finish_create(pending, land=land, write=write, writer=of.who,
-                                    request_id=of.request_id or uuid.uuid4(), durable=durable)
+            self.orch.finish_create(pending, land=land, write=write, writer=of.who, request_id=request_id,
+                                    durable=durable,
+                                    pending_upload=(lambda: [wb.row(kept[0])]) if write_back else None)
+            if kept:
+                wb.enqueue(kept[0])
         except BaseException:
+            if kept:
+                wb.abandon(kept[0])
             self._drop_staged(of)
             raise
         finally:

@@ -93,6 +93,9 @@ class Orchestrator:
         # Called with the id of every existing node a command is about to change, so that a
         # file created but not yet on the backend (core.files) gets there first.
         self.settle: Callable[[int], None] = lambda node_id: None
+        # Called with a backend before a directory is renamed or removed on it: content
+        # recorded but not uploaded yet under it lands first (core.writeback).
+        self.settle_tree: Callable[[Backend], None] = lambda backend: None
         # Called with the id of a file whose last name a command is about to remove, so that
         # an open of the inode the kernel still holds keeps working (core.files.retain).
         self.retain: Callable[[int], None] = lambda node_id: None
@@ -155,6 +158,7 @@ class Orchestrator:
                 statements.append(store.record(self._journal(c, "committed", result=_result_of(outcome, change)),
                                                change))
                 statements.extend(store.xattr_statements(change))
+                statements.extend(change.statements)
             try:
                 rows = self.db.transaction(statements, label=cmd.name)
                 break
@@ -403,9 +407,10 @@ class Orchestrator:
 
     def finish_create(self, pending: "PendingCreate", *, land: Callable[[bytes, bytes], Stat],
                       write: dict[str, Any] | None, writer: Principal | None, request_id: uuid.UUID,
-                      durable: bool) -> Node:
+                      durable: bool, pending_upload: Callable[[], list[store.Statement]] | None = None) -> Node:
         """Put a deferred file on the backend (`land(parent_rel, name)`, which must not replace
-        anything) and record its create, and its first write if any, in one transaction."""
+        anything) and record its create, and its first write if any, in one transaction. With
+        `pending_upload`, `land` only kept the content for a write-back upload (see `write`)."""
         node, parent_id, name, backend = pending.node, pending.parent_id, pending.name, pending.backend
         _, parent_rel = self._path(parent_id)
         rel = self._join(parent_rel, name)
@@ -414,6 +419,8 @@ class Orchestrator:
                       paths=(rel,), request_id=request_id)
         write_cmd = None
         if write is not None:
+            if pending_upload is not None:
+                write = {**write, "upload": "pending"}
             write_cmd = Command("write", writer or pending.who, backend, node_id=node.id, path=display_name(rel),
                                 args=write, paths=(rel,))
 
@@ -438,7 +445,7 @@ class Orchestrator:
                 final = created.changed(size=st.size, mtime_ns=st.mtime_ns,
                                         ctime_ns=_landed_ctime(st, True, write.get("attrs")),
                                         atime_ns=st.atime_ns, checksum=st.checksum, version=2)
-                content = store.Change()
+                content = store.Change(statements=pending_upload() if pending_upload is not None else [])
                 content.update(final, 1)
                 pairs = [(cmd, link), (write_cmd, content)]
 
@@ -487,6 +494,7 @@ class Orchestrator:
                 raise self.refuse(cmd, errno.ENOTDIR)
             if self.ns.listing(node.id).by_name:
                 raise self.refuse(cmd, errno.ENOTEMPTY)
+            self.settle_tree(backend)
         if command == "unlink":
             self.retain(node.id)
         executor = backend.executor
@@ -551,6 +559,8 @@ class Orchestrator:
         if src is None:
             raise self.refuse(cmd, errno.ENOENT)
         self.settle(src.id)
+        if src.is_dir:
+            self.settle_tree(backend)  # an S3 directory rename copies every object under it
         dst = self.ns.child(new_parent_id, new_name)
         if dst is not None:
             self.settle(dst.id)
@@ -801,11 +811,16 @@ class Orchestrator:
     # == write (commit of file content) ================================================
     def write(self, who: Principal, node_id: int, *, land: Callable[[], Stat],
               ranges: Sequence[tuple[int, int]], request_id: uuid.UUID, staged: bool,
-              paths: tuple[bytes, ...], durable: bool, attrs: dict[str, int] | None = None) -> Node:
-        """Commit content already written to the backend (in place) or staged (landed by `land`)."""
+              paths: tuple[bytes, ...], durable: bool, attrs: dict[str, int] | None = None,
+              pending_upload: Callable[[], list[store.Statement]] | None = None) -> Node:
+        """Commit content already written to the backend (in place) or staged (landed by `land`).
+        With `pending_upload`, the content is kept for a write-back upload (core.writeback): the
+        statements it returns (the upload's row) go into the command's transaction."""
         node = self.ns.node(node_id)
         backend = self.ns.backend_of(node)
         args = write_args(ranges, staged=staged, durable=durable, attrs=attrs)
+        if pending_upload is not None:
+            args["upload"] = "pending"
         written = args["bytes"]
         cmd = Command("write", who, backend, node_id=node_id,
                       path=display_name(paths[0]) if paths else None, args=args,
@@ -817,7 +832,7 @@ class Orchestrator:
             after = current.changed(size=st.size, mtime_ns=st.mtime_ns, ctime_ns=_landed_ctime(st, staged, attrs),
                                     atime_ns=st.atime_ns if attrs and "atime_ns" in attrs else current.atime_ns,
                                     checksum=st.checksum, version=current.version + 1)
-            change = store.Change()
+            change = store.Change(statements=pending_upload() if pending_upload is not None else [])
             change.update(after, current.version)
 
             def apply(_entry_ids):

@@ -136,6 +136,9 @@ class Reconciler:
             if st.kind == "dir" and payload.get("deep"):
                 self._compare_listing(backend, rel, node, source, recurse=source == "audit")
             return "unchanged"
+        if node is not None and self.db.query("SELECT 1 FROM filestore.uploads WHERE node_id = %s", (node.id,)):
+            # Recorded, not uploaded yet (write-back): S3 holds the old object, or none, until then.
+            raise Busy(f"{display_name(rel)} has an upload pending")
         return self._heal(backend, rel, parent, name, found, st, src, source, payload)
 
     # == drift ==========================================================================

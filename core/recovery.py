@@ -138,7 +138,9 @@ def _verify_since(fs, checkpoint: int) -> tuple[int, int]:
     rows = fs.db.query(
         "SELECT DISTINCT j.node_id FROM filestore.journal_entries j JOIN filestore.nodes n ON n.id = j.node_id"
         " WHERE j.id > %s AND j.status = 'committed' AND j.command IN ('create', 'write', 'setattr')"
-        " AND n.kind = 'file' AND n.state <> 'DELETED'", (checkpoint,))
+        " AND n.kind = 'file' AND n.state <> 'DELETED'"
+        # not uploaded yet (write-back, core.writeback): the backend holds the old object until then
+        " AND NOT EXISTS (SELECT 1 FROM filestore.uploads u WHERE u.node_id = n.id)", (checkpoint,))
     verified = changed = 0
     for (node_id,) in rows:
         try:

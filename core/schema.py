@@ -5,7 +5,7 @@ from pathlib import Path
 
 import psycopg
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6  # 6: filestore.uploads (S3 write-back, D34)
 _LOCK_KEY = 0x46494C45  # "FILE": serialises concurrent starts
 
 

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import psycopg
 
-from . import backends, embedded_pg, overlaps, recovery, rollup_worker, rollups, schema, store, xattrs
+from . import backends, embedded_pg, overlaps, recovery, rollup_worker, rollups, schema, store, writeback, xattrs
 from .cache import Invalidation, open_cache
 from .config import Settings
 from .corelock import CoreLock
@@ -69,6 +69,12 @@ class Filestore:
         self.rollups = rollup_worker.RollupView(self.db, self.cache, self.ns.parent_of)
         self.jobs = JobQueue(self.db)
         self.folder = rollup_worker.RollupFolder(self.db, self.cache, self.jobs)
+        # S3 content recorded at close and uploaded in the background (started by a mount only)
+        self.writeback = writeback.WriteBack(self.db, self.ns, self.jobs, settings.home)
+        self.writeback.changed = lambda *changed: self.orch.changed(*changed)
+        self.writeback.committed = lambda: self.orch.committed()
+        self.files.writeback = self.writeback
+        self.orch.settle_tree = self.writeback.wait_backend
         self.orch.rollups_changed = self._rollups_changed
         self.orch.changed = self.cache.announce
         self.ns.unrecorded = self.files.unrecorded_in
@@ -192,6 +198,7 @@ class Filestore:
         return list(self.orch.xattrs.of(node_id))
 
     def close(self) -> None:
+        self.writeback.drain()
         self.stop_workers()
         self.cache.close()
         for backend in self.ns.backends.values():

@@ -87,6 +87,9 @@ class Change:
     xattrs: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)  # (node, name, value; None: remove)
     rollup: dict[int, list[int]] = field(default_factory=dict)  # directory -> [bytes, files, dirs] delta
     moves: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # (dir, from chain, to chain)
+    # Further statements of the same transaction, sent after the journal row (a write-back
+    # upload's row in filestore.uploads: core.writeback)
+    statements: list[Statement] = field(default_factory=list)
 
     def add_delta(self, dirs: list[int], size: int, files: int, subdirs: int) -> None:
         for d in dirs:

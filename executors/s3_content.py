@@ -283,6 +283,78 @@ class ContentTransfers:
             raise RetriesExhausted(f"multipart upload of {key}: ETag {upload}, expected {expected}")
         return upload
 
+    # -- write-back: spool files kept until their upload lands (core.writeback) ----------
+    def can_keep(self, staging_id: str) -> bool:
+        """Can this spool file be uploaded later, on its own? Not a sparse one: it stands for
+        parts of the current object (copied server-side when it lands), which another change
+        could replace meanwhile; and its list of fetched parts lives in memory only."""
+        return staging_id not in self._sparse
+
+    @property
+    def pending_dir(self):
+        return self.spool.with_name("pending")
+
+    def keep(self, staging_id: str, fd: int) -> str:
+        """Make a spool file safe on local disk (fsync) and move it out of the staging area,
+        which recovery empties, into `pending`; returns its pending id (its name there)."""
+        pending = self.pending_dir
+        try:
+            pending.mkdir(parents=True, exist_ok=True)
+            os.fsync(fd)
+            os.rename(self.spool / staging_id, pending / staging_id)
+            dir_fd = os.open(pending, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)  # the rename too: a crash must not bring back the staging name
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise from_os_error(exc) from exc
+        return staging_id
+
+    def pending_ids(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.pending_dir))
+        except FileNotFoundError:
+            return []
+
+    def pending_stat(self, pending_id: str) -> os.stat_result | None:
+        try:
+            return os.stat(self.pending_dir / pending_id)
+        except FileNotFoundError:
+            return None
+
+    def open_pending(self, pending_id: str) -> int | None:
+        """A descriptor onto a pending spool file (reads of content not uploaded yet), or None
+        once it is gone (uploaded)."""
+        try:
+            return os.open(self.pending_dir / pending_id, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+
+    def upload_pending(self, pending_id: str, rel: bytes, *, mode: int, uid: int, gid: int) -> Stat:
+        """Upload a kept spool file as the object at `rel` (PUT with Content-MD5, or a verified
+        multipart upload). The file stays until `drop_pending`: the journal records the upload
+        first, so a crash in between uploads it again instead of losing track of it."""
+        key = self._key(rel)
+        try:
+            fd = os.open(self.pending_dir / pending_id, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise from_os_error(exc) from exc
+        try:
+            st = os.fstat(fd)
+            meta = self._meta("file", mode, uid, gid, st.st_mtime_ns, st.st_atime_ns)
+            etag = self._upload(fd, key, meta)
+        finally:
+            os.close(fd)
+        return Stat("file", st.st_size, mode & 0o7777, uid, gid, 0, st.st_atime_ns, st.st_mtime_ns,
+                    time.time_ns(), checksum=etag)
+
+    def drop_pending(self, pending_id: str) -> None:
+        try:
+            os.unlink(self.pending_dir / pending_id)
+        except FileNotFoundError:
+            pass
+
     def discard(self, staging_id: str) -> None:
         self._sparse.pop(staging_id, None)
         try:

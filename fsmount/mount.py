@@ -92,6 +92,8 @@ def serve(settings: Settings, mountpoint: str) -> None:
         report = recovery.run(fs)
         if report.total:
             log.info("recovery: %s", report)
+        fs.writeback.start()
+        fs.writeback.resume(fs.ns.backends)  # uploads a crash left pending, before serving
         loops = eventloops.start_in_mount(fs)
         fs.warm()
         options = set(pyfuse3.default_options)
@@ -108,6 +110,7 @@ def serve(settings: Settings, mountpoint: str) -> None:
             for inline in started:  # before the session closes: workers may still invalidate
                 inline.close()
             pyfuse3.close(unmount=True)
+            fs.writeback.drain()  # before the workers and loops stop: the uploads journal and announce
             fs.stop_workers()
             loops.stop()
         recovery.mark_clean(fs)

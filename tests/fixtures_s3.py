@@ -18,7 +18,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from conftest import Mount, Tracked, db_tree, run_cli
+from conftest import Mount, Tracked, db_tree, run_cli, wait_until
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -75,6 +75,10 @@ class S3Tracked(Tracked):
         return self.tmp / "home" / "s3" / "s3" / "spool"
 
     @property
+    def pending(self) -> Path:
+        return self.tmp / "home" / "s3" / "s3" / "pending"
+
+    @property
     def cache(self) -> Path:
         return self.tmp / "home" / "s3" / "s3" / "cache"
 
@@ -99,12 +103,25 @@ def start_s3_mount(tmp_path: Path, env: dict, db, endpoint: str, bucket: str, *,
     return t
 
 
+def pending_uploads(db) -> int:
+    return db.execute("SELECT count(*) FROM filestore.uploads").fetchone()[0]
+
+
+def wait_uploaded(t: S3Tracked, timeout: float = 60) -> None:
+    """Write-back (D34): wait until every upload recorded at close has landed."""
+    wait_until(lambda: pending_uploads(t.db) == 0, timeout=timeout, message="pending uploads to land")
+
+
 def stop_and_check(t: S3Tracked, s3, prefix: str = "data/") -> None:
     if t.mount.process is not None:
         t.mount.stop()
     assert_bucket_consistent(t.db, "s3", s3, t.bucket, prefix)
     left = os.listdir(t.spool) if t.spool.exists() else []
     assert not left, f"spool files left behind: {left}"
+    # an unmount with S3 answering drains the write-back uploads: nothing left to resume
+    assert pending_uploads(t.db) == 0
+    kept = os.listdir(t.pending) if t.pending.exists() else []
+    assert not kept, f"kept spool files left behind: {kept}"
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from core.errors import errno_for
 from executors import base
 from executors.s3 import S3Executor
 from executors.s3cache import ChunkCache
-from fixtures_s3 import assert_bucket_consistent, start_s3_mount, stop_and_check
+from fixtures_s3 import assert_bucket_consistent, start_s3_mount, stop_and_check, wait_uploaded
 
 MiB = 1 << 20
 
@@ -230,8 +230,11 @@ def test_write_and_read_a_small_file(s3_tracked, s3):
     assert obj["Metadata"]["uid"] == str(os.getuid())
     node = t.node("dir/hello.txt", "s3")
     assert node["checksum"] == hashlib.md5(b"hello s3").hexdigest() == obj["ETag"].strip('"')
-    commands = [j["command"] for j in t.journal() if j["node_id"] == node["id"]]
-    assert commands == ["create", "write", "setattr"]
+    rows = [j for j in t.journal() if j["node_id"] == node["id"]]
+    # written back (D34): the write recorded at close as pending, the upload its own command;
+    # chmod waited for it
+    assert [j["command"] for j in rows] == ["create", "write", "upload", "setattr"]
+    assert rows[1]["args"]["upload"] == "pending" and rows[2]["actor"] == "writeback"
     assert os.statvfs(t.path).f_bavail > 0  # S3 has no capacity: a large constant, as s3fs reports
 
 
@@ -244,6 +247,7 @@ def test_multipart_sized_write_then_ranged_and_cached_reads(tmp_path, env, db, s
         with open(t.path / "big.bin", "wb") as f:
             for off in range(0, len(data), MiB):
                 f.write(data[off:off + MiB])
+        wait_uploaded(t)
         head = s3.head_object(Bucket=t.bucket, Key="data/big.bin")
         assert head["ContentLength"] == len(data) and head["ETag"].strip('"').endswith("-3")
         assert t.node("big.bin", "s3")["checksum"] == head["ETag"].strip('"')
@@ -275,13 +279,15 @@ def test_append_and_overwrite_change_what_is_read(s3_tracked, s3):
     since = t.last_journal_id()
     with open(f, "ab") as out:
         out.write(b"second\n")
-    assert [j["command"] for j in t.journal(since)] == ["write"]
-    assert f.read_bytes() == b"first\nsecond\n"
+    assert f.read_bytes() == b"first\nsecond\n"  # before it is uploaded: from the spool file
+    wait_uploaded(t)
+    assert [j["command"] for j in t.journal(since)] == ["write", "upload"]
     t.restart()
     assert f.read_bytes() == b"first\nsecond\n"  # a new ETag: the old cached chunks are not used
     with open(f, "r+b") as out:
         out.seek(0)
         out.write(b"FIRST")
+    wait_uploaded(t)
     assert s3.get_object(Bucket=t.bucket, Key="data/log.txt")["Body"].read() == b"FIRST\nsecond\n"
     os.truncate(f, 3)
     assert s3.get_object(Bucket=t.bucket, Key="data/log.txt")["Body"].read() == b"FIR"
@@ -398,6 +404,9 @@ def test_cli_refuses_a_missing_bucket_in_one_line(env, s3_endpoint):
 
 
 def test_faults_complete_or_fail_cleanly_with_eio(tmp_path, env, db, s3_endpoint, bucket, s3, fault_proxy):
+    # Upload at close: a write fails with EIO when S3 does (write-back answers close at once:
+    # test_writeback.py)
+    env["FILESTORE_S3_WRITEBACK"] = "off"
     t = start_s3_mount(tmp_path, env, db, fault_proxy.url, bucket, options={"max_attempts": 6})
     try:
         p = t.path

@@ -1,0 +1,253 @@
+"""S3 write-back (docs/architecture.md D34) through real mounts on a real S3 endpoint (moto's
+server), S3 failures injected by the FaultProxy: close answers before the upload, the journal
+says it is pending, everything that reads or changes the node waits for it, a crash or an
+unmount with S3 down resumes it at the next start, and a lost spool file is reported."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+
+import pytest
+
+from conftest import Mount, wait_until
+from fixtures_s3 import pending_uploads, start_s3_mount, stop_and_check, wait_uploaded
+
+KiB = 1 << 10
+
+
+def keys(s3, bucket: str, prefix: str = "data/") -> list[str]:
+    out = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out.extend(o["Key"] for o in page.get("Contents", []))
+    return sorted(out)
+
+
+def body(s3, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def failed_attempts(db) -> int:
+    return db.execute("SELECT coalesce(min(attempts), 0) FROM filestore.uploads").fetchone()[0]
+
+
+def puts_fail(method: str, path: str) -> bool:
+    return method == "PUT"
+
+
+def in_thread(fn):
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # reported by the caller
+            out["error"] = exc
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+@pytest.fixture
+def wb(tmp_path, env, db, s3_endpoint, bucket, s3, fault_proxy):
+    env["FILESTORE_INLINE_LOOPS"] = "0"  # no audits: the GETs and PUTs counted are the mount's
+    t = start_s3_mount(tmp_path, env, db, fault_proxy.url, bucket, options={"max_attempts": 1})
+    try:
+        yield t
+    finally:
+        fault_proxy.fail_when = None
+        stop_and_check(t, s3)
+
+
+def test_close_returns_before_the_upload_which_lands_when_s3_answers(wb, s3, fault_proxy):
+    t = wb
+    data = os.urandom(100 * KiB)
+    fault_proxy.fail_when = puts_fail
+    (t.path / "f.bin").write_bytes(data)  # S3 refuses every PUT: close succeeds all the same
+    node = t.node("f.bin", "s3")
+    assert node["size"] == len(data) and node["checksum"] is None
+    row = t.db.execute("SELECT size, path, owner FROM filestore.uploads WHERE node_id = %s", (node["id"],)).fetchone()
+    assert row[0] == len(data) and bytes(row[1]) == b"f.bin" and row[2].endswith(str(t.tmp / "home"))
+    write = [j for j in t.journal() if j["node_id"] == node["id"] and j["command"] == "write"]
+    assert write[0]["status"] == "committed" and write[0]["args"]["upload"] == "pending"
+    assert keys(s3, t.bucket) == []
+    gets = fault_proxy.counts["GET"]
+    assert (t.path / "f.bin").read_bytes() == data  # read your writes: from the spool file
+    assert fault_proxy.counts["GET"] == gets
+    wait_until(lambda: failed_attempts(t.db) >= 2, timeout=30, message="failed attempts recorded")
+    assert t.db.execute("SELECT last_error FROM filestore.uploads").fetchone()[0]
+    fault_proxy.fail_when = None  # S3 answers again: the upload lands by itself
+    wait_uploaded(t)
+    got = s3.get_object(Bucket=t.bucket, Key="data/f.bin")
+    assert got["Body"].read() == data
+    node = t.node("f.bin", "s3")
+    assert node["checksum"] == got["ETag"].strip('"') == hashlib.md5(data).hexdigest()
+    upload = [j for j in t.journal() if j["node_id"] == node["id"] and j["command"] == "upload"]
+    assert len(upload) == 1 and upload[0]["actor"] == "writeback" and upload[0]["rollup"] is None
+    assert upload[0]["args"]["attempts"] >= 3
+
+
+def test_fsync_returns_once_the_object_is_in_s3(wb, s3, fault_proxy):
+    t = wb
+    fault_proxy.fail_when = puts_fail
+    (t.path / "f").write_bytes(b"durable")
+    fd = os.open(t.path / "f", os.O_RDONLY)
+    try:
+        thread, out = in_thread(lambda: os.fsync(fd))
+        wait_until(lambda: failed_attempts(t.db) >= 2, timeout=30, message="failed attempts recorded")
+        assert thread.is_alive()  # still waiting: the upload has not landed
+        fault_proxy.fail_when = None
+        thread.join(60)
+        assert "error" not in out, out
+        # fsync returned: the object is in S3 and the node says so, without waiting further
+        assert body(s3, t.bucket, "data/f") == b"durable"
+        assert t.node("f", "s3")["checksum"] is not None and pending_uploads(t.db) == 0
+    finally:
+        os.close(fd)
+
+
+def test_renames_and_unlinks_of_pending_files_wait_for_their_uploads(wb, s3, fault_proxy):
+    t = wb
+    (t.path / "dir").mkdir()
+    fault_proxy.fail_when = puts_fail
+    (t.path / "a.txt").write_bytes(b"a")
+    (t.path / "b.txt").write_bytes(b"b")
+    for i in range(10):
+        (t.path / "dir" / f"f{i}").write_bytes(b"%d" % i * 100)
+    assert pending_uploads(t.db) == 12
+
+    def change():
+        os.rename(t.path / "a.txt", t.path / "c.txt")
+        os.unlink(t.path / "b.txt")
+        os.rename(t.path / "dir", t.path / "dir2")
+    thread, out = in_thread(change)
+    wait_until(lambda: failed_attempts(t.db) >= 1, timeout=30, message="failed attempts recorded")
+    fault_proxy.fail_when = None
+    thread.join(120)
+    assert "error" not in out, out
+    assert keys(s3, t.bucket) == ["data/c.txt", "data/dir2/"] + [f"data/dir2/f{i}" for i in range(10)]
+    assert body(s3, t.bucket, "data/c.txt") == b"a"
+    assert body(s3, t.bucket, "data/dir2/f7") == b"7" * 100
+    assert (t.path / "dir2" / "f3").read_bytes() == b"3" * 100
+    commands = [j["command"] for j in t.journal() if j["path"] in ("a.txt", "c.txt")]
+    assert commands == ["create", "write", "upload", "rename"]
+
+
+def test_a_new_open_for_writing_waits_and_starts_from_the_uploaded_content(wb, s3, fault_proxy):
+    t = wb
+    (t.path / "log").write_bytes(b"one\n")
+    with open(t.path / "log", "ab") as f:  # the first upload may still be pending
+        f.write(b"two\n")
+    with open(t.path / "log", "ab") as f:
+        f.write(b"three\n")
+    wait_uploaded(t)
+    assert body(s3, t.bucket, "data/log") == b"one\ntwo\nthree\n"
+    assert [j["command"] for j in t.journal() if j["path"] == "log"].count("upload") == 3
+
+
+def test_a_crash_after_close_is_uploaded_at_the_next_start(wb, s3, fault_proxy):
+    t = wb
+    data = {f"f{i}": os.urandom(5 * KiB + i) for i in range(5)}
+    fault_proxy.fail_when = puts_fail
+    for name, content in data.items():
+        (t.path / name).write_bytes(content)
+    assert pending_uploads(t.db) == 5
+    t.mount.kill()  # SIGKILL right after the closes returned: nothing was uploaded
+    assert keys(s3, t.bucket) == [] and len(os.listdir(t.pending)) == 5
+    fault_proxy.fail_when = None
+    t.mount.start()  # resumes this home's uploads before serving
+    wait_uploaded(t)
+    for name, content in data.items():
+        got = s3.get_object(Bucket=t.bucket, Key=f"data/{name}")
+        assert got["Body"].read() == content
+        assert t.node(name, "s3")["checksum"] == got["ETag"].strip('"')
+        assert (t.path / name).read_bytes() == content
+    assert sum(1 for j in t.journal() if j["command"] == "upload") == 5
+
+
+def test_unmount_with_s3_down_keeps_the_uploads_for_the_next_start(wb, s3, fault_proxy):
+    t = wb
+    fault_proxy.fail_when = puts_fail
+    (t.path / "kept").write_bytes(b"kept while S3 is down")
+    t.mount.stop()  # exits (code 0) though the upload could not land
+    assert pending_uploads(t.db) == 1 and keys(s3, t.bucket) == []
+    assert "uploads still pending" in t.mount.log()
+    fault_proxy.fail_when = None
+    t.mount.start()
+    wait_uploaded(t)
+    assert body(s3, t.bucket, "data/kept") == b"kept while S3 is down"
+
+
+def test_a_lost_spool_file_is_reported_and_reconciled(tmp_path, env, db, s3_endpoint, bucket, s3, fault_proxy):
+    t = start_s3_mount(tmp_path, env, db, fault_proxy.url, bucket, options={"max_attempts": 1})
+    try:
+        (t.path / "old").write_bytes(b"old content")
+        wait_uploaded(t)
+        fault_proxy.fail_when = puts_fail
+        (t.path / "old").write_bytes(b"new content, never uploaded")
+        t.mount.kill()
+        for name in os.listdir(t.pending):
+            os.unlink(t.pending / name)  # the host lost it
+        fault_proxy.fail_when = None
+        t.mount.start()
+        assert "LOST UPLOAD" in t.mount.log()
+        drift = [j for j in t.journal() if j["command"] == "drift" and j["actor"] == "writeback"]
+        assert len(drift) == 1 and drift[0]["path"] == "old"
+        assert pending_uploads(t.db) == 0
+        # The reconciler adopts what S3 holds (the old object) instead of the lost content.
+        wait_until(lambda: (t.node("old", "s3") or {}).get("state") == "ACTIVE", timeout=30,
+                   message="the reconciler to adopt the object")
+        assert t.node("old", "s3")["size"] == len(b"old content")
+        assert (t.path / "old").read_bytes() == b"old content"
+    finally:
+        fault_proxy.fail_when = None
+        stop_and_check(t, s3)
+
+
+def test_another_mount_never_reads_the_old_object_of_a_pending_file(wb, s3, fault_proxy):
+    t = wb
+    (t.path / "f").write_bytes(b"old")
+    wait_uploaded(t)
+    home_b = t.tmp / "home-b"
+    b = Mount({**t.env, "FILESTORE_HOME": str(home_b), "FILESTORE_S3_WAIT_SECONDS": "3"},
+              t.tmp / "mnt-b", home_b / "logs" / "b.log").start()
+    try:
+        fault_proxy.fail_when = puts_fail
+        (t.path / "f").write_bytes(b"new, bigger")  # recorded in A; the old object stays in S3
+        assert body(s3, t.bucket, "data/f") == b"old"
+        with pytest.raises(OSError) as raised:  # B waits for the upload, bounded: EIO
+            (b.mountpoint / "s3" / "f").read_bytes()
+        assert raised.value.errno == errno.EIO
+        thread, out = in_thread(lambda: (b.mountpoint / "s3" / "f").read_bytes())
+        wait_until(lambda: failed_attempts(t.db) >= 2, timeout=30, message="failed attempts recorded")
+        fault_proxy.fail_when = None
+        thread.join(60)
+        assert out.get("value") == b"new, bigger", out
+    finally:
+        fault_proxy.fail_when = None
+        b.stop()
+
+
+def test_two_thousand_small_files_are_all_in_the_bucket_after_unmount(tmp_path, env, db, s3_endpoint, bucket, s3):
+    env["FILESTORE_INLINE_LOOPS"] = "0"
+    t = start_s3_mount(tmp_path, env, db, s3_endpoint, bucket)
+    try:
+        for d in range(20):
+            (t.path / f"d{d}").mkdir()
+            for i in range(100):
+                (t.path / f"d{d}" / f"f{i}").write_bytes(b"%04d-%02d " % (i, d) * 512)
+        t.mount.stop(timeout=600)  # the unmount drains the uploads
+        assert pending_uploads(t.db) == 0
+        names = [k for k in keys(s3, bucket) if not k.endswith("/")]
+        assert len(names) == 2000
+        for d in (0, 7, 19):
+            for i in (0, 42, 99):
+                assert body(s3, bucket, f"data/d{d}/f{i}") == b"%04d-%02d " % (i, d) * 512
+        etags = {o["Key"]: o["ETag"].strip('"') for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix="data/") for o in page.get("Contents", [])}
+        for d in range(20):
+            for i in range(100):
+                assert etags[f"data/d{d}/f{i}"] == hashlib.md5(b"%04d-%02d " % (i, d) * 512).hexdigest()
+    finally:
+        stop_and_check(t, s3)

@@ -171,8 +171,8 @@ class Loops:
         except Exception as exc:
             self.ctx.stats["jobs_failed"] += 1
             log.warning("reconcile job %s failed (attempt %d): %s", job.key, job.attempts, exc)
-            parked = []
-            self._settle(job, lambda j: parked.append(self.ctx.queue.fail(j, f"{type(exc).__name__}: {exc}")))
+            parked, reason = [], f"{type(exc).__name__}: {exc}"
+            self._settle(job, lambda j: parked.append(self.ctx.queue.fail(j, reason)))
             metrics.JOBS.labels(job.queue, "parked" if any(parked) else "failed").inc()
         else:
             self.ctx.stats["jobs_done"] += 1

@@ -115,3 +115,30 @@ def test_the_mount_serves_health_ready_and_metrics_and_registers(tracked):
     mounts = run_cli(tracked.env, "status", "--json").stdout
     assert [m["mountpoint"] for m in json.loads(mounts)["mounts"] if m["state"] == "alive"] == \
         [str(tracked.mount.mountpoint)]
+
+
+def test_the_inline_watcher_does_not_queue_the_mounts_own_committed_writes(tracked):
+    """Its events are compared with the mount's namespace when the watcher flushes: what the
+    mount already holds costs no reconcile job (each would be claimed, compared, finished)."""
+    import re
+    from fixtures_sidecar import free_port, http_get
+    port = free_port()
+    tracked.mount.stop()
+    tracked.mount.env = dict(tracked.env, FILESTORE_HTTP_PORT=str(port))
+    tracked.mount.start()
+    os.makedirs(tracked.path / "many")
+    for i in range(60):
+        (tracked.path / "many" / f"f{i}").write_bytes(CONTENT * (i + 1))
+        time.sleep(0.005)
+    drained_after_sentinel(tracked, "sentinel.txt")
+    _, text = http_get(port, "/metrics")
+
+    def counter(name: str, **labels: str) -> float:
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        found = re.search(rf"^{name}{{{want}}} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+    events = counter("filestore_watch_events_total", backend="local")
+    jobs = sum(counter("filestore_jobs_total", queue="filestore_reconcile_queue", outcome=o)
+               for o in ("done", "busy", "failed"))
+    assert events >= 60, text  # the watcher saw the writes ...
+    assert jobs <= 10, f"{jobs} reconcile jobs for {events} events of the mount's own writes"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -16,7 +17,7 @@ from .db import Database, connect
 from .errors import ConfigError, FsError
 from .files import FileTable
 from .intents import IntentLog
-from .model import ROOT_INODE, Node
+from .model import ROOT_INODE, Backend, Node
 from .namespace import Namespace
 from .orchestrator import Orchestrator
 from .queue import JobQueue
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 # Backend roots with more entries than this are not loaded before serving (the first lookup
 # loads them): a mount must not take minutes to appear because a root holds millions of files.
 WARM_ROOT_ENTRIES = 20_000
+REMOVED_MEMORY_SECONDS = 2.0
 
 ROLLUP_XATTRS = (b"size_bytes", b"file_count", b"dir_count", b"consistency_state", b"last_calculated_at")
 
@@ -85,8 +87,10 @@ class Filestore:
         # (from a thread of its own: never inside a request).
         self.kernel_invalidate: Callable[[Invalidation], None] = lambda change: None
         self.overlaps: dict[int, list[overlaps.Overlap]] = {}
-        self.orch.mirror = lambda backend, command, request_id, paths: overlaps.mirror(
-            self, backend, command, request_id, paths)
+        self.orch.mirror = self._after_command
+        # Paths this process removed a moment ago (unlink, rmdir, a rename's source): an inline
+        # watcher's event for one of them that finds nothing on the disk is the mount's own.
+        self._removed_here: dict[tuple[int, bytes], float] = {}
         self._workers: list[tuple[object, object]] = []
         self.unavailable: dict[str, str] = {}
         self.reload_backends()
@@ -113,6 +117,19 @@ class Filestore:
             fresh.append(backend)
         self.ns.set_backends(fresh)
         self.overlaps = overlaps.find(fresh)
+
+    def _after_command(self, backend: Backend, command: str, request_id, paths: tuple[bytes, ...]) -> None:
+        if command in ("unlink", "rmdir", "rename"):
+            now = time.monotonic()
+            if len(self._removed_here) > 50_000:
+                self._removed_here = {k: t for k, t in self._removed_here.items() if now - t < REMOVED_MEMORY_SECONDS}
+            self._removed_here[(backend.id, paths[0])] = now
+        overlaps.mirror(self, backend, command, request_id, paths)
+
+    def removed_here(self, backend_id: int, rel: bytes) -> bool:
+        """Did this process remove that path in the last REMOVED_MEMORY_SECONDS?"""
+        when = self._removed_here.get((backend_id, rel))
+        return when is not None and time.monotonic() - when < REMOVED_MEMORY_SECONDS
 
     def _rollups_changed(self, changes: list[store.Change]) -> None:
         """This process's command moved directory totals: serve them at once (the kernel drops

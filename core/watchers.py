@@ -134,13 +134,12 @@ class Watchers:
                     self._pending.setdefault(key, {}).update(payload)
 
     def _known(self, payload: dict[str, Any]) -> bool:
-        """Does the disk show what the mount already holds? (A move or a directory arriving
-        with content is always looked at.)"""
+        """Does the disk show what the mount already holds, a removal included? (A move or a
+        directory arriving with content is always looked at.)"""
         if payload.get("deep") or payload.get("from"):
             return False
         backend = next((b for b in self.backends if b.id == payload["backend"]), None)
         if backend is None:
             return False
         rel = bytes.fromhex(payload["path"])
-        st = stat_or_none(backend, rel)
-        return st is not None and self.known(backend, rel, st)
+        return self.known(backend, rel, stat_or_none(backend, rel))

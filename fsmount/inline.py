@@ -55,17 +55,26 @@ class Inline:
                 **ctx.stats})
 
     def known(self, backend, rel: bytes, st) -> bool:
-        """Does the namespace already hold what the disk shows? Read from a worker thread without
-        the trio thread: only listings already loaded are used (no query, no lock); a miss or a
-        difference just sends the job to the database comparison."""
+        """Does the namespace already hold what the disk shows (`st`, or None: nothing there)?
+        Read from a worker thread without the trio thread: only listings already loaded are used
+        (no query, no lock); a miss or a difference just sends the job to the database comparison.
+        A path gone from the disk is known when this mount removed it a moment ago and its
+        listing no longer has it (`rm -r` through the mount: one event per entry, none worth a
+        job); a reconciled change not shown yet is in the listing, so it is looked at."""
         ns = self.fs.ns
+        if st is None and not self.fs.removed_here(backend.id, rel):
+            return False
         node_id = backend.root_node_id
         for part in filter(None, rel.split(b"/")):
             listing = ns.listings.get(node_id)
-            found = listing.by_name.get(part) if listing is not None else None
-            if found is None:
+            if listing is None:
                 return False
+            found = listing.by_name.get(part)
+            if found is None:
+                return st is None
             node_id = found[1]
+        if st is None:
+            return False
         node = ns.nodes.get(node_id)
         return node is not None and not differs(node, st, backend.executor.owns_files)
 

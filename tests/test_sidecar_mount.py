@@ -119,7 +119,8 @@ def test_the_mount_serves_health_ready_and_metrics_and_registers(tracked):
 
 def test_the_inline_watcher_does_not_queue_the_mounts_own_committed_writes(tracked):
     """Its events are compared with the mount's namespace when the watcher flushes: what the
-    mount already holds costs no reconcile job (each would be claimed, compared, finished)."""
+    mount already holds, or removed itself a moment ago, costs no reconcile job (each would be
+    claimed, compared, finished)."""
     import re
     from fixtures_sidecar import free_port, http_get
     port = free_port()
@@ -131,6 +132,8 @@ def test_the_inline_watcher_does_not_queue_the_mounts_own_committed_writes(track
         (tracked.path / "many" / f"f{i}").write_bytes(CONTENT * (i + 1))
         time.sleep(0.005)
     drained_after_sentinel(tracked, "sentinel.txt")
+    shutil.rmtree(tracked.path / "many")  # removals the mount made itself: no job either
+    drained_after_sentinel(tracked, "sentinel2.txt")
     _, text = http_get(port, "/metrics")
 
     def counter(name: str, **labels: str) -> float:
@@ -140,5 +143,5 @@ def test_the_inline_watcher_does_not_queue_the_mounts_own_committed_writes(track
     events = counter("filestore_watch_events_total", backend="local")
     jobs = sum(counter("filestore_jobs_total", queue="filestore_reconcile_queue", outcome=o)
                for o in ("done", "busy", "failed"))
-    assert events >= 60, text  # the watcher saw the writes ...
+    assert events >= 120, text  # the watcher saw the writes and the removals ...
     assert jobs <= 10, f"{jobs} reconcile jobs for {events} events of the mount's own writes"

@@ -22,6 +22,21 @@ from .base import AlreadyExists, ExecutorError, NotFound, RetriesExhausted, Stat
 from .s3_common import _etag, _s3_errors
 
 
+# Multipart uploads carry a CRC32 per part (a composite checksum the server checks part by
+# part). Without one, S3 now computes a full-object CRC64NVME at completion, and moto's server
+# does that in Python: 1.1-1.4 s of a 256 MiB upload's 2.8 s, measured (boto3's `upload_file`
+# sends CRC32 parts, and completed in 0.65 s).
+PART_CHECKSUM = "CRC32"
+
+
+def _part(number: int, result: dict) -> dict:
+    """A CompleteMultipartUpload entry from an UploadPart(Copy) result (with its checksum)."""
+    part = {"PartNumber": number, "ETag": result["ETag"]}
+    if result.get("ChecksumCRC32"):
+        part["ChecksumCRC32"] = result["ChecksumCRC32"]
+    return part
+
+
 @dataclass
 class _Sparse:
     """A spool file standing for object `key` at `etag`, its parts fetched on demand."""
@@ -80,13 +95,14 @@ class ContentTransfers:
                 resp = self.client.upload_part_copy(Bucket=self.bucket, Key=dst_key, UploadId=upload_id,
                                                     PartNumber=number, CopySource=source,
                                                     CopySourceRange=f"bytes={start}-{end}")
-            return {"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]}
+            return _part(number, resp["CopyPartResult"])
 
         return self._multipart(dst_key, meta, ranges, one, expected=None)
 
     def _multipart(self, key: str, meta: dict[str, str], items: list, one, expected: str | None) -> str:
         with _s3_errors(f"CREATE MULTIPART {key}"):
-            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta)["UploadId"]
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta,
+                                                            ChecksumAlgorithm=PART_CHECKSUM)["UploadId"]
         try:
             parts = list(self.pool.map(lambda item: one(upload_id, item), items))
             with _s3_errors(f"COMPLETE MULTIPART {key}"):
@@ -264,18 +280,17 @@ class ContentTransfers:
                         Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
                         CopySource={"Bucket": self.bucket, "Key": source.key},
                         CopySourceRange=f"bytes={start}-{start + length - 1}", CopySourceIfMatch=f'"{source.etag}"')
-                etag = resp["CopyPartResult"]["ETag"]
-                digests[number] = bytes.fromhex(_etag(etag))
-                return {"PartNumber": number, "ETag": etag}
+                digests[number] = bytes.fromhex(_etag(resp["CopyPartResult"]["ETag"]))
+                return _part(number, resp["CopyPartResult"])
             body = os.pread(fd, length, start)
             md5 = hashlib.md5(body)
             digests[number] = md5.digest()
             with _s3_errors(f"PUT part {number} of {key}"):
                 resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                               PartNumber=number, Body=body)
+                                               PartNumber=number, Body=body, ChecksumAlgorithm=PART_CHECKSUM)
             if _etag(resp["ETag"]) != md5.hexdigest():
                 raise RetriesExhausted(f"part {number} of {key}: ETag does not match the content sent")
-            return {"PartNumber": number, "ETag": resp["ETag"]}
+            return _part(number, resp)
 
         upload = self._multipart(key, meta, items, one, expected=None)
         expected = hashlib.md5(b"".join(digests[n] for n, _, _ in items)).hexdigest() + f"-{len(items)}"

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 class Committing:
     """The committing half of core.files.FileTable (a mixin: it uses the table's state)."""
 
+    def needs_commit(self, handle: int) -> bool:
+        """Has close(2) of this handle anything to commit (or to wait for)?"""
+        of = self._handles.get(handle)
+        return of is not None and (of.dirty or of.pending is not None or of.committing)
+
     def flush(self, handle: int) -> None:
         """close(2): commit what changed. May run on a worker thread (core.corelock), so it
         holds no lock of this table while the commit waits for the database."""

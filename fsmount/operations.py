@@ -362,8 +362,19 @@ class Operations(pyfuse3.Operations):
     def write(self, fh, off, buf):
         return self.files.write(fh, off, buf)
 
+    async def flush(self, fh):
+        # Every close(2) flushes; most (readers) have nothing to commit and answer here,
+        # without a thread hop.
+        if await self._nothing_to_commit(fh):
+            return
+        await self._commit_closed(fh)
+
+    @handler
+    def _nothing_to_commit(self, fh):
+        return not self.files.needs_commit(fh)
+
     @committing
-    def flush(self, fh):
+    def _commit_closed(self, fh):
         self.files.flush(fh)
 
     @handler

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from executors.base import Stat
@@ -91,19 +92,10 @@ class Committing:
                 os.fsync(of.fd)
             return stat_from(os.fstat(of.fd))
 
-        try:
-            self.orch.write(of.who or Principal.system("fuse"), of.node_id, land=land, ranges=of.ranges,
-                            request_id=of.request_id, staged=staged, paths=(rel,), durable=durable,
-                            attrs=of.attrs, pending_upload=(lambda: [wb.row(kept[0])]) if write_back else None)
-            if kept:
-                wb.enqueue(kept[0])
-        except BaseException:
-            if kept:
-                wb.abandon(kept[0])
-            self._drop_staged(of)
-            raise
-        finally:
-            self._committed(of)
+        self._record(of, kept, lambda pending_upload: self.orch.write(
+            of.who or Principal.system("fuse"), of.node_id, land=land, ranges=of.ranges,
+            request_id=of.request_id, staged=staged, paths=(rel,), durable=durable, attrs=of.attrs,
+            pending_upload=pending_upload if write_back else None))
 
     def _commit_created(self, of: OpenFile, *, durable: bool) -> None:
         """First close (or fsync) of a file created here: land it and record create (+ write)."""
@@ -132,10 +124,17 @@ class Committing:
         write = None
         if staging_id is not None:
             write = write_args(of.ranges, staged=True, durable=durable, attrs=of.attrs)
+        self._record(of, kept, lambda pending_upload: self.orch.finish_create(
+            pending, land=land, write=write, writer=of.who, request_id=request_id, durable=durable,
+            pending_upload=pending_upload if write_back else None))
+
+    def _record(self, of: OpenFile, kept: list, record: Callable[[Callable[[], list]], None]) -> None:
+        """Run the command. A write-back upload kept by its `land` goes into the command's
+        transaction (`pending_upload`), is queued once that committed, and is abandoned if not;
+        staged content that could not land is dropped with the command's error."""
+        wb = self.writeback
         try:
-            self.orch.finish_create(pending, land=land, write=write, writer=of.who, request_id=request_id,
-                                    durable=durable,
-                                    pending_upload=(lambda: [wb.row(kept[0])]) if write_back else None)
+            record(lambda: [wb.row(kept[0])])
             if kept:
                 wb.enqueue(kept[0])
         except BaseException:

@@ -9,18 +9,22 @@ from datetime import datetime, timezone
 
 import psycopg
 
-from . import backends, embedded_pg, overlaps, recovery, rollup_worker, rollups, schema, store, writeback, xattrs
-from .cache import Invalidation, open_cache
-from .config import Settings
-from .corelock import CoreLock
-from .db import Database, connect
-from .errors import ConfigError, FsError
-from .files import FileTable
-from .intents import IntentLog
-from .model import ROOT_INODE, Backend, Node
-from .namespace import Namespace
-from .orchestrator import Orchestrator
-from .queue import JobQueue
+from core.commands import writeback, xattrs
+from core.commands.corelock import CoreLock
+from core.commands.files import FileTable
+from core.commands.orchestrator import Orchestrator
+from core.config import Settings
+from core.errors import ConfigError, FsError
+from core.journal import recovery
+from core.journal.intents import IntentLog
+from core.model import ROOT_INODE, Backend, Node
+from core.repair import overlaps
+from core.rollups import folder, totals
+from core.storage import backends, embedded_pg, schema, store
+from core.storage.db import Database, connect
+from core.storage.queue import JobQueue
+from core.view.cache import Invalidation, open_cache
+from core.view.namespace import Namespace
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +72,9 @@ class Filestore:
         self.orch.quiesce = self.core_lock.quiesce
         self.orch.heal = lambda intent: recovery.heal(self, intent)
         self.cache = open_cache(settings.redis_url)
-        self.rollups = rollup_worker.RollupView(self.db, self.cache, self.ns.parent_of)
+        self.rollups = folder.RollupView(self.db, self.cache, self.ns.parent_of)
         self.jobs = JobQueue(self.db)
-        self.folder = rollup_worker.RollupFolder(self.db, self.cache, self.jobs)
+        self.folder = folder.RollupFolder(self.db, self.cache, self.jobs)
         # S3 content recorded at close and uploaded in the background (started by a mount only)
         self.writeback = writeback.WriteBack(self.db, self.ns, self.jobs, settings.home)
         self.writeback.changed = lambda *changed: self.orch.changed(*changed)
@@ -171,8 +175,8 @@ class Filestore:
 
     def start_workers(self) -> None:
         """The background loops a serving process runs: the rollup folder and recalculations."""
-        self._workers.append(rollup_worker.start(self.folder))
-        self._workers.append(rollup_worker.start(rollup_worker.RecalculationJobs(self.db, self.jobs)))
+        self._workers.append(folder.start(self.folder))
+        self._workers.append(folder.start(folder.RecalculationJobs(self.db, self.jobs)))
 
     def stop_workers(self) -> None:
         for thread, stop in self._workers:
@@ -187,10 +191,10 @@ class Filestore:
         if not node.is_dir:
             return {}
         with self.db.pool.connection() as conn:
-            totals = rollups.totals(conn, [node.id])[node.id]
-        calculated = ("" if totals.last_calculated_at is None else
-                      datetime.fromtimestamp(totals.last_calculated_at, timezone.utc).isoformat())
-        values = (totals.size_bytes, totals.file_count, totals.dir_count, totals.state, calculated)
+            found = totals.totals(conn, [node.id])[node.id]
+        calculated = ("" if found.last_calculated_at is None else
+                      datetime.fromtimestamp(found.last_calculated_at, timezone.utc).isoformat())
+        values = (found.size_bytes, found.file_count, found.dir_count, found.state, calculated)
         return {xattrs.VIRTUAL + name: str(value).encode() for name, value in zip(ROLLUP_XATTRS, values)}
 
     def getxattr(self, node_id: int, name: bytes) -> bytes:

@@ -19,8 +19,17 @@ import stat as stat_mod
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .base import (TYPE_BITS, AlreadyExists, ExecutorError, InvalidArgument, NotFound, Stat, from_os_error,
-                   kind_of, validate_name)
+from .base import (
+    TYPE_BITS,
+    AlreadyExists,
+    ExecutorError,
+    InvalidArgument,
+    NotFound,
+    Stat,
+    from_os_error,
+    kind_of,
+    validate_name,
+)
 
 STAGING_NAME = b".filestore.staging"
 
@@ -75,7 +84,7 @@ def stat_from(st: os.stat_result, target: bytes | None = None) -> Stat:
 
 class LocalExecutor:
     kind = "local"
-    in_place = True  # files are written through descriptors onto them (see core.files)
+    in_place = True  # files are written through descriptors onto them (see core.commands.files)
 
     def __init__(self, root: str | os.PathLike, *, read_only: bool = False):
         self.root = os.fsencode(os.path.abspath(root))

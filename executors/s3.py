@@ -34,10 +34,36 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
-from .base import (TYPE_BITS, AlreadyExists, ExecutorError, IllegalName, InvalidArgument, NameTooLong,
-                   NotEmpty, NotFound, NotPermitted, PartlyDone, RetriesExhausted, Stat, kind_of, validate_name)
-from .s3_common import (GiB, MAX_COPY_OBJECT, MAX_KEY_BYTES, MiB, Statvfs, _etag, _mode_from_meta, _NOT_FOUND,
-                        _ns_from_meta, _ns_to_meta, _s3_errors, parse_root)
+from .base import (
+    TYPE_BITS,
+    AlreadyExists,
+    ExecutorError,
+    IllegalName,
+    InvalidArgument,
+    NameTooLong,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    PartlyDone,
+    RetriesExhausted,
+    Stat,
+    kind_of,
+    validate_name,
+)
+from .s3_common import (
+    _NOT_FOUND,
+    MAX_COPY_OBJECT,
+    MAX_KEY_BYTES,
+    GiB,
+    MiB,
+    Statvfs,
+    _etag,
+    _mode_from_meta,
+    _ns_from_meta,
+    _ns_to_meta,
+    _s3_errors,
+    parse_root,
+)
 from .s3_content import ContentTransfers, _Sparse
 from .s3cache import ChunkCache, Reader
 

@@ -6,7 +6,8 @@ from collections import namedtuple
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from .base import ExecutorError, InvalidArgument, NameTooLong, NotFound, PermissionDenied, RetriesExhausted
 

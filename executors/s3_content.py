@@ -21,7 +21,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 from .base import AlreadyExists, ExecutorError, NotFound, RetriesExhausted, Stat, from_os_error
 from .s3_common import _etag, _s3_errors
 
-
 # Multipart uploads carry a CRC32 per part (a composite checksum the server checks part by
 # part). Without one, S3 now computes a full-object CRC64NVME at completion, and moto's server
 # does that in Python: 1.1-1.4 s of a 256 MiB upload's 2.8 s, measured (boto3's `upload_file`
@@ -298,7 +297,7 @@ class ContentTransfers:
             raise RetriesExhausted(f"multipart upload of {key}: ETag {upload}, expected {expected}")
         return upload
 
-    # -- write-back: spool files kept until their upload lands (core.writeback) ----------
+    # -- write-back: spool files kept until their upload lands (core.commands.writeback) ----------
     def can_keep(self, staging_id: str) -> bool:
         """Can this spool file be uploaded later, on its own? Not a sparse one: it stands for
         parts of the current object (copied server-side when it lands), which another change

@@ -15,12 +15,12 @@ import os
 import pyfuse3
 import trio
 
-from core import health, registry
-from core.inflight import InProcess
-from core.queue import JobQueue
-from core.reconcile import Applied, differs
+from core.observe import health, registry
+from core.repair.inflight import InProcess
+from core.repair.reconcile import Applied, differs
+from core.repair.sidecar import Context, Loops
 from core.service import Filestore, database_url
-from core.sidecar import Context, Loops
+from core.storage.queue import JobQueue
 
 log = logging.getLogger(__name__)
 

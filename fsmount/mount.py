@@ -14,9 +14,10 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from core import eventloops, recovery
 from core.config import Settings
 from core.errors import ConfigError
+from core.events import loops as eventloops
+from core.journal import recovery
 from core.service import Filestore
 
 from .inline import Inline

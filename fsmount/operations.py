@@ -3,7 +3,7 @@
 Handlers run on the trio thread and call core synchronously: core's statements are short
 and a thread hop costs more than most of them (DESIGN.md section 11). The exception is
 `flush` (close), which commits a written file: it runs on a worker thread that lets other
-requests go on while its transaction is at the database (core.corelock), so concurrent
+requests go on while its transaction is at the database (core.commands.corelock), so concurrent
 writers no longer queue behind each other's round trips. Nothing may escape a handler: `FsError` becomes its errno, anything else is logged with its traceback, counted
 and answered with EIO.
 """
@@ -23,11 +23,11 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from core import metrics
-from core.cache import Invalidation
 from core.errors import FsError
 from core.model import ROOT_INODE, Node, Principal
+from core.observe import metrics
 from core.service import Filestore
+from core.view.cache import Invalidation
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _answer(op: str, exc: BaseException) -> FUSEError:
 
 
 def handler(fn):
-    """Run on the serving thread, holding the core lock (core.corelock)."""
+    """Run on the serving thread, holding the core lock (core.commands.corelock)."""
     op = fn.__name__
 
     @functools.wraps(fn)
@@ -75,7 +75,7 @@ def handler(fn):
 
 def committing(fn):
     """Run on a worker thread that lets go of the core lock while its transaction is at the
-    database, so one writer's commit does not hold up every other request (core.corelock)."""
+    database, so one writer's commit does not hold up every other request (core.commands.corelock)."""
     op = fn.__name__
 
     @functools.wraps(fn)

@@ -36,7 +36,7 @@ def pg_server(tmp_path_factory):
     if os.environ.get("FILESTORE_TEST_DATABASE_URL"):
         yield os.environ["FILESTORE_TEST_DATABASE_URL"]
         return
-    from core.embedded_pg import load_pgserver
+    from core.storage.embedded_pg import load_pgserver
 
     base = tmp_path_factory.mktemp("pg")
     server = load_pgserver(base / "run").get_server(base / "data", cleanup_mode=None)

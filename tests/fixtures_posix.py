@@ -29,7 +29,6 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from conftest import REPO, Mount, Tracked, _with_dbname, assert_consistent, run_cli
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import boto3
 import pytest
-
 from conftest import Mount, Tracked, db_tree, run_cli, wait_until
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import is_mounted, require_fuse, run_cli
 
 UNREACHABLE = "postgresql://x@127.0.0.1:1/x"  # nothing listens on port 1
@@ -382,5 +381,5 @@ def test_json_log_lines_parse_even_with_quotes_in_messages(env, tmp_path):
     entries = [json.loads(line) for line in lines]
     for entry in entries:
         assert {"time", "level", "logger", "message"} <= set(entry)
-    added = [e for e in entries if e["logger"] == "core.backends"]
+    added = [e for e in entries if e["logger"] == "core.storage.backends"]
     assert len(added) == 1 and 'say "hi"' in added[0]["message"] and added[0]["journal_id"] >= 1

@@ -12,7 +12,6 @@ import json
 import os
 
 import redis
-
 from conftest import Mount, wait_until
 
 

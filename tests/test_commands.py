@@ -22,7 +22,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from conftest import require_tool
 
 ME_UID, ME_GID, ME_PID = os.getuid(), os.getgid(), os.getpid()

@@ -14,7 +14,6 @@ import sys
 import textwrap
 
 import pytest
-
 from fixtures_posix import ALICE, Run, meta, wait_tick
 
 SCENARIOS: dict[str, dict] = {}

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from conftest import STAGING, add_backend
 
 LONG = "n" * 256  # one byte over NAME_MAX

@@ -12,15 +12,18 @@ import jsonschema
 import psycopg
 import pytest
 import redis
-
 from conftest import run_cli, wait_until
-from core import config, events, schema
-from core.consumers import Consumer, JournalSource, RedisStreamSource
-from core.consumers.activity import Activity, connect as duck_connect
-from core.consumers.metadata_sync import MetadataSync
-from core.db import Database
-from core.eventconf import EventSettings
-from core.relay import Relay
+
+from core import config
+from core.events import outbox as events
+from core.events.consumers import Consumer, JournalSource, RedisStreamSource
+from core.events.consumers.activity import Activity
+from core.events.consumers.activity import connect as duck_connect
+from core.events.consumers.metadata_sync import MetadataSync
+from core.events.relay import Relay
+from core.events.settings import EventSettings
+from core.storage import schema
+from core.storage.db import Database
 
 VALIDATOR = jsonschema.Draft202012Validator(events.load_schema(),
                                             format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
@@ -479,7 +482,7 @@ def test_a_consumer_fills_a_gap_in_the_stream_from_the_journal(tracked, redis_se
 
 
 def test_the_inline_publisher_delivers_to_subscribers_in_the_process(database_url, journal_db):
-    from core.relay import InlineBus
+    from core.events.relay import InlineBus
 
     bus = InlineBus(100)
     relay = Relay(database_url, publisher=bus, conf=conf())

@@ -12,12 +12,11 @@ import os
 import stat
 
 import pytest
+from conftest import STAGING
 
 import executors.local as local
 from executors.base import ExecutorError
 from executors.local import LocalExecutor
-
-from conftest import STAGING
 
 SECRET = b"top secret\n"
 REFUSED_THROUGH_MOUNT = (errno.EACCES, errno.ENOENT, errno.ELOOP)

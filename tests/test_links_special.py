@@ -8,7 +8,6 @@ import stat
 import subprocess
 
 import pytest
-
 from conftest import add_backend
 
 

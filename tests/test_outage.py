@@ -7,14 +7,13 @@ import os
 
 import psycopg
 import pytest
-
 from conftest import Mount, assert_consistent, run_cli
 
 
 @pytest.fixture
 def own_server(tmp_path):
     """A PostgreSQL of this test's own, so that stopping it disturbs no other test."""
-    from core.embedded_pg import load_pgserver
+    from core.storage.embedded_pg import load_pgserver
 
     server = load_pgserver(tmp_path / "pg-run").get_server(tmp_path / "pg-data", cleanup_mode=None)
     yield server

@@ -9,7 +9,6 @@ import os
 import stat
 
 import pytest
-
 from fixtures_posix import ALICE, BOB, NOBODY, Run, User
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching to other users needs root")

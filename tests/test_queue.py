@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from core import schema
-from core.db import Database
-from core.queue import RECONCILE, ROLLUP, JobQueue
+from core.storage import schema
+from core.storage.db import Database
+from core.storage.queue import RECONCILE, ROLLUP, JobQueue
 
 
 @pytest.fixture

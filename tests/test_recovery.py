@@ -17,7 +17,6 @@ import sys
 import uuid
 
 import pytest
-
 from conftest import STAGING, Mount
 
 DEAD_MOUNT = (errno.ENOTCONN, errno.ECONNABORTED)

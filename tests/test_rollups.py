@@ -13,7 +13,6 @@ import subprocess
 import threading
 
 import pytest
-
 from conftest import wait_until
 
 

@@ -11,13 +11,13 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import assert_consistent, wait_until
+from fixtures_s3 import assert_bucket_consistent, start_s3_mount, stop_and_check, wait_uploaded
+
 from core.errors import errno_for
 from executors import base
 from executors.s3 import S3Executor
 from executors.s3cache import ChunkCache
-from fixtures_s3 import assert_bucket_consistent, start_s3_mount, stop_and_check, wait_uploaded
 
 MiB = 1 << 20
 

@@ -15,7 +15,6 @@ import signal
 
 import psycopg
 import pytest
-
 from conftest import assert_consistent, run_cli, wait_until
 
 BOUND = 20.0
@@ -212,7 +211,7 @@ def test_status_shows_the_sidecar_queues_and_backends(backend, db, env, sidecars
 
 
 def test_ready_reports_a_stopped_postgres(tmp_path, sidecars):
-    from core.embedded_pg import load_pgserver
+    from core.storage.embedded_pg import load_pgserver
     server = load_pgserver(tmp_path / "pg-run").get_server(tmp_path / "pg-data", cleanup_mode=None)
     try:
         url = server.get_uri()

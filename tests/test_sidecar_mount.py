@@ -9,10 +9,10 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import require_tool, run_cli, wait_until
-from core.watchers import DEBOUNCE_SECONDS
 from test_sidecar import BOUND, journal, queue_empty
+
+from core.repair.watchers import DEBOUNCE_SECONDS
 
 CONTENT = b"written through the mount\n"
 
@@ -122,6 +122,7 @@ def test_the_inline_watcher_does_not_queue_the_mounts_own_committed_writes(track
     mount already holds, or removed itself a moment ago, costs no reconcile job (each would be
     claimed, compared, finished)."""
     import re
+
     from fixtures_sidecar import free_port, http_get
     port = free_port()
     tracked.mount.stop()

@@ -10,7 +10,6 @@ import os
 import threading
 
 import pytest
-
 from conftest import Mount, wait_until
 from fixtures_s3 import pending_uploads, start_s3_mount, stop_and_check, wait_uploaded
 

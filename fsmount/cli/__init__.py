@@ -12,8 +12,9 @@ import sys
 import click
 import psycopg
 
-from core import config, logs
+from core import config
 from core.errors import ConfigError, FsError
+from core.observe import logs
 from executors.base import ExecutorError
 
 

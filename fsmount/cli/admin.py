@@ -5,12 +5,13 @@ import os
 
 import click
 
-from core import embedded_pg, journal as journal_queries, schema
-from core.db import connect
+from core.journal import history as journal_queries
 from core.service import database_url, open_database
+from core.storage import embedded_pg, schema
+from core.storage.db import connect
 
-from . import emit_json, main, one_line_errors, settings
 from ..mount import filestore_mounts
+from . import emit_json, main, one_line_errors, settings
 
 
 @main.command()

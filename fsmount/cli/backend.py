@@ -5,8 +5,8 @@ import sys
 
 import click
 
-from core import backends
 from core.service import open_database
+from core.storage import backends
 
 from . import emit_json, main, one_line_errors, settings
 

@@ -9,15 +9,16 @@ from datetime import datetime, timedelta, timezone
 
 import click
 
-from core import eventconf, events as ev
-from core.consumers import Checkpoint, JournalSource, fresh
-from core.consumers import activity as activity_consumer
 from core.errors import ConfigError
-from core.journal import split_target
+from core.events import outbox as ev
+from core.events import settings as eventconf
+from core.events.consumers import Checkpoint, JournalSource, fresh
+from core.events.consumers import activity as activity_consumer
+from core.journal.history import split_target
 from core.service import open_database
 
-from . import emit_json, main, one_line_errors, settings
 from ..mount import filestore_mounts
+from . import emit_json, main, one_line_errors, settings
 
 
 @main.group("events")

@@ -7,8 +7,8 @@ import click
 
 from core.service import open_database
 
-from . import main, one_line_errors, settings
 from .. import mount as mounting
+from . import main, one_line_errors, settings
 
 
 @main.command("mount")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from core import sidecar as sidecar_loops, status as status_report
+from core.observe import status as status_report
+from core.repair import sidecar as sidecar_loops
 
 from . import emit_json, main, one_line_errors, settings
 

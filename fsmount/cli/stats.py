@@ -6,13 +6,14 @@ import time
 
 import click
 
-from core import counters, journal as journal_queries, rollup_worker, rollups
-from core.queue import JobQueue
+from core.journal import history as journal_queries
 from core.model import Principal
+from core.rollups import counters, folder, totals
 from core.service import open_database
+from core.storage.queue import JobQueue
 
-from . import emit_json, main, one_line_errors, settings
 from ..mount import filestore_mounts
+from . import emit_json, main, one_line_errors, settings
 
 
 def _human(size: int) -> str:
@@ -51,10 +52,10 @@ def du(path: str, depth: int, exact: bool, as_json: bool) -> None:
     db, backend, rel, top = _target(path)
     started = time.perf_counter()
     with db.pool.connection() as conn:
-        dirs = rollups.directories_below(conn, top, depth) if depth else [(top, b"")]
+        dirs = totals.directories_below(conn, top, depth) if depth else [(top, b"")]
         if not any(d == top for d, _ in dirs):
             dirs.append((top, b""))
-        values = rollups.totals(conn, [d for d, _ in dirs])
+        values = totals.totals(conn, [d for d, _ in dirs])
     elapsed_ms = (time.perf_counter() - started) * 1000
     base = os.fsdecode(rel)
     rows = []
@@ -87,7 +88,7 @@ def verify(path: str, as_json: bool) -> None:
     Exits 1 when a difference is found. Example: filestore rollups verify local:/projects
     """
     db, backend, rel, top = _target(path)
-    differences = rollups.verify(db, top)
+    differences = totals.verify(db, top)
     if as_json:
         emit_json({"backend": backend, "path": os.fsdecode(rel), "differences": differences})
     else:
@@ -110,11 +111,11 @@ def repair(path: str, queued: bool) -> None:
     """
     db, backend, rel, top = _target(path)
     if queued:
-        rollup_worker.enqueue_recalculation(JobQueue(db), [top], "repair")
+        folder.enqueue_recalculation(JobQueue(db), [top], "repair")
         click.echo(f"queued a recount of {backend}:/{os.fsdecode(rel)} on filestore_rollup_queue")
         return
-    before = rollups.verify(db, top)
-    result = rollups.recalculate(db, top, Principal.current_process(), reason="repair")
+    before = totals.verify(db, top)
+    result = totals.recalculate(db, top, Principal.current_process(), reason="repair")
     click.echo(f"repaired {backend}:/{os.fsdecode(rel)}: {len(before)} director{'y' if len(before) == 1 else 'ies'}"
                f" differed; {result['directories']} recounted in {result['milliseconds']} ms")
 

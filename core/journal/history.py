@@ -1,0 +1,58 @@
+"""Reading the journal: one node's history, the recent log, and path resolution for the CLI."""
+from __future__ import annotations
+
+import errno
+import os
+
+from core.errors import ConfigError, FsError
+from core.storage.db import Database
+
+_COLUMNS = ("id, command, status, node_id, path, args, result, errno, error, actor, uid, gid, pid,"
+            " request_id::text AS request_id, idempotency_key, created_at")
+
+
+def resolve(db: Database, backend_name: str, rel: bytes) -> int:
+    """The node id at `rel` (backend-relative, bytes) in the named backend."""
+    rows = db.query("SELECT root_node_id FROM filestore.backend_mounts WHERE name = %s AND state = 'active'",
+                    (backend_name,))
+    if not rows:
+        raise ConfigError(f"no backend named {backend_name!r}")
+    node_id = rows[0][0]
+    for part in filter(None, rel.split(b"/")):
+        found = db.query("SELECT node_id FROM filestore.entries WHERE parent_id = %s AND name = %s",
+                         (node_id, part))
+        if not found:
+            raise FsError(errno.ENOENT, f"{backend_name}:/{rel.decode(errors='replace')}: no such file or directory")
+        node_id = found[0][0]
+    return node_id
+
+
+def split_target(target: str, mounts: list[str]) -> tuple[str, bytes]:
+    """`backend:/path`, or a path inside one of the given filestore mountpoints."""
+    if ":" in target and not target.startswith("/") and not os.path.exists(target):
+        backend, _, rel = target.partition(":")
+        return backend, os.fsencode(rel.strip("/"))
+    path = os.path.abspath(target)
+    for mountpoint in sorted(mounts, key=len, reverse=True):
+        if path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/"):
+            rest = path[len(mountpoint):].strip("/")
+            if not rest:
+                raise ConfigError("the mount root itself has no history; name a backend or a path in one")
+            backend, _, rel = rest.partition("/")
+            return backend, os.fsencode(rel)
+    raise ConfigError(f"{target} is neither inside a filestore mount nor of the form backend:/path")
+
+
+def history(db: Database, node_id: int, limit: int = 1000) -> list[dict]:
+    return db.query_dicts(
+        f"SELECT {_COLUMNS} FROM filestore.journal_entries WHERE node_id = %s ORDER BY id LIMIT %s",
+        (node_id, limit))
+
+
+def recent(db: Database, since: int | None, limit: int) -> list[dict]:
+    if since is None:
+        rows = db.query_dicts(
+            f"SELECT {_COLUMNS} FROM filestore.journal_entries ORDER BY id DESC LIMIT %s", (limit,))
+        return list(reversed(rows))
+    return db.query_dicts(
+        f"SELECT {_COLUMNS} FROM filestore.journal_entries WHERE id > %s ORDER BY id LIMIT %s", (since, limit))

@@ -1,0 +1,254 @@
+"""Registering, listing and removing backends; importing an existing tree as nodes."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from core import config
+from core.errors import ConfigError
+from core.model import Backend, Principal
+from core.rollups import totals
+from core.storage import store
+from core.storage.db import Database
+from executors.base import ExecutorError, Stat
+from executors.local import LocalExecutor
+
+_IMPORT_BATCH = 2000
+log = logging.getLogger(__name__)
+
+
+# Options of an S3 backend (backend_mounts.options) and the executor arguments they set.
+S3_OPTIONS = ("endpoint_url", "region", "part_size", "multipart_threshold", "copy_threshold", "cache_bytes",
+              "chunk_size", "workers", "max_attempts")
+
+
+def make_executor(backend: Backend, home: Path | None = None, *, read_only: bool | None = None):
+    read_only = backend.read_only if read_only is None else read_only
+    if backend.kind == "local":
+        return LocalExecutor(backend.root, read_only=read_only)
+    if backend.kind == "s3":
+        from executors.s3 import S3Executor
+
+        # Spool (content being written) and read cache live under FILESTORE_HOME, per backend.
+        base = (home or config.load().home) / "s3" / backend.name
+        opts = {k: v for k, v in (backend.options or {}).items() if k in S3_OPTIONS and v is not None}
+        env_cache = os.environ.get("FILESTORE_S3_CACHE_BYTES")
+        if env_cache and "cache_bytes" not in opts:
+            opts["cache_bytes"] = int(env_cache)
+        opts.setdefault("region", os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"))
+        try:
+            return S3Executor(backend.root, spool_dir=base / "spool", cache_dir=base / "cache",
+                              read_only=read_only, **opts)
+        except ExecutorError as exc:
+            raise ConfigError(f"backend {backend.name}: {backend.root}: {exc}") from exc
+    raise ConfigError(f"backend {backend.name}: kind {backend.kind!r} is not supported")
+
+
+def list_backends(db: Database) -> list[Backend]:
+    return store.load_backends(db)
+
+
+def add(db: Database, name: str, root: str, *, read_only: bool = False, who: Principal | None = None,
+        progress: Callable[[int], None] | None = None, options: dict | None = None,
+        home: Path | None = None) -> Backend:
+    """Register a local directory or an S3 prefix (`s3://bucket/prefix`) and import what it
+    already holds, as one journaled command. The import commits directory by directory; if it
+    is cut off (S3 failing, a crash), the same command again resumes it where it stopped."""
+    who = who or Principal.current_process()
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    if root.startswith("s3://"):
+        from executors.s3 import parse_root
+
+        try:
+            bucket, prefix = parse_root(root)
+        except ExecutorError as exc:
+            raise ConfigError(str(exc)) from exc
+        root, kind = f"s3://{bucket}/{prefix}".rstrip("/"), "s3"
+    else:
+        path = Path(root).expanduser().absolute()
+        if not path.is_dir():
+            raise ConfigError(f"backend root {path} is not a directory")
+        root, kind = str(path), "local"
+    found = db.query("SELECT root, options ? 'import' FROM filestore.backend_mounts"
+                     " WHERE name = %s AND state = 'active'", (name,))
+    if found and not found[0][1]:
+        raise ConfigError(f"backend {name!r} already exists")
+    if found and found[0][0] != root:
+        raise ConfigError(f"backend {name!r} is being imported from {found[0][0]}: run the same command to "
+                          f"resume, or `filestore backend remove {name}`")
+    if kind == "s3":
+        executor = make_executor(Backend(0, name, "s3", root, True, 0, options), home, read_only=True)
+    else:
+        executor = LocalExecutor(root, read_only=True)  # importing only reads
+    try:
+        return _register(db, name, kind, root, read_only, options, executor, who, progress)
+    except ExecutorError as exc:
+        raise ConfigError(f"backend {name}: importing {root} stopped ({exc}); run the same command to resume")\
+            from exc
+    finally:
+        executor.close()
+
+
+def _register(db, name, kind, root, read_only, options, executor, who, progress) -> Backend:
+    """The backend row and its root node first, with the import's to-do list (directories not
+    listed yet) in options.import; then one transaction per batch of directories, each moving
+    the to-do list on; then the journal row, which also clears the to-do list. A backend with
+    an import under way is not mounted."""
+    row = db.query("SELECT id, root_node_id FROM filestore.backend_mounts WHERE name = %s AND state = 'active'",
+                   (name,))
+    if row:
+        backend_id, root_id = row[0]
+    else:
+        root_stat = executor.stat(b"")
+        with db.pool.connection() as conn, conn.transaction():
+            root_id = _new_ids(conn, 1)[0]
+            todo = {"import": {"pending": [[root_id, ""]]}}
+            backend_id = conn.execute(
+                "INSERT INTO filestore.backend_mounts (name, kind, root, read_only, options, root_node_id)"
+                " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+                (name, kind, root, read_only, json.dumps({**options, **todo}), root_id)).fetchone()[0]
+            _flush(conn, [_node_row(root_id, backend_id, root_stat)], [])
+    _import_tree(db, backend_id, executor, progress)
+    with db.pool.connection() as conn, conn.transaction():
+        conn.execute("UPDATE filestore.backend_mounts SET options = options - 'import' WHERE id = %s", (backend_id,))
+        counts = conn.execute(
+            "SELECT count(*) FILTER (WHERE kind <> 'dir'), count(*) FILTER (WHERE kind = 'dir') - 1,"
+            " coalesce(sum(size) FILTER (WHERE kind = 'file'), 0) FROM filestore.nodes WHERE backend_id = %s",
+            (backend_id,)).fetchone()
+        # Imported nodes have no snapshots for the counters to fold: count them here, once.
+        conn.execute(
+            "INSERT INTO filestore.counters AS c (scope, scope_key, counter, value)"
+            " SELECT s.scope, s.scope_key, 'nodes.' || n.kind, count(*) FROM filestore.nodes n,"
+            " (VALUES ('global', ''), ('backend', %s)) AS s(scope, scope_key)"
+            " WHERE n.backend_id = %s AND n.id <> %s GROUP BY 1, 2, 3"
+            " ON CONFLICT (scope, scope_key, counter) DO UPDATE SET value = c.value + excluded.value",
+            (name, backend_id, root_id))
+        journal_id = conn.execute(*store.record(store.Journal(
+            "backend.add", "committed", who, uuid.uuid4(), backend_id, root_id, "",
+            {"name": name, "root": root, "read_only": read_only, **({"options": options} if options else {})},
+            result={"imported_entries": counts[0], "imported_dirs": counts[1],
+                    "imported_bytes": int(counts[2])}))).fetchone()[0]
+    log.info("backend %s added at %s: %d entries imported", name, root, counts[0] + counts[1],
+             extra={"journal_id": journal_id, "backend": name})
+    totals.recalculate(db, root_id, who, reason="import")  # the imported tree's rollups, set-based
+    return Backend(backend_id, name, kind, root, read_only, root_id, options)
+
+
+def _new_ids(conn, n: int) -> list[int]:
+    return [r[0] for r in conn.execute(
+        "SELECT nextval('filestore.node_ids') FROM generate_series(1, %s)", (n,)).fetchall()]
+
+
+def _import_tree(db: Database, backend_id: int, executor, progress) -> None:
+    """Depth-first through the to-do list: directories are listed (paginated by the executor)
+    outside any transaction, and their entries committed with the to-do list that follows, in
+    batches of about _IMPORT_BATCH entries, so a cut-off import loses at most one batch."""
+    pending = [(dir_id, bytes.fromhex(rel)) for dir_id, rel in db.query(
+        "SELECT options->'import'->'pending' FROM filestore.backend_mounts WHERE id = %s", (backend_id,))[0][0]]
+    seen_inodes: dict[int, int] = {}  # hard links met in this run (a resumed run starts afresh)
+    total = 0
+    while pending:
+        listed = []
+        while pending and sum(len(children) for _, _, children in listed) < _IMPORT_BATCH:
+            dir_id, rel = pending.pop()
+            listed.append((dir_id, rel, executor.listdir(rel)))
+        node_rows: list[tuple] = []
+        entry_rows: list[tuple] = []
+        with db.pool.connection() as conn, conn.transaction():
+            for dir_id, rel, children in listed:
+                ids = _new_ids(conn, len(children)) if children else []
+                for (name, st), node_id in zip(children, ids):
+                    if st.kind != "dir" and st.nlink > 1:
+                        existing = seen_inodes.get(st.ino)  # hard links: one node with several names
+                        if existing is not None:
+                            entry_rows.append((dir_id, name, existing))
+                            continue
+                        seen_inodes[st.ino] = node_id
+                    node_rows.append(_node_row(node_id, backend_id, st))
+                    entry_rows.append((dir_id, name, node_id))
+                    if st.kind == "dir":
+                        pending.append((node_id, rel + b"/" + name if rel else name))
+                total += len(children)
+            _flush(conn, node_rows, entry_rows)
+            conn.execute("UPDATE filestore.backend_mounts SET options = jsonb_set(options, '{import,pending}', %s)"
+                         " WHERE id = %s", (json.dumps([[i, r.hex()] for i, r in pending]), backend_id))
+        if progress:
+            progress(total)
+
+
+def _node_row(node_id: int, backend_id: int, st: Stat) -> tuple:
+    return (node_id, backend_id, st.kind, st.size if st.kind != "dir" else 0, st.mode, st.uid, st.gid,
+            st.rdev, st.atime_ns, st.mtime_ns, st.ctime_ns, st.target, st.checksum)
+
+
+def _flush(conn, node_rows: list, entry_rows: list) -> None:
+    with conn.cursor() as cur:
+        if node_rows:
+            cur.executemany(
+                "INSERT INTO filestore.nodes (id, backend_id, kind, size, mode, uid, gid, rdev, atime_ns,"
+                " mtime_ns, ctime_ns, symlink_target, checksum)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                node_rows)
+        if entry_rows:
+            cur.executemany("INSERT INTO filestore.entries (parent_id, name, node_id) VALUES (%s, %s, %s)",
+                            entry_rows)
+    node_rows.clear()
+    entry_rows.clear()
+
+
+def remove(db: Database, name: str, who: Principal | None = None) -> None:
+    """Stop tracking a backend. Its files stay on disk; its nodes and journal stay for history."""
+    who = who or Principal.current_process()
+    rows = db.query("SELECT id, root_node_id FROM filestore.backend_mounts WHERE name = %s AND state = 'active'",
+                    (name,))
+    if not rows:
+        raise ConfigError(f"no backend named {name!r}")
+    backend_id, root_id = rows[0]
+    with db.pool.connection() as conn, conn.transaction():
+        # The name is freed for a new backend; the removed one keeps a unique, recognisable name.
+        conn.execute("UPDATE filestore.backend_mounts SET state = 'removed', name = left(name, 40) || '.removed-' || id"
+                     " WHERE id = %s", (backend_id,))
+        conn.execute(*store.record(store.Journal("backend.remove", "committed", who, uuid.uuid4(), backend_id,
+                                                 root_id, "", {"name": name})))
+
+
+def load_config_file(path: Path) -> list[dict]:
+    """FILESTORE_BACKENDS_PATH: a YAML or JSON list of {name, path, read_only}, or {backends: [...]}."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read FILESTORE_BACKENDS_PATH {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML or JSON: {first}") from exc
+    if isinstance(data, dict):
+        data = data.get("backends", [])
+    if not isinstance(data, list) or not all(isinstance(b, dict) and "name" in b for b in data):
+        raise ConfigError(f"{path}: expected a list of backends, each with a name and a path")
+    return data
+
+
+def apply_config_file(db: Database, path: Path) -> list[str]:
+    """Add the declared backends that are not registered yet; returns the names added."""
+    added = []
+    existing = {b.name for b in list_backends(db) if "import" not in (b.options or {})}  # cut off: resumed
+    for spec in load_config_file(path):
+        if spec["name"] in existing:
+            continue
+        root = spec.get("path") or spec.get("root")
+        if not root:
+            raise ConfigError(f"{path}: backend {spec['name']!r} has no path")
+        add(db, spec["name"], str(root), read_only=bool(spec.get("read_only", False)),
+            who=Principal.current_process("config"),
+            options={k: spec[k] for k in S3_OPTIONS if k in spec})
+        added.append(spec["name"])
+    return added
+

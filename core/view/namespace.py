@@ -1,0 +1,180 @@
+"""The in-process view of the tree: nodes, names and complete directory listings.
+
+A directory's listing is loaded whole on first use and then kept complete by the commands
+this process runs, so lookups (including the negative lookup that precedes every create),
+getattr and readdir are answered without a query. Changes made by other processes become
+visible when their listings are dropped (issue 6 wires that to pub/sub invalidation).
+"""
+from __future__ import annotations
+
+import bisect
+import errno
+import threading
+from collections.abc import Callable
+
+from core.errors import FsError
+from core.model import Backend, Node
+from core.storage import store
+from core.storage.db import Database
+
+
+class Listing:
+    """One directory's entries: name -> (entry id, node id), plus an entry-id order for readdir."""
+
+    __slots__ = ("by_name", "_order")
+
+    def __init__(self) -> None:
+        self.by_name: dict[bytes, tuple[int, int]] = {}
+        self._order: list[tuple[int, bytes]] | None = None
+
+    def add(self, entry_id: int, name: bytes, node_id: int) -> None:
+        self.by_name[name] = (entry_id, node_id)
+        if self._order is not None:
+            if not self._order or self._order[-1][0] < entry_id:
+                self._order.append((entry_id, name))
+            else:
+                self._order = None
+
+    def remove(self, name: bytes) -> None:
+        if self.by_name.pop(name, None) is not None:
+            self._order = None
+
+    def after(self, entry_id: int) -> list[tuple[int, bytes]]:
+        """Entries with an id greater than entry_id, in id order (readdir's offsets)."""
+        if self._order is None:
+            self._order = sorted((eid, name) for name, (eid, _) in self.by_name.items())
+        start = bisect.bisect_right(self._order, (entry_id, b"\xff" * 256))
+        return self._order[start:]
+
+
+class Namespace:
+    def __init__(self, db: Database):
+        self.db = db
+        self.lock = threading.RLock()
+        self.nodes: dict[int, Node] = {}
+        self.listings: dict[int, Listing] = {}
+        self.parents: dict[int, tuple[int, bytes]] = {}  # one name of each node: (parent, name)
+        self.backends: dict[int, Backend] = {}  # by id
+        self.backend_roots: dict[int, Backend] = {}  # by root node id
+        # Names this process holds that the database does not have yet (files created here,
+        # recorded at their first close: core.commands.files), re-added whenever a listing is loaded.
+        self.unrecorded: Callable[[int], list[tuple[int, bytes, Node]]] = lambda dir_id: []
+
+    # -- backends ---------------------------------------------------------------------
+    def set_backends(self, backends: list[Backend]) -> None:
+        with self.lock:
+            self.backends = {b.id: b for b in backends}
+            self.backend_roots = {b.root_node_id: b for b in backends}
+
+    def backend_by_name(self, name: bytes) -> Backend | None:
+        for b in self.backends.values():
+            if b.name.encode() == name:
+                return b
+        return None
+
+    def backend_of(self, node: Node) -> Backend:
+        try:
+            return self.backends[node.backend_id]
+        except KeyError:
+            raise FsError(errno.ESTALE, "backend no longer mounted") from None
+
+    # -- nodes ------------------------------------------------------------------------
+    def node(self, node_id: int) -> Node:
+        with self.lock:
+            node = self.nodes.get(node_id)
+            if node is None:
+                node = store.load_node(self.db, node_id)
+                if node is None:
+                    raise FsError(errno.ENOENT, f"no node {node_id}")
+                self.nodes[node_id] = node
+            return node
+
+    def dir(self, node_id: int) -> Node:
+        node = self.node(node_id)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return node
+
+    def put(self, node: Node) -> None:
+        with self.lock:
+            self.nodes[node.id] = node
+
+    def listing(self, dir_id: int) -> Listing:
+        with self.lock:
+            listing = self.listings.get(dir_id)
+            if listing is None:
+                listing = Listing()
+                for entry_id, name, node in [*store.load_listing(self.db, dir_id), *self.unrecorded(dir_id)]:
+                    listing.add(entry_id, name, node.id)
+                    self.nodes.setdefault(node.id, node)
+                    self.parents.setdefault(node.id, (dir_id, name))
+                self.listings[dir_id] = listing
+            return listing
+
+    def child(self, dir_id: int, name: bytes) -> Node | None:
+        found = self.listing(dir_id).by_name.get(name)
+        return self.nodes[found[1]] if found else None
+
+    def parent_of(self, node_id: int) -> tuple[int, bytes] | None:
+        with self.lock:
+            if node_id in self.parents:
+                return self.parents[node_id]
+            found = store.load_parent(self.db, node_id)
+            if found:
+                self.parents[node_id] = found
+            return found
+
+    def path_of(self, node_id: int) -> tuple[Backend, bytes]:
+        """The backend and the backend-relative path of one of the node's names."""
+        parts: list[bytes] = []
+        current = node_id
+        for _ in range(4096):
+            if current in self.backend_roots:
+                return self.backend_roots[current], b"/".join(reversed(parts))
+            link = self.parent_of(current)
+            if link is None:
+                raise FsError(errno.ENOENT, f"node {node_id} has no name")
+            current, name = link
+            parts.append(name)
+        raise FsError(errno.ELOOP, "directory cycle")
+
+    # -- changes applied after a commit -----------------------------------------------
+    def link(self, parent_id: int, name: bytes, entry_id: int, node: Node) -> None:
+        with self.lock:
+            self.nodes[node.id] = node
+            listing = self.listings.get(parent_id)
+            if listing is not None:
+                listing.add(entry_id, name, node.id)
+            self.parents.setdefault(node.id, (parent_id, name))
+            if node.is_dir:
+                self.listings.setdefault(node.id, Listing())
+
+    def unlink(self, parent_id: int, name: bytes, node_id: int) -> None:
+        with self.lock:
+            listing = self.listings.get(parent_id)
+            if listing is not None:
+                listing.remove(name)
+            if self.parents.get(node_id) == (parent_id, name):
+                del self.parents[node_id]
+
+    def forget_listing(self, dir_id: int) -> None:
+        with self.lock:
+            self.listings.pop(dir_id, None)
+
+    def forget(self, nodes: list[int], dirs: list[int], *, keep: Callable[[int], bool]) -> None:
+        """Drop what another process changed; it is loaded again on next use. `keep` names
+        nodes this process holds unrecorded changes of (they are not in the database)."""
+        with self.lock:
+            for node_id in (*nodes, *dirs):
+                if node_id not in self.backend_roots and not keep(node_id):
+                    self.nodes.pop(node_id, None)
+                    self.parents.pop(node_id, None)
+            for dir_id in dirs:
+                self.listings.pop(dir_id, None)
+
+    def forget_everything(self, *, keep: Callable[[int], bool]) -> None:
+        with self.lock:
+            self.nodes = {k: v for k, v in self.nodes.items() if keep(k)}
+            self.listings.clear()
+            self.parents = {k: v for k, v in self.parents.items() if keep(k)}
+

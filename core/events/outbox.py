@@ -35,7 +35,7 @@ RECONCILED = "filestore.node.reconciled"
 MISSING = "filestore.node.missing"
 TYPES = (CREATED, UPDATED, DELETED, COMPLETED, DRIFT, RECONCILED, MISSING)
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "docs" / "events.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "events.schema.json"
 
 # One journal row with its backend name and snapshots, as the relay and `events tail` read it.
 ROWS_SQL = """

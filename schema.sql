@@ -3,7 +3,7 @@
 -- This file is the documented contract of the database. It is applied at every start by
 -- core.schema.apply(), inside one transaction under an advisory lock, so it must stay
 -- idempotent: CREATE ... IF NOT EXISTS, CREATE OR REPLACE, and ALTER ... ADD COLUMN IF NOT
--- EXISTS for later changes. Bump SCHEMA_VERSION in core/schema.py with every change here.
+-- EXISTS for later changes. Bump SCHEMA_VERSION in core/storage/schema.py with every change here.
 
 CREATE SCHEMA IF NOT EXISTS filestore;
 
@@ -216,35 +216,31 @@ $$;
 COMMENT ON FUNCTION filestore.rollup_totals IS
     'Exact recursive totals of a directory now: its rollups row plus its pending rollup_deltas.';
 
--- The one write path of commands (core.store.record): everything a command changes, in one
--- statement, so the server plans it once (PL/pgSQL caches plans) and the client makes one
--- round trip. Measured here: ~155 us per create against ~480 us for the same work sent as
--- separate statements. Names travel hex-encoded; node rows as JSON objects of nodes columns.
+-- The one write path of every journal writer (core.journal.pipeline; docs/architecture.md D36):
+-- a group of commands, each one JSON object, recorded in order in ONE statement, so a group
+-- commit is one round trip and the server plans it once (PL/pgSQL caches plans). Names travel
+-- hex-encoded; node rows as JSON objects of nodes columns. A command's keys (absent = empty):
+--   j  journal_entries columns (without id, txid, timestamps)      n  [nodes row] to insert
+--   u  [{"node": nodes row, "expected": version}] (FS409 if the version moved)
+--   ul [{"parent_id", "name", "node_id"}] entries to delete (FS409 if absent)
+--   l  [{"parent_id", "name", "node_id", "entry_id"}] entries to add
+--   t  [{"id", "time_ns"}] directories whose mtime/ctime change
+--   s  [{"node_id", "version", "data"}] snapshots                  x  [{"node_id", "name", "value"|null}] user xattrs
+--   d  [{"dirs", "size", "files", "dirs_count"}] rollup deltas      m  [{"node_id", "from", "to"}] directories moved
+--   up [filestore.uploads row] write-backs recorded                 upd [{"node_id", "spool"}] write-backs landed
+DROP FUNCTION IF EXISTS filestore.record_command(jsonb, jsonb, jsonb, jsonb, jsonb, jsonb, jsonb, jsonb, jsonb);
 DROP FUNCTION IF EXISTS filestore.record_command(jsonb, jsonb, jsonb, jsonb, jsonb, jsonb, jsonb);
-CREATE OR REPLACE FUNCTION filestore.record_command(
-    p_journal   jsonb,  -- journal_entries columns (without id, txid, timestamps)
-    p_new_nodes jsonb,  -- [nodes row, ...] to insert
-    p_updates   jsonb,  -- [{"node": nodes row, "expected": version}, ...]
-    p_unlinks   jsonb,  -- [{"parent_id", "name" (hex), "node_id"}, ...] entries to delete
-    p_links     jsonb,  -- [{"parent_id", "name" (hex), "node_id", "entry_id" (optional)}, ...] entries to add
-    p_touches   jsonb,  -- [{"id", "time_ns"}, ...] directories whose mtime/ctime change
-    p_snapshots jsonb,  -- [{"node_id", "version", "data"}, ...]
-    p_deltas    jsonb DEFAULT '[]',  -- [{"dirs": [id, ...], "size", "files", "dirs_count"}, ...] rollup changes
-    p_moves     jsonb DEFAULT '[]'   -- [{"node_id", "from": [id, ...], "to": [id, ...]}, ...] directories moved
-) RETURNS TABLE (journal_id bigint, entry_ids bigint[])
+CREATE OR REPLACE FUNCTION filestore.record_one(p jsonb) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     item jsonb;
     n filestore.nodes;
-    touched bigint;
-    new_entry bigint;
-    ids bigint[] := '{}';
     jid bigint;
     moved record;
-    v_deltas jsonb := p_deltas;
+    v_deltas jsonb := coalesce(p->'d', '[]'::jsonb);
 BEGIN
-    IF jsonb_array_length(p_new_nodes) > 0 THEN  -- an empty loop still costs a query
-        FOR item IN SELECT * FROM jsonb_array_elements(p_new_nodes) LOOP
+    IF p ? 'n' THEN
+        FOR item IN SELECT * FROM jsonb_array_elements(p->'n') LOOP
             n := jsonb_populate_record(NULL::filestore.nodes, item);
             INSERT INTO filestore.nodes (id, backend_id, kind, size, mode, uid, gid, rdev, atime_ns, mtime_ns,
                                          ctime_ns, symlink_target, checksum, state, version)
@@ -256,8 +252,8 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
-    IF jsonb_array_length(p_updates) > 0 THEN  -- an empty loop still costs a query
-        FOR item IN SELECT * FROM jsonb_array_elements(p_updates) ORDER BY (value->'node'->>'id')::bigint LOOP
+    IF p ? 'u' THEN
+        FOR item IN SELECT * FROM jsonb_array_elements(p->'u') ORDER BY (value->'node'->>'id')::bigint LOOP
             n := jsonb_populate_record(NULL::filestore.nodes, item->'node');
             UPDATE filestore.nodes SET size = n.size, mode = n.mode, uid = n.uid, gid = n.gid, rdev = n.rdev,
                    atime_ns = n.atime_ns, mtime_ns = n.mtime_ns, ctime_ns = n.ctime_ns, checksum = n.checksum,
@@ -269,8 +265,8 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
-    IF jsonb_array_length(p_unlinks) > 0 THEN  -- an empty loop still costs a query
-        FOR item IN SELECT * FROM jsonb_array_elements(p_unlinks) LOOP
+    IF p ? 'ul' THEN
+        FOR item IN SELECT * FROM jsonb_array_elements(p->'ul') LOOP
             DELETE FROM filestore.entries WHERE parent_id = (item->>'parent_id')::bigint
                AND name = decode(item->>'name', 'hex') AND node_id = (item->>'node_id')::bigint;
             IF NOT FOUND THEN
@@ -279,26 +275,22 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
-    IF jsonb_array_length(p_links) > 0 THEN  -- an empty loop still costs a query
-        FOR item IN SELECT * FROM jsonb_array_elements(p_links) LOOP
-            INSERT INTO filestore.entries (id, parent_id, name, node_id)
-            VALUES (coalesce((item->>'entry_id')::bigint, nextval('filestore.entry_ids')),
-                    (item->>'parent_id')::bigint, decode(item->>'name', 'hex'), (item->>'node_id')::bigint)
-            RETURNING id INTO new_entry;
-            ids := ids || new_entry;
-        END LOOP;
+    IF p ? 'l' THEN
+        INSERT INTO filestore.entries (id, parent_id, name, node_id)
+        SELECT coalesce((e->>'entry_id')::bigint, nextval('filestore.entry_ids')), (e->>'parent_id')::bigint,
+               decode(e->>'name', 'hex'), (e->>'node_id')::bigint
+          FROM jsonb_array_elements(p->'l') AS e;
     END IF;
-    IF jsonb_array_length(p_touches) > 0 THEN  -- an empty loop still costs a query
-        FOR item IN SELECT * FROM jsonb_array_elements(p_touches) ORDER BY (value->>'id')::bigint LOOP
-            touched := (item->>'id')::bigint;
-            UPDATE filestore.nodes SET mtime_ns = (item->>'time_ns')::bigint, ctime_ns = (item->>'time_ns')::bigint,
-                   updated_at = now() WHERE id = touched;
-        END LOOP;
+    IF p ? 't' THEN
+        UPDATE filestore.nodes d SET mtime_ns = t.time_ns, ctime_ns = t.time_ns, updated_at = now()
+          FROM (SELECT (e->>'id')::bigint AS id, max((e->>'time_ns')::bigint) AS time_ns
+                  FROM jsonb_array_elements(p->'t') AS e GROUP BY 1) AS t
+         WHERE d.id = t.id;
     END IF;
-    IF jsonb_array_length(p_moves) > 0 THEN
+    IF p ? 'm' THEN
         -- A moved directory takes its whole subtree along: its exact totals (row + pending
         -- deltas, read in one snapshot) plus itself leave the old ancestors and join the new.
-        FOR item IN SELECT * FROM jsonb_array_elements(p_moves) LOOP
+        FOR item IN SELECT * FROM jsonb_array_elements(p->'m') LOOP
             SELECT * INTO moved FROM filestore.rollup_totals((item->>'node_id')::bigint);
             v_deltas := v_deltas || (
                 SELECT coalesce(jsonb_agg(jsonb_build_object(
@@ -316,25 +308,72 @@ BEGIN
     END IF;
     INSERT INTO filestore.journal_entries (command, status, backend_id, node_id, path, args, result, error,
                                            errno, actor, uid, gid, pid, request_id, idempotency_key, rollup)
-    VALUES (p_journal->>'command', p_journal->>'status', (p_journal->>'backend_id')::int,
-            (p_journal->>'node_id')::bigint, p_journal->>'path', coalesce(p_journal->'args', '{}'::jsonb),
-            p_journal->'result', p_journal->>'error', (p_journal->>'errno')::int, p_journal->>'actor',
-            (p_journal->>'uid')::int, (p_journal->>'gid')::int, (p_journal->>'pid')::int,
-            (p_journal->>'request_id')::uuid, p_journal->>'idempotency_key',
+    VALUES (p->'j'->>'command', p->'j'->>'status', (p->'j'->>'backend_id')::int,
+            (p->'j'->>'node_id')::bigint, p->'j'->>'path', coalesce(p->'j'->'args', '{}'::jsonb),
+            p->'j'->'result', p->'j'->>'error', (p->'j'->>'errno')::int, p->'j'->>'actor',
+            (p->'j'->>'uid')::int, (p->'j'->>'gid')::int, (p->'j'->>'pid')::int,
+            (p->'j'->>'request_id')::uuid, p->'j'->>'idempotency_key',
             CASE WHEN jsonb_array_length(v_deltas) > 0 THEN (
                 SELECT jsonb_agg(jsonb_build_object('dirs', d->'dirs', 'size_bytes', d->'size',
                                                     'file_count', d->'files', 'dir_count', d->'dirs_count'))
                   FROM jsonb_array_elements(v_deltas) AS d) END)
     RETURNING id INTO jid;
-    IF jsonb_array_length(p_snapshots) > 0 THEN
+    IF p ? 's' THEN
         INSERT INTO filestore.snapshots (node_id, version, journal_id, data)
         SELECT (s->>'node_id')::bigint, (s->>'version')::bigint, jid, s->'data'
-          FROM jsonb_array_elements(p_snapshots) AS s;
+          FROM jsonb_array_elements(p->'s') AS s;
     END IF;
-    RETURN QUERY SELECT jid, ids;
+    IF p ? 'x' THEN
+        DELETE FROM filestore.xattrs x USING jsonb_array_elements(p->'x') AS e
+         WHERE e->>'value' IS NULL AND x.node_id = (e->>'node_id')::bigint AND x.name = decode(e->>'name', 'hex');
+        INSERT INTO filestore.xattrs (node_id, name, value)
+        SELECT (e->>'node_id')::bigint, decode(e->>'name', 'hex'), decode(e->>'value', 'hex')
+          FROM jsonb_array_elements(p->'x') AS e WHERE e->>'value' IS NOT NULL
+        ON CONFLICT (node_id, name) DO UPDATE SET value = EXCLUDED.value;
+    END IF;
+    IF p ? 'upd' THEN
+        DELETE FROM filestore.uploads u USING jsonb_array_elements(p->'upd') AS e
+         WHERE u.node_id = (e->>'node_id')::bigint AND u.spool = e->>'spool';
+    END IF;
+    IF p ? 'up' THEN
+        INSERT INTO filestore.uploads (node_id, backend_id, spool, owner, path, size, mtime_ns, request_id)
+        SELECT (e->>'node_id')::bigint, (e->>'backend_id')::int, e->>'spool', e->>'owner',
+               decode(e->>'path', 'hex'), (e->>'size')::bigint, (e->>'mtime_ns')::bigint, (e->>'request_id')::uuid
+          FROM jsonb_array_elements(p->'up') AS e;
+    END IF;
+    RETURN jid;
 END $$;
-COMMENT ON FUNCTION filestore.record_command IS
-    'Records one command atomically: new nodes, version-checked node updates (SQLSTATE FS409 on conflict), entries removed and added, directory times, the journal row, its snapshots and its rollup deltas. Called by core.store.record only.';
+COMMENT ON FUNCTION filestore.record_one IS
+    'Records one command atomically: new nodes, version-checked node updates (SQLSTATE FS409 on conflict), entries removed and added, directory times, the journal row, its snapshots, rollup deltas, xattrs and write-back rows. Called by filestore.record_commands only.';
+
+-- A group commit: the commands in order, relatime updates of reads (no journal row), and with
+-- p_sync the commit waits for the WAL flush (fsync, O_SYNC, syncfs, umount; the commit record
+-- of an xid flushed synchronously covers all earlier WAL).
+CREATE OR REPLACE FUNCTION filestore.record_commands(p_commands jsonb, p_atimes jsonb DEFAULT '[]',
+                                                     p_sync boolean DEFAULT false)
+RETURNS TABLE (request_id uuid, journal_id bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    item jsonb;
+BEGIN
+    IF p_sync THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+        PERFORM pg_current_xact_id();
+    END IF;
+    IF jsonb_array_length(p_atimes) > 0 THEN
+        UPDATE filestore.nodes n SET atime_ns = a.t
+          FROM (SELECT (e->>0)::bigint AS id, max((e->>1)::bigint) AS t FROM jsonb_array_elements(p_atimes) e
+                 GROUP BY 1) AS a
+         WHERE n.id = a.id AND n.atime_ns < a.t;
+    END IF;
+    FOR item IN SELECT * FROM jsonb_array_elements(p_commands) LOOP
+        request_id := (item->'j'->>'request_id')::uuid;
+        journal_id := filestore.record_one(item);
+        RETURN NEXT;
+    END LOOP;
+END $$;
+COMMENT ON FUNCTION filestore.record_commands IS
+    'The one write path of journal rows (core.journal.records.statement): a group of commands recorded in order in one transaction, with the relatime updates of reads. p_sync: the commit waits for the WAL to be flushed.';
 
 -- == Extended attributes (issue 4) =====================================================
 CREATE TABLE IF NOT EXISTS filestore.xattrs (

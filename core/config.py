@@ -20,6 +20,10 @@ class Settings:
     event_channel: str
     log_json: bool
     recursive_dir_sizes: bool = True  # a directory's st_size is its rollup (FILESTORE_DIR_SIZES=plain: 4096)
+    # Extended attributes: "auto" (on for the backends added with --xattrs, off for a mount with
+    # none), "on" (every backend) or "off" (none). Off, the kernel stops asking (ENOSYS) and
+    # `ls -l` costs no round trip per entry (docs/architecture.md D38).
+    xattrs: str = "auto"
 
     @property
     def staging_dir(self) -> Path:
@@ -54,4 +58,14 @@ def load(env: dict[str, str] | None = None) -> Settings:
         event_channel=env.get("FILESTORE_EVENT_CHANNEL") or "apphub:filestore",
         log_json=(env.get("FILESTORE_LOG_FORMAT", "").lower() == "json"),
         recursive_dir_sizes=(env.get("FILESTORE_DIR_SIZES", "recursive").lower() != "plain"),
+        xattrs=_switch(env.get("FILESTORE_XATTRS", "auto")),
     )
+
+
+def _switch(value: str) -> str:
+    value = value.strip().lower()
+    if value in ("on", "1", "yes", "true"):
+        return "on"
+    if value in ("off", "0", "no", "false"):
+        return "off"
+    return "auto"

@@ -1,8 +1,13 @@
 """Errors that carry the errno a native filesystem would give."""
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import os
+from collections.abc import Iterator
+
+from executors import base
+from executors.base import ExecutorError as ExecutorFailure  # noqa: F401  (the CLI reports these in one line)
 
 
 class FsError(Exception):
@@ -21,11 +26,8 @@ class ConfigError(Exception):
     """Bad configuration or unreachable dependency: the CLI prints it as one line."""
 
 
-
 def errno_for(exc: Exception) -> int:
     """The errno a caller sees for an executor's domain error (unknown failures are EIO)."""
-    from executors import base
-
     table = {
         base.NotFound: _errno.ENOENT, base.AlreadyExists: _errno.EEXIST,
         base.NotEmpty: _errno.ENOTEMPTY, base.NotADirectory: _errno.ENOTDIR,
@@ -41,3 +43,13 @@ def errno_for(exc: Exception) -> int:
         if cls in table:
             return table[cls]
     return _errno.EIO
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Executor errors raised inside become the FsError a caller sees: the one translation of
+    executor failures into errnos (unknown ones are EIO)."""
+    try:
+        yield
+    except base.ExecutorError as exc:
+        raise FsError(errno_for(exc), str(exc)) from exc

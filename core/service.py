@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -17,13 +18,14 @@ from core.config import Settings
 from core.errors import ConfigError, FsError
 from core.journal import recovery
 from core.journal.intents import IntentLog
-from core.model import ROOT_INODE, Backend, Node
+from core.journal.pipeline import Pipeline
+from core.model import ROOT_INODE, Node
 from core.repair import overlaps
-from core.rollups import folder, totals
+from core.rollups import folder
 from core.storage import backends, embedded_pg, schema, store
 from core.storage.db import Database, connect
 from core.storage.queue import JobQueue
-from core.view.cache import Invalidation, open_cache
+from core.view.cache import Announcements, Invalidation, open_cache
 from core.view.namespace import Namespace
 
 log = logging.getLogger(__name__)
@@ -56,48 +58,62 @@ def open_database(settings: Settings, *, apply_schema: bool = True) -> Database:
 
 
 class Filestore:
-    """Everything a mount (or the sidecar) needs to run commands against the tracked trees."""
+    """Everything a mount (or an in-process user: tests, tools) needs to run commands.
+
+    Wiring, in one place: the namespace and the commands answer; the pipeline commits, and
+    after each group its listeners run (cache announcements, the served rollups' in-flight
+    totals, the folder's poke, write-back uploads, the event relay); after each answer the
+    served rollups and this object (removed paths, nested backends) hear of it.
+    """
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.db = open_database(settings)
         self.core_lock = CoreLock()
-        self.db.at_the_database = self.core_lock.at_the_database
         self.ns = Namespace(self.db)
         self.intents = IntentLog(settings.intents_path, before_compact=self.db.flush_wal)
-        self.orch = Orchestrator(self.db, self.ns, self.intents)
-        self.files = FileTable(self.orch, self.ns)
-        self.files.wait_until = self.core_lock.wait_until
-        self.files.notify = self.core_lock.notify
-        self.orch.quiesce = self.core_lock.quiesce
-        self.orch.heal = lambda intent: recovery.heal(self, intent)
         self.cache = open_cache(settings.redis_url)
-        self.rollups = folder.RollupView(self.db, self.cache, self.ns.parent_of)
         self.jobs = JobQueue(self.db)
         self.folder = folder.RollupFolder(self.db, self.cache, self.jobs)
+        self.pipeline = Pipeline(self.db, intents=self.intents, adopter=recovery.ConflictAdopter(self))
+        self.orch = Orchestrator(self.db, self.ns, self.intents, self.pipeline)
+        self.rollups = folder.RollupView(self.db, self.cache, self.ns.parent_of, self.pipeline)
         # S3 content recorded at close and uploaded in the background (started by a mount only)
-        self.writeback = writeback.WriteBack(self.db, self.ns, self.jobs, settings.home)
-        self.writeback.changed = lambda *changed: self.orch.changed(*changed)
-        self.writeback.committed = lambda: self.orch.committed()
-        self.files.writeback = self.writeback
-        self.orch.settle_tree = self.writeback.wait_backend
-        self.orch.rollups_changed = self._rollups_changed
-        self.orch.changed = self.cache.announce
+        self.writeback = writeback.WriteBack(self.db, self.ns, self.jobs, settings.home, self.pipeline)
+        self.files = FileTable(self.orch, self.ns, self.writeback)
+        self.orch.files = self.files
+        self.adoption = recovery.Adoption(self)
+        self.orch.adoption = self.adoption
+        self.pipeline.listeners += [self.rollups, self.folder, self.writeback, self]
+        if self.cache.shared:
+            self.pipeline.listeners.append(Announcements(self.cache))
+        self.orch.served_rollups = self.rollups
+        self.orch.after_answer.append(self)
         self.ns.unrecorded = self.files.unrecorded_in
-        # Set by a serving mount: runs a function on the thread that serves requests.
+        # Set by a serving mount: runs a function on the thread that serves requests (waiting
+        # for it), and posts one there (not waiting: from the committer, which never waits).
         self.serving_call: Callable[[Callable[[], None]], None] = lambda fn: fn()
+        self.serving_post: Callable[[Callable[[], None]], None] = lambda fn: fn()
         self.cache.subscribe(self._changed_elsewhere)
         # Set by a serving mount: asks the kernel to drop what it caches of these inodes
         # (from a thread of its own: never inside a request).
         self.kernel_invalidate: Callable[[Invalidation], None] = lambda change: None
         self.overlaps: dict[int, list[overlaps.Overlap]] = {}
-        self.orch.mirror = self._after_command
         # Paths this process removed a moment ago (unlink, rmdir, a rename's source): an inline
         # watcher's event for one of them that finds nothing on the disk is the mount's own.
         self._removed_here: dict[tuple[int, bytes], float] = {}
+        # Nodes a conflict resolution changed behind the namespace, dropped once no answered
+        # command still holds them (core.journal.recovery.ConflictAdopter)
+        self._stale: set[int] = set()
+        self._stale_lock = threading.Lock()
         self._workers: list[tuple[object, object]] = []
         self.unavailable: dict[str, str] = {}
         self.reload_backends()
+
+    def holds(self, node_id: int) -> bool:
+        """Has this process changes of the node the database does not hold yet (answered and
+        not committed, or in an open file not recorded)? Views keep such nodes."""
+        return self.pipeline.holds(node_id) or self.files.holds(node_id)
 
     def reload_backends(self) -> None:
         current = {b.id: b for b in self.ns.backends.values()}
@@ -122,36 +138,56 @@ class Filestore:
         self.ns.set_backends(fresh)
         self.overlaps = overlaps.find(fresh)
 
-    def _after_command(self, backend: Backend, command: str, request_id, paths: tuple[bytes, ...]) -> None:
-        if command in ("unlink", "rmdir", "rename"):
+    # -- after a command's answer (serving thread) --------------------------------------
+    def answered(self, cmd, changes) -> None:
+        sizes = {d for c in changes for d in (*c.rollup, *c.view_moves)}
+        if sizes:  # the kernel drops the directory sizes it holds (they are served exact)
+            self.kernel_invalidate(Invalidation(rollups=sorted(sizes)))
+        backend = cmd.backend
+        if backend is None or not cmd.paths:
+            return
+        if cmd.name in ("unlink", "rmdir", "rename"):
             now = time.monotonic()
             if len(self._removed_here) > 50_000:
                 self._removed_here = {k: t for k, t in self._removed_here.items() if now - t < REMOVED_MEMORY_SECONDS}
-            self._removed_here[(backend.id, paths[0])] = now
-        overlaps.mirror(self, backend, command, request_id, paths)
+            self._removed_here[(backend.id, cmd.paths[0])] = now
+        overlaps.mirror(self, backend, cmd.name, cmd.request_id, cmd.paths)
 
     def removed_here(self, backend_id: int, rel: bytes) -> bool:
         """Did this process remove that path in the last REMOVED_MEMORY_SECONDS?"""
         when = self._removed_here.get((backend_id, rel))
         return when is not None and time.monotonic() - when < REMOVED_MEMORY_SECONDS
 
-    def _rollups_changed(self, changes: list[store.Change]) -> None:
-        """This process's command moved directory totals: serve them at once (the kernel drops
-        its cached attributes of those directories too) and wake the folder."""
-        touched = self.rollups.apply_local(changes)
-        self.kernel_invalidate(Invalidation(rollups=sorted(touched)))
-        self.folder.poke()
+    # -- after a group's commit (committer thread) --------------------------------------
+    def after_commit(self, batch) -> None:
+        if self._stale:
+            self.serving_post(self._drop_stale)
+
+    def after_conflict(self, touched: set[int], names: set[tuple[int, bytes]]) -> None:
+        """A conflict was resolved from the database: the namespace drops what it held of those
+        nodes (once no answered command holds them) and the kernel its caches."""
+        with self._stale_lock:
+            self._stale |= touched
+        self.kernel_invalidate(Invalidation(nodes=sorted(touched), names=sorted(names)))
+
+    def _drop_stale(self) -> None:
+        with self._stale_lock:
+            stale, self._stale = self._stale, set()
+        held = {n for n in stale if self.holds(n)}
+        self.ns.forget(sorted(stale - held), sorted(stale - held), keep=self.holds)
+        if held:
+            with self._stale_lock:
+                self._stale |= held
 
     def _changed_elsewhere(self, change: Invalidation) -> None:
         """Another process changed nodes or directories: drop this process's copies (on the
         serving thread, between requests), so they are read again from the database."""
         if not change.remote or not (change.nodes or change.dirs or change.names or change.everything):
             return
-        keep = self.files.holds
         if change.everything:
-            self.serving_call(lambda: self.ns.forget_everything(keep=keep))
+            self.serving_call(lambda: self.ns.forget_everything(keep=self.holds))
         else:
-            self.serving_call(lambda: self.ns.forget(change.nodes, change.dirs, keep=keep))
+            self.serving_call(lambda: self.ns.forget(change.nodes, change.dirs, keep=self.holds))
 
     def warm(self) -> None:
         """Load, before serving, what a first look at the mount asks for: each backend root's
@@ -185,13 +221,21 @@ class Filestore:
         self._workers.clear()
 
     # -- extended attributes (reads; changes are orchestrator commands) ----------------
+    @property
+    def serves_xattrs(self) -> bool:
+        return xattrs.served(self.ns.backends.values(), self.settings.xattrs)
+
+    def keeps_xattrs(self, node_id: int) -> bool:
+        if node_id == ROOT_INODE:
+            return False
+        return xattrs.kept_by(self.ns.backend_of(self.ns.node(node_id)), self.settings.xattrs)
+
     def virtual_xattrs(self, node: Node) -> dict[bytes, bytes]:
         """The read-only user.filestore.* attributes: a directory's rollup fields (DESIGN.md
         section 5), exact at the moment of asking (the folded row plus pending deltas)."""
         if not node.is_dir:
             return {}
-        with self.db.pool.connection() as conn:
-            found = totals.totals(conn, [node.id])[node.id]
+        found = self.rollups.exact(node.id)
         calculated = ("" if found.last_calculated_at is None else
                       datetime.fromtimestamp(found.last_calculated_at, timezone.utc).isoformat())
         values = (found.size_bytes, found.file_count, found.dir_count, found.state, calculated)
@@ -200,7 +244,7 @@ class Filestore:
     def getxattr(self, node_id: int, name: bytes) -> bytes:
         # security.capability is asked before writes and ls asks for ACLs and labels: these
         # are answered here, from no table, without a query.
-        if node_id == ROOT_INODE or not xattrs.check_readable(name):
+        if not self.keeps_xattrs(node_id) or not xattrs.check_readable(name):
             raise FsError(errno.ENODATA)
         if name.startswith(xattrs.VIRTUAL):
             value = self.virtual_xattrs(self.ns.node(node_id)).get(name)
@@ -214,12 +258,13 @@ class Filestore:
         """The stored names only. The rollup fields are read by name and not listed (as CephFS
         does with ceph.dir.rbytes): tools that copy attributes (rsync -X, cp -a, tar --xattrs)
         would otherwise try to copy them, or to remove them from a copy, and fail."""
-        if node_id == ROOT_INODE:
+        if not self.keeps_xattrs(node_id):
             return []
         return list(self.orch.xattrs.of(node_id))
 
     def close(self) -> None:
         self.writeback.drain()
+        self.pipeline.close()
         self.stop_workers()
         self.cache.close()
         for backend in self.ns.backends.values():

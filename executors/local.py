@@ -26,6 +26,7 @@ from .base import (
     InvalidArgument,
     NotFound,
     Stat,
+    Unsupported,
     from_os_error,
     kind_of,
     validate_name,
@@ -83,8 +84,12 @@ def stat_from(st: os.stat_result, target: bytes | None = None) -> Stat:
 
 
 class LocalExecutor:
+    """The Executor of a local directory (executors.base.Executor)."""
+
     kind = "local"
     in_place = True  # files are written through descriptors onto them (see core.commands.files)
+    moves_objects_one_by_one = False  # rename(2) moves a directory whole
+    writes_back = False
 
     def __init__(self, root: str | os.PathLike, *, read_only: bool = False):
         self.root = os.fsencode(os.path.abspath(root))
@@ -162,6 +167,9 @@ class LocalExecutor:
         return parent, name
 
     # -- reading ----------------------------------------------------------------------
+    def check_name(self, parent: bytes, name: bytes) -> None:
+        """Every POSIX name fits a local directory (core checks length and bytes)."""
+
     def stat(self, rel: bytes) -> Stat:
         rel = rel.strip(b"/")
         if not rel:
@@ -381,9 +389,20 @@ class LocalExecutor:
             except OSError:
                 pass  # best effort: the database holds them
 
+    def finish_rename(self, src_rel: bytes, dst_rel: bytes) -> int:
+        raise Unsupported("rename(2) is atomic here: nothing is ever left half done")
+
+    def reader(self, rel: bytes, *, size: int, etag: str | None, cache_key: str | None):
+        raise Unsupported("files are read through their descriptors (in_place)")
+
     # -- staging ----------------------------------------------------------------------
-    def stage(self, staging_id: str) -> int:
-        """A new, empty staging file opened read-write; `staging_id` names it."""
+    def stage(self, staging_id: str, *, copy_of: bytes | None = None, copy_size: int | None = None,
+              etag: str | None = None) -> int:
+        """A new, empty staging file opened read-write; `staging_id` names it. (Changes to an
+        existing file are written in place, so nothing is ever copied here: `copy_of` is for
+        backends without `in_place`.)"""
+        if copy_of is not None:
+            raise Unsupported("changes to an existing file are written in place")
         with _os_errors():
             return os.open(staging_id.encode(), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                            dir_fd=self._staging_fd)
@@ -413,6 +432,12 @@ class LocalExecutor:
             if durable:
                 self._fsync_dir(pfd)
             return stat_from(os.stat(name, dir_fd=pfd, follow_symlinks=False))
+
+    def prepare(self, staging_id: str, fd: int, offset: int, length: int) -> None:
+        """Nothing to fetch: a staging file here holds all of its content."""
+
+    def prepare_truncate(self, staging_id: str, fd: int, size: int) -> None:
+        """Nothing to fetch: a staging file here holds all of its content."""
 
     def discard(self, staging_id: str) -> None:
         try:

@@ -47,6 +47,7 @@ from .base import (
     PartlyDone,
     RetriesExhausted,
     Stat,
+    Unsupported,
     kind_of,
     validate_name,
 )
@@ -69,9 +70,13 @@ from .s3cache import ChunkCache, Reader
 
 
 class S3Executor(ContentTransfers):
+    """The Executor (and WriteBackStore) of an S3 prefix (executors.base)."""
+
     kind = "s3"
     in_place = False  # no descriptor onto an object: changes to a file go through a spool copy
     owns_files = True  # owner and mode are object metadata, whoever the daemon runs as
+    moves_objects_one_by_one = True  # a directory rename copies and deletes object by object
+    writes_back = True  # content kept in a local pending file at close, uploaded after
 
     def __init__(self, root: str, *, spool_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                  cache_bytes: int = 1 * GiB, endpoint_url: str | None = None, region: str | None = None,
@@ -412,6 +417,18 @@ class S3Executor(ContentTransfers):
             etag = self._copy(key, key, None, current.size, meta=meta)
         return Stat(current.kind, current.size, new_mode, new_uid, new_gid, current.rdev if not is_dir else 0,
                     atime, mtime, time.time_ns(), target=current.target, checksum=etag)
+
+    def stat_node(self, rel: bytes) -> Stat:
+        return self.stat(rel)  # objects are never followed: a symlink is an object of its own
+
+    def set_xattr(self, rel: bytes, name: bytes, value: bytes) -> Stat:
+        raise Unsupported("S3 objects keep no extended attributes: the database holds them")
+
+    def remove_xattr(self, rel: bytes, name: bytes) -> Stat:
+        raise Unsupported("S3 objects keep no extended attributes: the database holds them")
+
+    def xattrs(self, rel: bytes) -> dict[bytes, bytes]:
+        return {}
 
     def sync_dir(self, rel: bytes) -> None:
         """Nothing to do: a landed object is durable in S3 once the PUT returned."""

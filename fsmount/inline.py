@@ -37,7 +37,7 @@ class Inline:
         self.token = token
         self.loops: Loops | None = None
         self.server = None
-        ctx = Context(fs.db, fs.settings, JobQueue(fs.db), lambda: dict(fs.ns.backends), "mount")
+        ctx = Context(fs.db, fs.settings, JobQueue(fs.db), lambda: dict(fs.ns.backends), "mount", fs.pipeline)
         if loops_enabled(fs.settings):
             self.loops = Loops(ctx, in_flight=InProcess(fs.intents), on_applied=self.show, known=self.known,
                                workers=1)

@@ -112,9 +112,13 @@ def serve(settings: Settings, mountpoint: str) -> None:
                 inline.close()
             pyfuse3.close(unmount=True)
             fs.writeback.drain()  # before the workers and loops stop: the uploads journal and announce
+            # Every answered command committed, durably; with PostgreSQL away past the bound,
+            # they stay in the intent log and the next start commits them.
+            left = fs.pipeline.close(timeout=fs.pipeline.settings.wait_seconds)
             fs.stop_workers()
             loops.stop()
-        recovery.mark_clean(fs)
+        if not left:
+            recovery.mark_clean(fs)
     finally:
         fs.close()
         os.close(lock_fd)
@@ -132,7 +136,14 @@ async def _main(fs: Filestore, path: str, started: list) -> None:
             trio.from_thread.run_sync(locked, fn, trio_token=token)
         except trio.RunFinishedError:
             locked(fn)  # the mount is gone: nothing serves any more
+
+    def post_to_serving_thread(fn) -> None:
+        try:
+            token.run_sync_soon(locked, fn)
+        except trio.RunFinishedError:
+            locked(fn)
     fs.serving_call = on_serving_thread
+    fs.serving_post = post_to_serving_thread
     # The sidecar's loops (inline mode), health endpoints and registration need the trio token.
     started.append(Inline(fs, path, token))
     async with trio.open_nursery() as nursery:

@@ -32,17 +32,19 @@ from core.view.cache import Invalidation
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT = float(os.environ.get("FILESTORE_ATTR_TIMEOUT", "1.0"))
-# off: every xattr call answers ENOSYS, after which the kernel never asks again (no probe
-# round trip per `ls -l` entry or per write); see docs/architecture.md D18
-XATTRS = os.environ.get("FILESTORE_XATTRS", "on").lower() not in ("off", "0", "no", "false")
 NAME_MAX = 255
 INVALIDATION_BATCH_SECONDS = 0.02
 KINDS = {stat_mod.S_IFIFO: "fifo", stat_mod.S_IFSOCK: "socket", stat_mod.S_IFCHR: "chardev",
          stat_mod.S_IFBLK: "blockdev", stat_mod.S_IFREG: "file"}
 RENAME_NOREPLACE = getattr(pyfuse3, "RENAME_NOREPLACE", 1)
 RENAME_EXCHANGE = getattr(pyfuse3, "RENAME_EXCHANGE", 2)
-# Closed files committing at once, each on its own thread and database connection.
-COMMIT_THREADS = trio.CapacityLimiter(int(os.environ.get("FILESTORE_COMMIT_THREADS", "8")))
+OPCODES = ("lookup", "forget", "getattr", "setattr", "readlink", "opendir", "readdir", "releasedir", "fsyncdir",
+           "mkdir", "rmdir", "unlink", "symlink", "mknod", "link", "rename", "open", "create", "read", "write",
+           "flush", "fsync", "release", "setxattr", "getxattr", "listxattr", "removexattr", "statfs")
+REQUESTS = {op: metrics.FUSE_REQUESTS.labels(op) for op in OPCODES}  # bound once: .inc() is the hot path
+# Requests waiting off the serving thread at once: for the journal (fsync, a full backlog) or
+# for S3 (an upload at close).
+WAITERS = trio.CapacityLimiter(int(os.environ.get("FILESTORE_WAITING_THREADS", "16")))
 
 
 def _answer(op: str, exc: BaseException) -> FUSEError:
@@ -60,11 +62,15 @@ def _answer(op: str, exc: BaseException) -> FUSEError:
 
 
 def handler(fn):
-    """Run on the serving thread, holding the core lock (core.commands.corelock)."""
+    """Run on the serving thread, holding the core lock (core.commands.corelock). A request
+    handler counts its requests by opcode; a helper (`_name`) is part of one that does."""
     op = fn.__name__
+    requests = REQUESTS[op] if not op.startswith("_") else None
 
     @functools.wraps(fn)
     async def wrapper(self, *args, **kwargs):
+        if requests is not None:
+            requests.inc()
         try:
             with self.fs.core_lock:
                 return fn(self, *args, **kwargs)
@@ -73,18 +79,36 @@ def handler(fn):
     return wrapper
 
 
-def committing(fn):
-    """Run on a worker thread that lets go of the core lock while its transaction is at the
-    database, so one writer's commit does not hold up every other request (core.commands.corelock)."""
+def changing(fn):
+    """A handler whose command goes to the journal: while the backlog is at its bound
+    (PostgreSQL slow or away) it waits, off the serving thread, then answers EIO after
+    FILESTORE_COMMIT_WAIT_SECONDS (core.journal.pipeline); reads go on meanwhile."""
+    op = fn.__name__
+    locked = handler(fn)
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args, **kwargs):
+        if not self.fs.pipeline.room():
+            try:
+                await trio.to_thread.run_sync(self.fs.pipeline.wait_for_room, limiter=WAITERS)
+            except Exception as exc:
+                raise _answer(op, exc) from None
+        return await locked(self, *args, **kwargs)
+    return wrapper
+
+
+def blocking(fn):
+    """Run on a worker thread holding the core lock: a request that waits for something
+    remote (an S3 upload at close) must not stop the serving thread's own loop."""
     op = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
         def run():
-            with self.fs.core_lock.committing():
+            with self.fs.core_lock:
                 return fn(self, *args)
         try:
-            return await trio.to_thread.run_sync(run, limiter=COMMIT_THREADS)
+            return await trio.to_thread.run_sync(run, limiter=WAITERS)
         except Exception as exc:
             raise _answer(op, exc) from None
     return wrapper
@@ -105,6 +129,7 @@ class Operations(pyfuse3.Operations):
         self.files = fs.files
         self.lookups: Counter[int] = Counter()
         self.recursive_dir_sizes = fs.settings.recursive_dir_sizes
+        self.xattrs = fs.serves_xattrs  # decided once: the kernel remembers an ENOSYS for the mount's life
         fs.cache.subscribe(self._caches_changed)
         self._to_invalidate: queue.SimpleQueue[Invalidation] = queue.SimpleQueue()
         threading.Thread(target=self._invalidate_for_core, name="kernel-invalidations", daemon=True).start()
@@ -247,7 +272,7 @@ class Operations(pyfuse3.Operations):
             return self._root_attrs()
         return self._attrs(self.ns.node(inode))
 
-    @handler
+    @changing
     def setattr(self, inode, attr, fields, fh, ctx):
         size = attr.st_size if fields.update_size else None
         if size is not None and self.files.truncate_open(inode, size):
@@ -305,27 +330,28 @@ class Operations(pyfuse3.Operations):
     def releasedir(self, fh):
         return None
 
-    @handler
-    def fsyncdir(self, fh, datasync):
-        self.fs.db.flush_wal()
+    async def fsyncdir(self, fh, datasync):
+        """A directory's entries durable: everything answered so far committed, WAL flushed."""
+        REQUESTS["fsyncdir"].inc()
+        await self._durable("fsyncdir")
 
-    @handler
+    @changing
     def mkdir(self, parent_inode, name, mode, ctx):
         return self._entry(self.fs.orch.mkdir(principal(ctx), parent_inode, name, mode))
 
-    @handler
+    @changing
     def rmdir(self, parent_inode, name, ctx):
         self.fs.orch.rmdir(principal(ctx), parent_inode, name)
 
-    @handler
+    @changing
     def unlink(self, parent_inode, name, ctx):
         self.fs.orch.unlink(principal(ctx), parent_inode, name)
 
-    @handler
+    @changing
     def symlink(self, parent_inode, name, target, ctx):
         return self._entry(self.fs.orch.symlink(principal(ctx), parent_inode, name, target))
 
-    @handler
+    @changing
     def mknod(self, parent_inode, name, mode, rdev, ctx):
         kind = KINDS.get(stat_mod.S_IFMT(mode))
         if kind is None:
@@ -333,11 +359,11 @@ class Operations(pyfuse3.Operations):
         return self._entry(self.fs.orch.mknod(principal(ctx), parent_inode, name, kind,
                                               stat_mod.S_IMODE(mode), rdev))
 
-    @handler
+    @changing
     def link(self, inode, new_parent_inode, new_name, ctx):
         return self._entry(self.fs.orch.link(principal(ctx), inode, new_parent_inode, new_name))
 
-    @handler
+    @changing
     def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         self.fs.orch.rename(principal(ctx), parent_inode_old, name_old, parent_inode_new, name_new,
                             noreplace=bool(flags & RENAME_NOREPLACE),
@@ -349,7 +375,7 @@ class Operations(pyfuse3.Operations):
         handle = self.files.open(principal(ctx), inode, flags)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
-    @handler
+    @changing
     def create(self, parent_inode, name, mode, flags, ctx):
         handle, node = self.files.create(principal(ctx), parent_inode, name, mode, flags)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True), self._entry(node)
@@ -358,28 +384,57 @@ class Operations(pyfuse3.Operations):
     def read(self, fh, off, size):
         return self.files.read(fh, off, size)
 
+    async def write(self, fh, off, buf):
+        REQUESTS["write"].inc()
+        written, durable = await self._write(fh, off, buf)
+        if durable:  # O_SYNC, O_DSYNC: recorded at once, answered once committed
+            await self._durable("write")
+        return written
+
     @handler
-    def write(self, fh, off, buf):
+    def _write(self, fh, off, buf):
         return self.files.write(fh, off, buf)
 
     async def flush(self, fh):
-        # Every close(2) flushes; most (readers) have nothing to commit and answer here,
-        # without a thread hop.
-        if await self._nothing_to_commit(fh):
-            return
-        await self._commit_closed(fh)
+        """close(2): what changed is recorded and answered at once; its commit follows in the
+        pipeline's next group. A close that uploads to S3 runs off the serving thread."""
+        REQUESTS["flush"].inc()
+        kind = await self._closing(fh)
+        if kind == "slow":
+            await self._flush_slowly(fh)
+        elif kind == "record":
+            await self._flush(fh)
 
     @handler
-    def _nothing_to_commit(self, fh):
-        return not self.files.needs_commit(fh)
+    def _closing(self, fh):
+        if not self.files.needs_commit(fh):
+            return "nothing"
+        return "slow" if self.files.commits_slowly(fh) else "record"
 
-    @committing
-    def _commit_closed(self, fh):
+    @changing
+    def _flush(self, fh):
         self.files.flush(fh)
 
+    @blocking
+    def _flush_slowly(self, fh):
+        self.files.flush(fh)
+
+    async def fsync(self, fh, datasync):
+        """Data on disk and recorded (serving thread), then the commit and the WAL flush
+        waited for off it: fsync means durable in the journal too."""
+        REQUESTS["fsync"].inc()
+        await self._fsync(fh, datasync)
+        await self._durable("fsync")
+
     @handler
-    def fsync(self, fh, datasync):
+    def _fsync(self, fh, datasync):
         self.files.fsync(fh, datasync)
+
+    async def _durable(self, op: str) -> None:
+        try:
+            await trio.to_thread.run_sync(self.fs.pipeline.sync, limiter=WAITERS)
+        except Exception as exc:
+            raise _answer(op, exc) from None
 
     @handler
     def release(self, fh):
@@ -387,29 +442,35 @@ class Operations(pyfuse3.Operations):
 
     # -- extended attributes ----------------------------------------------------------
     # pyfuse3 checks XATTR_CREATE and XATTR_REPLACE itself, through getxattr.
-    @handler
+    @changing
     def setxattr(self, inode, name, value, ctx):
-        if not XATTRS:
-            raise FUSEError(errno.ENOSYS)
+        self._xattrs_served()
+        if not self.fs.keeps_xattrs(inode):
+            raise FUSEError(errno.EOPNOTSUPP)
         self.fs.orch.setxattr(principal(ctx), inode, name, value)
 
     @handler
     def getxattr(self, inode, name, ctx):
-        if not XATTRS:
-            raise FUSEError(errno.ENOSYS)
+        self._xattrs_served()
         return self.fs.getxattr(inode, name)
 
     @handler
     def listxattr(self, inode, ctx):
-        if not XATTRS:
-            raise FUSEError(errno.ENOSYS)
+        self._xattrs_served()
         return self.fs.listxattr(inode)
 
-    @handler
+    @changing
     def removexattr(self, inode, name, ctx):
-        if not XATTRS:
-            raise FUSEError(errno.ENOSYS)
+        self._xattrs_served()
+        if not self.fs.keeps_xattrs(inode):
+            raise FUSEError(errno.EOPNOTSUPP)
         self.fs.orch.removexattr(principal(ctx), inode, name)
+
+    def _xattrs_served(self) -> None:
+        """ENOSYS when no backend keeps extended attributes: the kernel then never asks again,
+        for any inode of this mount (docs/architecture.md D38)."""
+        if not self.xattrs:
+            raise FUSEError(errno.ENOSYS)
 
     # -- the filesystem ---------------------------------------------------------------
     @handler

@@ -3,8 +3,10 @@ and real FUSE mounts served by `filestore mount --foreground` subprocesses.
 
 Every test that mounts gets, after it, the invariant check of `assert_consistent`: the
 database tree equals the backend disk (names, kinds, sizes, modes, symlink targets), every
-changed node has a snapshot of its current version, no deleted node keeps a name, and no
-staging file or unresolved intent is left behind.
+changed node has a snapshot of its current version, no deleted node keeps a name, no staging
+file is left behind, every command of the mount's intent log is journaled (the log is
+resolved), every directory's rollup equals a recount; and the mount's log holds no traceback
+and no ERROR line unless the test declares them (`@pytest.mark.log_errors`).
 """
 from __future__ import annotations
 
@@ -175,9 +177,21 @@ class Tracked:
         self.mount.stop()
         self.mount.start()
 
-    # -- database views ----------------------------------------------------------------
+    def settle(self) -> None:
+        """Wait until every command the mount has answered is committed: fsync of a directory
+        returns once its group commit is durable (core.journal.pipeline)."""
+        if self.mount.process is None or not is_mounted(self.mount.mountpoint):
+            return
+        fd = os.open(self.mount.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- database views (each waits for what the mount answered to be committed) ---------
     def node(self, rel: str, backend: str = "local") -> dict | None:
         """The node row at a backend-relative path, or None."""
+        self.settle()
         node_id = self.db.execute("SELECT root_node_id FROM filestore.backend_mounts WHERE name = %s",
                                   (backend,)).fetchone()[0]
         for part in filter(None, rel.split("/")):
@@ -190,18 +204,22 @@ class Tracked:
         return cur.execute("SELECT * FROM filestore.nodes WHERE id = %s", (node_id,)).fetchone()
 
     def journal(self, since: int = 0) -> list[dict]:
+        self.settle()
         cur = self.db.cursor(row_factory=psycopg.rows.dict_row)
         return cur.execute("SELECT * FROM filestore.journal_entries WHERE id > %s ORDER BY id", (since,)).fetchall()
 
     def last_journal_id(self) -> int:
+        self.settle()
         return self.db.execute("SELECT coalesce(max(id), 0) FROM filestore.journal_entries").fetchone()[0]
 
 
 @pytest.fixture
-def tracked(tmp_path, env, db):
+def tracked(tmp_path, env, db, request):
     backend_root = tmp_path / "backend"
     backend_root.mkdir()
-    run_cli(env, "backend", "add", "local", str(backend_root))
+    # --xattrs: most tests also check the extended attributes tools copy; the default (none
+    # kept, no probes) has tests of its own in test_xattrs.py
+    run_cli(env, "backend", "add", "local", str(backend_root), "--xattrs")
     mount = Mount(env, tmp_path / "mnt", tmp_path / "home" / "logs" / "test-mount.log")
     mount.start()
     t = Tracked(env, db, tmp_path, mount, backend_root, {"local": backend_root})
@@ -211,7 +229,8 @@ def tracked(tmp_path, env, db):
         if mount.process is not None:
             mount.stop()
     for name, root in t.backends.items():
-        assert_consistent(db, name, root)
+        assert_consistent(db, name, root, home=Path(env["FILESTORE_HOME"]))
+    assert_clean_log(mount.log_path, request)
 
 
 def add_backend(t: Tracked, name: str, *, read_only: bool = False) -> Path:
@@ -265,7 +284,7 @@ def db_tree(db: psycopg.Connection, backend: str) -> dict[bytes, tuple]:
     return out
 
 
-def assert_consistent(db: psycopg.Connection, backend: str, root: Path) -> None:
+def assert_consistent(db: psycopg.Connection, backend: str, root: Path, *, home: Path | None = None) -> None:
     disk, recorded = disk_tree(root), db_tree(db, backend)
     missing = sorted(set(disk) - set(recorded))[:10]
     extra = sorted(set(recorded) - set(disk))[:10]
@@ -278,6 +297,49 @@ def assert_consistent(db: psycopg.Connection, backend: str, root: Path) -> None:
     assert not unsnapshotted, f"nodes without a snapshot of their version: {unsnapshotted}"
     staged = os.listdir(root / STAGING) if (root / STAGING).exists() else []
     assert not staged, f"staging files left behind: {staged}"
+    assert_rollups_recount(db, backend)
+    if home is not None:
+        assert_intents_resolved(db, home)
+
+
+def assert_rollups_recount(db: psycopg.Connection, backend: str) -> None:
+    """Every directory's exact rollup (row + pending deltas) equals a recount of the tree."""
+    from core.rollups import totals
+
+    root = db.execute("SELECT root_node_id FROM filestore.backend_mounts WHERE name = %s", (backend,)).fetchone()[0]
+    fresh = totals.recount(db, root)
+    have = totals.totals(db, list(fresh))
+    wrong = [(d, have[d], v) for d, v in fresh.items()
+             if d not in have or (have[d].size_bytes, have[d].file_count, have[d].dir_count) != v][:5]
+    assert not wrong, f"{backend}: rollups differ from a recount (dir, recorded, counted): {wrong}"
+
+
+def assert_intents_resolved(db: psycopg.Connection, home: Path) -> None:
+    """Every command the mount logged (intent or answer) has its journal row: nothing left
+    answered and uncommitted, nothing unfinished."""
+    import json as _json
+
+    path = home / "intents.log"
+    if not path.exists():
+        return
+    ids = set()
+    for line in path.read_bytes().splitlines():
+        data = _json.loads(line)
+        ids.update(data["done"] if "done" in data else [data["id"]])
+    if not ids:
+        return
+    found = {str(r[0]) for r in db.execute("SELECT request_id FROM filestore.journal_entries"
+                                           " WHERE request_id = ANY(%s::uuid[])", (sorted(ids),)).fetchall()}
+    assert ids <= found, f"intents never journaled: {sorted(ids - found)[:5]}"
+
+
+def assert_clean_log(log_path: Path, request) -> None:
+    """No traceback and no ERROR line in a mount's log, unless the test says it expects them."""
+    if request.node.get_closest_marker("log_errors") is not None or not log_path.exists():
+        return
+    bad = [line for line in log_path.read_text(errors="replace").splitlines()
+           if "Traceback" in line or " ERROR " in line or line.startswith("ERROR")]
+    assert not bad, f"unexpected errors in {log_path.name}:\n" + "\n".join(bad[:10])
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):

@@ -207,7 +207,7 @@ def shared_tracked(tmp_path_factory, pg_server):
     backend_root.mkdir()
     os.chmod(backend_root, 0o755)
     (tmp / "native").mkdir(mode=0o755)
-    run_cli(env, "backend", "add", "local", str(backend_root))
+    run_cli(env, "backend", "add", "local", str(backend_root), "--xattrs")  # the xattr scenarios need them
     db = psycopg.connect(url, autocommit=True)
     mount = Mount(env, tmp / "mnt", tmp / "home" / "logs" / "test-mount.log").start()
     tracked = Tracked(env, db, tmp, mount, backend_root, {"local": backend_root})

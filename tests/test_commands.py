@@ -1056,9 +1056,11 @@ def test_idempotency_key_replays_a_committed_command(tracked, core_fs):
     since = tracked.last_journal_id()
 
     first = core_fs.orch.mkdir(who, root, b"k", 0o755, idempotency_key="abc")
-    second = core_fs.orch.mkdir(who, root, b"k", 0o755, idempotency_key="abc")
+    second = core_fs.orch.mkdir(who, root, b"k", 0o755, idempotency_key="abc")  # answered, maybe not committed
+    core_fs.pipeline.sync()
+    third = core_fs.orch.mkdir(who, root, b"k", 0o755, idempotency_key="abc")  # found in the journal
 
-    assert second.id == first.id
+    assert second.id == first.id == third.id
     assert (tracked.backend_root / "k").is_dir()
     assert sorted(os.listdir(tracked.backend_root)) == [".filestore.staging", "k"]
     node = tracked.node("k")
@@ -1092,6 +1094,7 @@ def test_idempotency_key_replays_a_failure(tracked, core_fs):
     with pytest.raises(FsError) as exc:
         core_fs.orch.rmdir(who, root, b"later", idempotency_key="rm-later")
     assert exc.value.errno == errno.ENOENT
+    core_fs.pipeline.sync()
 
     assert (tracked.backend_root / "later").is_dir()
     node = tracked.node("later")
@@ -1111,10 +1114,12 @@ def test_idempotency_key_replays_a_committed_unlink(tracked, core_fs):
     who = Principal.current_process()
     root = root_node_id(tracked)
     made = core_fs.orch.create(who, root, b"f", 0o644)
+    core_fs.pipeline.sync()
     since = tracked.last_journal_id()
 
     assert core_fs.orch.unlink(who, root, b"f", idempotency_key="unlink-f") is None
     assert core_fs.orch.unlink(who, root, b"f", idempotency_key="unlink-f") is None
+    core_fs.pipeline.sync()
 
     assert not os.path.lexists(tracked.backend_root / "f")
     assert node_by_id(tracked, made.id)["state"] == "DELETED"

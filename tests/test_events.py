@@ -148,11 +148,11 @@ def journal_db(database_url):
 
 
 def journal_row(conn: psycopg.Connection, path: str = "x") -> int:
-    """A failed-command journal row written by the real record_command (no node needed)."""
+    """A failed-command journal row written by the real record_commands (no node needed)."""
     entry = {"command": "mkdir", "status": "failed", "actor": "cli", "path": path, "errno": 17,
              "error": "EEXIST", "request_id": str(uuid.uuid4())}
-    return conn.execute("SELECT journal_id FROM filestore.record_command(%s, '[]', '[]', '[]', '[]', '[]', '[]')",
-                        (json.dumps(entry),)).fetchone()[0]
+    return conn.execute("SELECT journal_id FROM filestore.record_commands(%s)",
+                        (json.dumps([{"j": entry}]),)).fetchone()[0]
 
 
 def test_rows_that_commit_out_of_id_order_are_not_skipped(database_url, journal_db, redis_server):
@@ -395,11 +395,13 @@ def test_reconciler_rows_give_drift_missing_and_reconciled(journal_db):
         n = dict(node, state=state, version=version)
         entry = {"command": command, "status": "committed", "actor": "reconciler", "backend_id": backend,
                  "node_id": 900, "path": "f.txt", "request_id": str(uuid.uuid4())}
-        journal_db.execute(
-            "SELECT filestore.record_command(%s, %s, %s, '[]', '[]', '[]', %s)",
-            (json.dumps(entry), json.dumps([n] if new else []),
-             json.dumps([] if new else [{"node": n, "expected": version - 1}]),
-             json.dumps([{"node_id": 900, "version": version, "data": {"kind": "file", "size": 5, "state": state}}])))
+        command = {"j": entry, "s": [{"node_id": 900, "version": version,
+                                      "data": {"kind": "file", "size": 5, "state": state}}]}
+        if new:
+            command["n"] = [n]
+        else:
+            command["u"] = [{"node": n, "expected": version - 1}]
+        journal_db.execute("SELECT filestore.record_commands(%s)", (json.dumps([command]),))
 
     record("reconcile", "ACTIVE", 1, new=True)      # a file found on disk
     record("drift", "INCONSISTENT", 2)              # a change seen behind Filestore's back

@@ -110,7 +110,7 @@ def test_the_mount_serves_health_ready_and_metrics_and_registers(tracked):
     assert code == 200 and json.loads(body)["alive"], body
     code, text = http_get(port, "/metrics")
     assert code == 200
-    assert 'filestore_command_seconds_count{backend="local",command="create",outcome="committed"} 1.0' in text
+    assert 'filestore_command_seconds_count{backend="local",command="create",outcome="answered"} 1.0' in text
     assert "filestore_queue_depth" in text
     mounts = run_cli(tracked.env, "status", "--json").stdout
     assert [m["mountpoint"] for m in json.loads(mounts)["mounts"] if m["state"] == "alive"] == \

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import subprocess
 
 import pytest
 
@@ -153,6 +154,66 @@ def test_xattrs_off_makes_the_kernel_stop_asking(tmp_path, env, db):
     finally:
         mount.stop()
     assert db.execute("SELECT count(*) FROM filestore.xattrs").fetchone()[0] == 0
+
+
+def _requests(port: int, op: str) -> float:
+    from fixtures_sidecar import http_get
+
+    _, text = http_get(port, "/metrics")
+    for line in text.splitlines():
+        if line.startswith(f'filestore_fuse_requests_total{{op="{op}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_by_default_no_backend_keeps_xattrs_and_ls_sends_no_probe(tmp_path, env, db):
+    """The default (FILESTORE_XATTRS=auto, no backend added with --xattrs): the mount answers
+    ENOSYS once and the kernel asks no more, so `ls -l` of a directory costs no xattr round
+    trip per entry (GNU ls probes two of each), which is what keeps it near native (D38)."""
+    from conftest import Mount, run_cli
+    from fixtures_sidecar import free_port
+
+    backend = tmp_path / "backend"
+    backend.mkdir()
+    run_cli(env, "backend", "add", "local", str(backend))
+    port = free_port()
+    mount = Mount({**env, "FILESTORE_HTTP_PORT": str(port)}, tmp_path / "mnt",
+                  tmp_path / "home" / "logs" / "m.log").start()
+    try:
+        base = mount.mountpoint / "local"
+        for i in range(50):
+            (base / f"f{i}").write_bytes(b"x")
+        assert errno_of(os.getxattr, base / "f0", "user.a") == errno.EOPNOTSUPP
+        assert errno_of(os.setxattr, base / "f0", "user.a", b"1") == errno.EOPNOTSUPP
+        probes = _requests(port, "getxattr") + _requests(port, "listxattr")
+        listing = subprocess.run(["ls", "-l", str(base)], capture_output=True, text=True, check=True)
+        assert len(listing.stdout.splitlines()) == 51
+        assert _requests(port, "getxattr") + _requests(port, "listxattr") == probes  # none reached the mount
+        assert _requests(port, "getattr") + _requests(port, "lookup") > 0  # the counter itself counts
+    finally:
+        mount.stop()
+    assert db.execute("SELECT count(*) FROM filestore.xattrs").fetchone()[0] == 0
+
+
+def test_a_backend_added_with_xattrs_keeps_them_beside_one_without(tmp_path, env, db):
+    from conftest import Mount, run_cli
+
+    for name, extra in (("tagged", ["--xattrs"]), ("plain", [])):
+        (tmp_path / name).mkdir()
+        run_cli(env, "backend", "add", name, str(tmp_path / name), *extra)
+    mount = Mount(env, tmp_path / "mnt", tmp_path / "home" / "logs" / "m.log").start()
+    try:
+        tagged, plain = mount.mountpoint / "tagged" / "f", mount.mountpoint / "plain" / "f"
+        tagged.write_bytes(b"x")
+        plain.write_bytes(b"x")
+        os.setxattr(tagged, "user.team", b"a")
+        assert os.getxattr(tagged, "user.team") == b"a"
+        assert errno_of(os.setxattr, plain, "user.team", b"a") == errno.EOPNOTSUPP
+        assert errno_of(os.getxattr, plain, "user.team") == errno.ENODATA
+        assert os.listxattr(plain) == []
+    finally:
+        mount.stop()
+    assert db.execute("SELECT count(*) FROM filestore.xattrs").fetchone()[0] == 1
 
 
 @pytest.mark.parametrize("command", ["setxattr", "removexattr"])

@@ -1,85 +1,93 @@
-"""Committing open files: close, fsync and the write commands they record (core.commands.files).
+"""Recording what an open file changed: at close, at fsync, or before another command needs it.
 
-A file's changes become one command at its close: a new file's create (+ write), or a write
-of staged or in-place content; an S3 file written back records its upload as pending
-(core.commands.writeback). `flush` may run on a worker thread (core.commands.corelock), so nothing here holds a
-lock of the file table while a commit waits for the database; the file itself is marked
-`committing` meanwhile, and every other use of it waits.
+A file's changes become one command: a new file's create (+ write), or a write of staged or
+in-place content; an S3 file written back records its upload as pending (core.commands.writeback).
+Staged content is landed (renamed into place) first; the command is then answered like any
+other and committed by the pipeline's next group: `close(2)` never waits for the database.
+A durable commit (fsync, O_SYNC) flushes the data here; its caller then waits for
+`Pipeline.sync()` (off the serving thread), so fsync keeps its meaning end to end.
 """
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from core.commands.orchestrator import write_args
+from core.commands.content import PendingCreate
+from core.commands.template import write_args
 from core.faults import crash_point
-from core.model import Principal
+from core.model import Backend, Principal
+from core.view.namespace import Namespace
 from executors.base import Stat
 from executors.local import stat_from
 
 if TYPE_CHECKING:
-    from core.commands.files import OpenFile
+    from core.commands.orchestrator import Orchestrator
+    from core.commands.writeback import WriteBack
 
 
-class Committing:
-    """The committing half of core.files.FileTable (a mixin: it uses the table's state)."""
+@dataclass
+class OpenFile:
+    node_id: int
+    backend: Backend
+    fd: int | None = None  # None until first needed (a new empty file needs no descriptor)
+    writable: bool = False
+    staging_id: str | None = None  # set while the content lives in a staging file
+    request_id: uuid.UUID | None = None  # the pending write command, once something changed
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    handles: int = 0
+    fresh: bool = False  # created by this process and still empty on the backend
+    sync_writes: bool = False
+    who: Principal | None = None  # the last writer to open it: the principal of its write command
+    attrs: dict = field(default_factory=dict)  # attribute changes folded into the pending write
+    pending: PendingCreate | None = None  # created here, not yet on the backend nor journaled
+    reader: object | None = None  # ranged reads of committed content (backends without descriptors)
 
-    def needs_commit(self, handle: int) -> bool:
-        """Has close(2) of this handle anything to commit (or to wait for)?"""
-        of = self._handles.get(handle)
-        return of is not None and (of.dirty or of.pending is not None or of.committing)
+    @property
+    def dirty(self) -> bool:
+        return self.request_id is not None
 
-    def flush(self, handle: int) -> None:
-        """close(2): commit what changed. May run on a worker thread (core.commands.corelock), so it
-        holds no lock of this table while the commit waits for the database."""
-        of = self._get(handle)
-        if of.dirty or of.pending is not None:
-            self._commit(of, durable=False)
+    @property
+    def changed(self) -> bool:
+        """Has it anything to record?"""
+        return self.dirty or self.pending is not None
 
-    def fsync(self, handle: int, datasync: bool) -> None:
-        of = self._get(handle)
-        if of.dirty or of.pending is not None:
-            self._commit(of, durable=True)
-            return
-        if of.fd is not None:
-            (os.fdatasync if datasync else os.fsync)(of.fd)
-        else:
-            self._await_upload(of.node_id)  # fsync: durable in the backend, so uploaded
-        self.orch.db.flush_wal()
 
-    def _commit(self, of: OpenFile, *, durable: bool) -> None:
-        of.committing = True
+class ContentCommits:
+    def __init__(self, orch: "Orchestrator", ns: Namespace, writeback: "WriteBack | None"):
+        self.orch = orch
+        self.ns = ns
+        self.writeback = writeback
+
+    def commit(self, of: OpenFile, *, durable: bool) -> None:
+        """Record what the file changed; with `durable`, its data is on disk first."""
         try:
-            self._commit_now(of, durable=durable)
+            if of.pending is not None:
+                self._created(of, durable=durable)
+            elif self.ns.parent_of(of.node_id) is None:
+                # Unlinked while open: the content dies with the last handle; nothing to record.
+                self.orch.intents.resolved([of.request_id])
+            else:
+                self._written(of, durable=durable)
+        except BaseException:
+            self._drop_staged(of)
+            raise
         finally:
-            of.committing = False
-            self.notify()
+            self._committed(of)
 
-    def _commit_now(self, of: OpenFile, *, durable: bool) -> None:
-        if of.pending is not None:
-            self._commit_created(of, durable=durable)
-            return
-        link = self.ns.parent_of(of.node_id)
-        if link is None:
-            # Unlinked while open: the content dies with the last handle; nothing to record.
-            self.orch.intents.resolved(of.request_id)
-            of.request_id = None
-            of.ranges = []
-            return
+    def _written(self, of: OpenFile, *, durable: bool) -> None:
         backend, rel = self.ns.path_of(of.node_id)
         parent_rel, _, name = rel.rpartition(b"/")
         node = self.ns.node(of.node_id)
         staged = of.staging_id is not None
         executor = backend.executor
-        wb = self.writeback
-        write_back = staged and not durable and wb is not None and wb.applies(backend, of.staging_id)
+        write_back = self._writes_back(backend, of.staging_id, durable)
         kept = []
 
         def land() -> Stat:
             if write_back:  # fsynced locally and recorded as pending; uploaded in the background
-                upload, st = wb.keep(backend, node, of.staging_id, of.fd, rel, of.request_id)
+                upload, st = self.writeback.keep(backend, node, of.staging_id, of.fd, rel, of.request_id)
                 kept.append(upload)
                 return st
             if staged:
@@ -91,26 +99,23 @@ class Committing:
                 os.fsync(of.fd)
             return stat_from(os.fstat(of.fd))
 
-        self._record(of, kept, lambda pending_upload: self.orch.write(
-            of.who or Principal.system("fuse"), of.node_id, land=land, ranges=of.ranges,
-            request_id=of.request_id, staged=staged, paths=(rel,), durable=durable, attrs=of.attrs,
-            pending_upload=pending_upload if write_back else None))
+        self.orch.write(of.who or Principal.system("fuse"), of.node_id, land=land, ranges=of.ranges,
+                        request_id=of.request_id, staged=staged, paths=(rel,), durable=durable, attrs=of.attrs,
+                        upload=(lambda: kept[0].row) if write_back else None)
 
-    def _commit_created(self, of: OpenFile, *, durable: bool) -> None:
+    def _created(self, of: OpenFile, *, durable: bool) -> None:
         """First close (or fsync) of a file created here: land it and record create (+ write)."""
-        pending = of.pending
         executor = of.backend.executor
         node = self.ns.node(of.node_id)
         staging_id = of.staging_id
-        wb = self.writeback
-        write_back = staging_id is not None and not durable and wb is not None and wb.applies(of.backend, staging_id)
+        write_back = self._writes_back(of.backend, staging_id, durable)
         request_id = of.request_id or uuid.uuid4()
         kept = []
 
         def land(parent_rel: bytes, name: bytes) -> Stat:
             if write_back:  # fsynced locally and recorded as pending; uploaded in the background
                 rel = parent_rel + b"/" + name if parent_rel else name
-                upload, st = wb.keep(of.backend, node, staging_id, of.fd, rel, request_id)
+                upload, st = self.writeback.keep(of.backend, node, staging_id, of.fd, rel, request_id)
                 kept.append(upload)
                 return st
             if staging_id is None:
@@ -120,29 +125,13 @@ class Committing:
             crash_point("after_land")
             return st
 
-        write = None
-        if staging_id is not None:
-            write = write_args(of.ranges, staged=True, durable=durable, attrs=of.attrs)
-        self._record(of, kept, lambda pending_upload: self.orch.finish_create(
-            pending, land=land, write=write, writer=of.who, request_id=request_id, durable=durable,
-            pending_upload=pending_upload if write_back else None))
+        write = write_args(of.ranges, staged=True, durable=durable, attrs=of.attrs) if staging_id else None
+        self.orch.finish_create(of.pending, land=land, write=write, writer=of.who, request_id=request_id,
+                                upload=(lambda: kept[0].row) if write_back else None)
 
-    def _record(self, of: OpenFile, kept: list, record: Callable[[Callable[[], list]], None]) -> None:
-        """Run the command. A write-back upload kept by its `land` goes into the command's
-        transaction (`pending_upload`), is queued once that committed, and is abandoned if not;
-        staged content that could not land is dropped with the command's error."""
+    def _writes_back(self, backend: Backend, staging_id: str | None, durable: bool) -> bool:
         wb = self.writeback
-        try:
-            record(lambda: [wb.row(kept[0])])
-            if kept:
-                wb.enqueue(kept[0])
-        except BaseException:
-            if kept:
-                wb.abandon(kept[0])
-            self._drop_staged(of)
-            raise
-        finally:
-            self._committed(of)
+        return staging_id is not None and not durable and wb is not None and wb.applies(backend, staging_id)
 
     @staticmethod
     def _drop_staged(of: OpenFile) -> None:
@@ -167,4 +156,3 @@ class Committing:
         of.ranges = []
         of.attrs = {}
         of.fresh = False
-

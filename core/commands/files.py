@@ -24,13 +24,13 @@ import itertools
 import os
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from core.commands.commits import Committing
-from core.commands.orchestrator import Orchestrator, PendingCreate
-from core.errors import FsError, errno_for
+from core.commands.commits import ContentCommits, OpenFile
+from core.commands.orchestrator import Orchestrator
+from core.commands.writeback import WriteBack
+from core.errors import FsError, translated
 from core.faults import crash_point
+from core.journal.intents import Intent
 from core.model import S_ISGID, Backend, Node, Principal, drops_sgid
 from core.view.namespace import Namespace
 from executors.base import ExecutorError, PermissionDenied, Stat
@@ -39,49 +39,20 @@ from executors.local import stat_from
 _DAY_NS = 86_400 * 10**9
 
 
-@dataclass
-class OpenFile:
-    node_id: int
-    backend: Backend
-    fd: int | None = None  # None until first needed (a new empty file needs no descriptor)
-    writable: bool = False
-    staging_id: str | None = None  # set while the content lives in a staging file
-    request_id: uuid.UUID | None = None  # the pending write command, once something changed
-    ranges: list[tuple[int, int]] = field(default_factory=list)
-    handles: int = 0
-    fresh: bool = False  # created by this process and still empty on the backend
-    sync_writes: bool = False
-    who: Principal | None = None  # the last writer to open it: the principal of its write command
-    attrs: dict = field(default_factory=dict)  # attribute changes folded into the pending write
-    pending: PendingCreate | None = None  # created here, not yet on the backend nor journaled
-    reader: object | None = None  # ranged reads of committed content (backends without descriptors)
-    committing: bool = False  # a commit of it is under way, maybe waiting at the database (core.commands.corelock)
+class FileTable:
+    """Open files of one process. Used under the core lock (core.commands.corelock): one thread at a time."""
 
-    @property
-    def dirty(self) -> bool:
-        return self.request_id is not None
-
-
-class FileTable(Committing):
-    """Open files of one process. Used under core.commands.corelock's lock (one thread at a time)."""
-
-    def __init__(self, orchestrator: Orchestrator, ns: Namespace):
+    def __init__(self, orchestrator: Orchestrator, ns: Namespace, writeback: WriteBack | None = None):
         self.orch = orchestrator
         self.ns = ns
-        orchestrator.settle = self.settle
-        orchestrator.retain = self.retain
+        self.writeback = writeback  # S3 content recorded at close, uploaded in the background
+        self.commits = ContentCommits(orchestrator, ns, writeback)
         self._by_node: dict[int, OpenFile] = {}
         # Descriptors of files whose last name was removed while the kernel may still hold
         # them (looked up, not yet forgotten): an open of such an inode works, as natively.
         self._retained: dict[int, int] = {}
         self._handles: dict[int, OpenFile] = {}
         self._next = itertools.count(1)
-        # Set by core.service to core.commands.corelock's: waiting lets other threads run core code,
-        # among them the one finishing a commit of the file waited for.
-        self.wait_until: Callable[[Callable[[], bool]], None] = lambda predicate: None
-        self.notify: Callable[[], None] = lambda: None
-        # Write-back uploads of S3 backends (core.commands.writeback), set by core.service.
-        self.writeback = None
 
     # -- opening ----------------------------------------------------------------------
     def create(self, who: Principal, parent_id: int, name: bytes, mode: int, flags: int) -> tuple[int, object]:
@@ -96,15 +67,21 @@ class FileTable(Committing):
         """Put a file created here, or staged content, on the backend before another command
         changes the file (rename, link, unlink, setattr...): a hard link made to a file whose
         rewrite is staged would otherwise be split from it when the staged content lands."""
-        of = self._quiet(self._by_node.get(node_id))
+        of = self._by_node.get(node_id)
         if of is not None:
             if of.pending is not None or of.staging_id is not None:
-                self._commit(of, durable=False)
+                self.commits.commit(of, durable=False)
             if of.fd is None and not of.fresh:
                 # The command may remove the name (unlink, rename over): an open file stays
                 # readable and writable until its last close, so take its descriptor now.
                 self._descriptor(of)
         self._await_upload(node_id)
+
+    def settle_tree(self, backend: Backend) -> None:
+        """Before a directory moves or goes on S3 (which lists the objects under it): pending
+        uploads of that backend land first."""
+        if self.writeback is not None:
+            self.writeback.wait_backend(backend)
 
     def _await_upload(self, node_id: int) -> None:
         """Content of an S3 file recorded but not uploaded yet (here or by another mount) lands
@@ -124,7 +101,7 @@ class FileTable(Committing):
         node = self.ns.node(node_id)
         if node.kind != "file" or node.nlink > 1 or node_id in self._retained:
             return
-        of = self._quiet(self._by_node.get(node_id))
+        of = self._by_node.get(node_id)
         if of is not None and of.fresh:
             return
         backend, rel = self.ns.path_of(node_id)
@@ -160,7 +137,7 @@ class FileTable(Committing):
         wants_write = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR) or bool(flags & os.O_TRUNC)
         if wants_write and backend.read_only:
             raise FsError(errno.EROFS)
-        of = self._quiet(self._by_node.get(node_id))
+        of = self._by_node.get(node_id)
         if of is None:
             of = OpenFile(node_id, backend, writable=not backend.read_only)
             self._by_node[node_id] = of
@@ -185,22 +162,16 @@ class FileTable(Committing):
 
     def _get(self, handle: int) -> OpenFile:
         try:
-            return self._quiet(self._handles[handle])
+            return self._handles[handle]
         except KeyError:
             raise FsError(errno.EBADF) from None
-
-    def _quiet(self, of: OpenFile | None) -> OpenFile | None:
-        """The open file once no commit of it is under way (another thread may be finishing one)."""
-        if of is not None and of.committing:
-            self.wait_until(lambda: not of.committing)
-        return of
 
     def _descriptor(self, of: OpenFile) -> int:
         if of.fd is None and of.node_id in self._retained:
             of.fd = os.dup(self._retained[of.node_id])
         if of.fd is None:
             backend, rel = self.ns.path_of(of.node_id)
-            try:
+            with translated():
                 try:
                     of.fd = backend.executor.open_file(rel, write=of.writable)
                 except PermissionDenied:
@@ -208,8 +179,6 @@ class FileTable(Committing):
                         raise
                     of.writable = False  # the daemon may read but not write it: serve reads
                     of.fd = backend.executor.open_file(rel, write=False)
-            except ExecutorError as exc:
-                raise FsError(errno_for(exc), str(exc)) from exc
         return of.fd
 
     # -- content ----------------------------------------------------------------------
@@ -218,10 +187,8 @@ class FileTable(Committing):
         if of.fresh and of.fd is None:
             return b""
         if of.fd is None and not of.backend.executor.in_place:
-            try:
+            with translated():
                 data = self._reader(of).read(offset, size)
-            except ExecutorError as exc:
-                raise FsError(errno_for(exc), str(exc)) from exc
         else:
             self._prepare(of, offset, size)
             data = os.pread(self._descriptor(of), size, offset)
@@ -245,13 +212,11 @@ class FileTable(Committing):
         if of.staging_id is None or of.backend.executor.in_place:
             return
         executor = of.backend.executor
-        try:
+        with translated():
             if truncate:
                 executor.prepare_truncate(of.staging_id, of.fd, offset)
             else:
                 executor.prepare(of.staging_id, of.fd, offset, length)
-        except ExecutorError as exc:
-            raise FsError(errno_for(exc), str(exc)) from exc
 
     def _reader(self, of: OpenFile):
         if of.reader is None:
@@ -264,15 +229,15 @@ class FileTable(Committing):
                 if wb.wait(node.id) or node.checksum is None:  # another mount's upload landed
                     node = wb.refresh(node.id)
             backend, rel = self.ns.path_of(of.node_id)
-            try:
+            with translated():
                 of.reader = backend.executor.reader(
                     rel, size=node.size, etag=node.checksum,
                     cache_key=f"{node.id}.{node.checksum}" if node.checksum else None)
-            except ExecutorError as exc:
-                raise FsError(errno_for(exc), str(exc)) from exc
         return of.reader
 
-    def write(self, handle: int, offset: int, data: bytes) -> int:
+    def write(self, handle: int, offset: int, data: bytes) -> tuple[int, bool]:
+        """pwrite; returns (bytes written, whether the caller must wait for `Pipeline.sync`:
+        an O_SYNC/O_DSYNC write is recorded at once and durable when the call returns)."""
         of = self._get(handle)
         self._begin_change(of)
         self._prepare(of, offset, len(data))
@@ -281,8 +246,9 @@ class FileTable(Committing):
         if of.staging_id is not None:
             crash_point("after_stage_write")
         if of.sync_writes:
-            self._commit(of, durable=True)
-        return written
+            self.commits.commit(of, durable=True)
+            return written, True
+        return written, False
 
     def _begin_change(self, of: OpenFile) -> None:
         """Before the first byte of a change: stage (new file) or log the in-place intent."""
@@ -306,7 +272,7 @@ class FileTable(Committing):
         of.request_id = uuid.uuid4()
         if self.ns.parent_of(of.node_id) is not None:  # unlinked files change nothing named
             backend, rel = self.ns.path_of(of.node_id)
-            self.orch.record_intent(of.request_id, "write", backend, (rel,))
+            self.orch.intents.record(Intent(of.request_id, "write", backend.id, (rel,)))
         del fd
 
     def _stage(self, of: OpenFile, *, copy: bool = False) -> None:
@@ -315,15 +281,13 @@ class FileTable(Committing):
         request_id = uuid.uuid4()
         staging_id = f"{os.getpid()}.{request_id}"
         executor = of.backend.executor
-        try:
+        with translated():
             if copy:
                 backend, rel = self.ns.path_of(of.node_id)
                 node = self.ns.node(of.node_id)
                 fd = executor.stage(staging_id, copy_of=rel, copy_size=node.size, etag=node.checksum)
             else:
                 fd = executor.stage(staging_id)
-        except ExecutorError as exc:
-            raise FsError(errno_for(exc), str(exc)) from exc
         of.request_id, of.staging_id, of.fd = request_id, staging_id, fd
 
     def _truncate(self, of: OpenFile, size: int) -> None:
@@ -341,7 +305,7 @@ class FileTable(Committing):
 
     def truncate_open(self, node_id: int, size: int) -> bool:
         """Apply a size change to the open content of a node, if this process has it open."""
-        of = self._quiet(self._by_node.get(node_id))
+        of = self._by_node.get(node_id)
         if of is None or not (of.dirty or of.fresh):
             return False
         self._truncate(of, size)
@@ -354,7 +318,7 @@ class FileTable(Committing):
         at close instead of four). True if absorbed; the change is applied to the open content
         now, so it survives the landing of staged content, and is visible at once in this mount.
         """
-        of = self._quiet(self._by_node.get(node_id))
+        of = self._by_node.get(node_id)
         if of is None or not of.dirty or of.fd is None:
             return False
         node = self.ns.node(node_id)
@@ -382,16 +346,48 @@ class FileTable(Committing):
             return None
         return stat_from(os.fstat(of.fd))
 
+    # -- closing ----------------------------------------------------------------------
+    def needs_commit(self, handle: int) -> bool:
+        """Has close(2) of this handle anything to record?"""
+        of = self._handles.get(handle)
+        return of is not None and of.changed
+
+    def commits_slowly(self, handle: int) -> bool:
+        """Does recording this handle's changes wait for something remote (an S3 upload at
+        close)? Such a close runs off the serving thread."""
+        of = self._handles.get(handle)
+        if of is None or not of.changed or of.staging_id is None or of.backend.executor.in_place:
+            return False
+        return not self.commits._writes_back(of.backend, of.staging_id, False)
+
+    def flush(self, handle: int) -> None:
+        """close(2): record what changed; answered once it is in the intent log."""
+        of = self._get(handle)
+        if of.changed:
+            self.commits.commit(of, durable=False)
+
+    def fsync(self, handle: int, datasync: bool) -> None:
+        """The local half of fsync: data on disk and what changed recorded. The caller then
+        waits for `Pipeline.sync()` (the records committed, the WAL flushed)."""
+        of = self._get(handle)
+        if of.changed:
+            self.commits.commit(of, durable=True)
+            return
+        if of.fd is not None:
+            (os.fdatasync if datasync else os.fsync)(of.fd)
+        else:
+            self._await_upload(of.node_id)  # fsync: durable in the backend, so uploaded
+
     def release(self, handle: int) -> None:
-        of = self._quiet(self._handles.pop(handle, None))
+        of = self._handles.pop(handle, None)
         if of is None:
             return
         of.handles -= 1
         if of.handles > 0:
             return
         try:
-            if of.dirty or of.pending is not None:
-                self._commit(of, durable=False)
+            if of.changed:
+                self.commits.commit(of, durable=False)
         finally:
             if of.staging_id is not None:
                 of.backend.executor.discard(of.staging_id)
@@ -400,4 +396,3 @@ class FileTable(Committing):
             if of.reader is not None:
                 of.reader.close()
             self._by_node.pop(of.node_id, None)
-

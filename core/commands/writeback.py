@@ -22,7 +22,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -30,9 +29,11 @@ import psycopg
 
 from core.errors import FsError
 from core.faults import crash_point
+from core.journal import records
+from core.journal.pipeline import Batch, Pipeline
 from core.model import Backend, Node, Principal, display_name
 from core.storage import store
-from core.storage.db import Conflict, Database, Statement
+from core.storage.db import Conflict, Database
 from core.storage.queue import RECONCILE, JobQueue
 from core.view.namespace import Namespace
 from executors.base import ExecutorError, Stat
@@ -67,9 +68,16 @@ class Upload:
     size: int
     mtime_ns: int
     request_id: uuid.UUID
+    owner: str = ""
     attempts: int = 0
     done: threading.Event = field(default_factory=threading.Event)
     landed: Node | None = None  # the node as the upload command left it
+
+    @property
+    def row(self) -> records.Upload:
+        """The uploads row, recorded in the write command's transaction."""
+        return records.Upload(self.node_id, self.backend.id, self.pending_id, self.owner, self.rel, self.size,
+                              self.mtime_ns, self.request_id)
 
 
 class SpoolReader:
@@ -86,9 +94,14 @@ class SpoolReader:
 
 
 class WriteBack:
-    def __init__(self, db: Database, ns: Namespace, jobs: JobQueue, home, *, on: bool | None = None):
+    """Uploads in the background; an AfterCommit listener of the pipeline: an upload starts
+    once the write command that recorded it is committed."""
+
+    def __init__(self, db: Database, ns: Namespace, jobs: JobQueue, home, pipeline: Pipeline, *,
+                 on: bool | None = None):
         self.db = db  # the serving thread's: waits and reads
         self.ns = ns
+        self.pipeline = pipeline
         self.jobs = jobs
         self.on = enabled() if on is None else on
         self.owner = owner_of(home)
@@ -100,14 +113,12 @@ class WriteBack:
         self._pool: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
         self._give_up = False
-        # Set by core.service: announce a node changed (other processes) and wake the relay.
-        self.changed: Callable[[set[int], set[int], set], None] = lambda *a: None
-        self.committed: Callable[[], None] = lambda: None
+        self._kept: dict[tuple[int, str], Upload] = {}  # recorded, its write command not committed yet
 
     # -- deciding and recording (serving thread) ---------------------------------------
     @staticmethod
     def is_s3(backend: Backend) -> bool:
-        return hasattr(backend.executor, "keep")
+        return backend.executor.writes_back
 
     def applies(self, backend: Backend, staging_id: str) -> bool:
         """Is this close written back? S3, on, uploader running, and a whole spool file (a sparse
@@ -121,20 +132,21 @@ class WriteBack:
         records (checksum None until uploaded) and the Upload to queue once it committed."""
         pending_id = backend.executor.keep(staging_id, fd)
         st = os.fstat(fd)
-        upload = Upload(node.id, backend, pending_id, rel, st.st_size, st.st_mtime_ns, request_id)
+        upload = Upload(node.id, backend, pending_id, rel, st.st_size, st.st_mtime_ns, request_id, self.owner)
+        with self._lock:  # reads in this mount come from the spool file from now on
+            self.pending[node.id] = upload
+            self._kept[(node.id, pending_id)] = upload
         return upload, Stat("file", st.st_size, node.mode, node.uid, node.gid, 0, st.st_atime_ns,
                             st.st_mtime_ns, time.time_ns(), checksum=None)
 
-    def row(self, upload: Upload) -> Statement:
-        """The uploads row, written in the write command's transaction."""
-        return ("INSERT INTO filestore.uploads (node_id, backend_id, spool, owner, path, size, mtime_ns, request_id)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (upload.node_id, upload.backend.id, upload.pending_id, self.owner, upload.rel, upload.size,
-                 upload.mtime_ns, upload.request_id))
-
-    def abandon(self, upload: Upload) -> None:
-        """The write command did not commit: its kept spool file goes with it."""
-        upload.backend.executor.drop_pending(upload.pending_id)
+    def after_commit(self, batch: Batch) -> None:
+        """The write commands that recorded kept content are committed: upload it now."""
+        for record in batch.records:
+            for row in record.change.uploads_added:
+                with self._lock:
+                    upload = self._kept.pop((row.node_id, row.spool), None)
+                if upload is not None and self._pool is not None:
+                    self._pool.submit(self._work, upload)
 
     def enqueue(self, upload: Upload) -> None:
         with self._lock:
@@ -243,23 +255,22 @@ class WriteBack:
         for _ in range(4):
             node = store.load_node(db, upload.node_id)
             after = node.changed(checksum=st.checksum, version=node.version + 1)
-            change = store.Change(statements=[
-                ("DELETE FROM filestore.uploads WHERE node_id = %s AND spool = %s",
-                 (upload.node_id, upload.pending_id))])
+            change = records.Change(uploads_landed=[(upload.node_id, upload.pending_id)])
             change.update(after, node.version)
-            journal = store.Journal(
+            journal = records.Journal(
                 "upload", "committed", WRITEBACK, uuid.uuid4(), upload.backend.id, node.id,
                 display_name(upload.rel),
                 {"bytes": st.size, "attempts": upload.attempts + 1, "write_request_id": str(upload.request_id)},
                 result={"size": st.size, "checksum": st.checksum})
-            # No rollups.derive: the write command moved the totals at close; this changes none.
+            # No deltas: the write command moved the totals at close; this changes none.
             try:
-                db.transaction([store.record(journal, change), *change.statements], label="upload")
+                self.pipeline.wait(self.pipeline.submit([records.Record(journal, change)], log_intent=False))
                 break
-            except Conflict:
-                continue
+            except psycopg.DatabaseError as exc:
+                if not _conflict(exc):
+                    raise
         else:
-            raise Conflict(f"upload of node {upload.node_id}: conflicting changes kept winning")
+            raise ExecutorError(f"upload of node {upload.node_id}: conflicting changes kept winning")
         upload.backend.executor.drop_pending(upload.pending_id)
         self._landed(upload, after)
 
@@ -273,8 +284,6 @@ class WriteBack:
             if self.pending.get(upload.node_id) is upload:
                 del self.pending[upload.node_id]
         upload.done.set()
-        self.changed({after.id}, set(), set())
-        self.committed()
 
     def _failed(self, upload: Upload, exc: BaseException) -> None:
         log.warning("upload of %s failed (attempt %d), retried: %s", display_name(upload.rel), upload.attempts, exc)
@@ -295,14 +304,13 @@ class WriteBack:
                   upload.request_id, why)
         db = self._db or self.db
         node = store.load_node(db, upload.node_id)
-        change = store.Change(statements=[("DELETE FROM filestore.uploads WHERE node_id = %s AND spool = %s",
-                                           (upload.node_id, upload.pending_id))])
+        change = records.Change(uploads_landed=[(upload.node_id, upload.pending_id)])
         if node is not None and node.state == "ACTIVE":
             change.update(node.changed(state="INCONSISTENT", version=node.version + 1), node.version)
-        journal = store.Journal("drift", "committed", WRITEBACK, uuid.uuid4(), upload.backend.id, upload.node_id,
-                                display_name(upload.rel),
-                                {"observed": None, "reason": why, "write_request_id": str(upload.request_id)})
-        db.transaction([store.record(journal, change), *change.statements], label="upload.lost")
+        journal = records.Journal("drift", "committed", WRITEBACK, uuid.uuid4(), upload.backend.id,
+                                  upload.node_id, display_name(upload.rel),
+                                  {"observed": None, "reason": why, "write_request_id": str(upload.request_id)})
+        self.pipeline.wait(self.pipeline.submit([records.Record(journal, change)], log_intent=False))
         from core.repair.reconcile import job_key, job_payload  # here: reconcile imports recovery, which is heavy
         self.jobs.enqueue(RECONCILE, job_key(upload.backend.id, upload.rel),
                           job_payload(upload.backend.id, upload.rel, source="writeback"))
@@ -310,8 +318,6 @@ class WriteBack:
             if self.pending.get(upload.node_id) is upload:
                 del self.pending[upload.node_id]
         upload.done.set()
-        self.changed({upload.node_id}, set(), set())
-        self.committed()
 
     # -- start and stop -------------------------------------------------------------------
     def resume(self, backends: dict[int, Backend]) -> int:
@@ -329,7 +335,7 @@ class WriteBack:
                 continue
             recorded.setdefault(backend.id, set()).add(row["spool"])
             upload = Upload(row["node_id"], backend, row["spool"], bytes(row["path"]), row["size"], row["mtime_ns"],
-                            row["request_id"], attempts=row["attempts"])
+                            row["request_id"], self.owner, attempts=row["attempts"])
             st = backend.executor.pending_stat(row["spool"])
             if st is None or st.st_size != row["size"]:
                 self._lost(upload, "spool file missing at start" if st is None else
@@ -381,3 +387,8 @@ class WriteBack:
             self._db.close()
             self._db = None
         return remaining
+
+
+def _conflict(exc: BaseException) -> bool:
+    """Another command changed the node between our read and our record (SQLSTATE FS409)."""
+    return getattr(exc, "sqlstate", None) == "FS409"

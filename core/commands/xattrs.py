@@ -49,6 +49,21 @@ def check_writable(name: bytes, value: bytes | None) -> None:
         raise FsError(errno.EPERM, "user.filestore.* attributes are read-only")
 
 
+def kept_by(backend, setting: str) -> bool:
+    """Does this backend keep extended attributes? (FILESTORE_XATTRS / `filestore mount
+    --xattrs`: on, off, or auto: the backends added with `--xattrs`.)"""
+    if setting in ("on", "off"):
+        return setting == "on"
+    return bool((backend.options or {}).get("xattrs"))
+
+
+def served(backends, setting: str) -> bool:
+    """Does a mount of these backends serve extended attributes at all? When none keeps them
+    the mount answers ENOSYS once and the kernel never asks again: no round trip per `ls -l`
+    entry (GNU ls probes two attributes of each) nor per write (security.capability)."""
+    return any(kept_by(b, setting) for b in backends)
+
+
 class XattrCache:
     """The stored attributes of the nodes asked about, loaded per node on first use.
 

@@ -70,15 +70,8 @@ def start_in_mount(fs) -> Loops:
         if hasattr(loop, "coalesce_seconds"):
             loop.coalesce_seconds = IN_MOUNT_COALESCE_SECONDS
         if hasattr(loop, "wake"):
-            previous = fs.orch.committed
-            fs.orch.committed = _chain(previous, loop.wake)
+            fs.pipeline.listeners.append(loop)  # AfterCommit: this process's commits wake it
             loops.wakers.append(loop.wake)
         loops.start(name, loop.run)
     return loops
 
-
-def _chain(first, second):
-    def both() -> None:
-        first()
-        second()
-    return both

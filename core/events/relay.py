@@ -220,6 +220,10 @@ class Relay:
         """A command committed in this process: look now instead of at the next poll."""
         self._wake.set()
 
+    def after_commit(self, batch) -> None:
+        """AfterCommit (core.journal.pipeline): this process's groups wake the relay."""
+        self._wake.set()
+
     def run(self, stop: threading.Event) -> None:
         backoff = self.conf.poll_seconds
         failing = False

@@ -56,3 +56,7 @@ def recent(db: Database, since: int | None, limit: int) -> list[dict]:
         return list(reversed(rows))
     return db.query_dicts(
         f"SELECT {_COLUMNS} FROM filestore.journal_entries WHERE id > %s ORDER BY id LIMIT %s", (since, limit))
+
+
+def last_id(db: Database) -> int:
+    return db.query("SELECT coalesce(max(id), 0) FROM filestore.journal_entries")[0][0]

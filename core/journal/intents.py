@@ -1,11 +1,19 @@
-"""The local intent log: what this host was about to change, written before the change.
+"""The local intent log: what this host is changing, and what it answered but has not committed.
 
-One JSON line per command (request id, command, backend, paths) is appended before the
-executor touches the backend. The command's journal row carries the same request id, so at
-recovery an intent whose request id has no journal row is unfinished: its paths are
-re-examined and the disk state adopted (core.journal.recovery). The append costs one write(2) and no
-fsync: it guards against a crash of the process, whose page cache survives; a power loss is
-covered by the checkpoint comparison in core.journal.recovery instead.
+Two kinds of line, appended with one write(2) each (no fsync: they guard against a crash of
+the process, whose page cache survives; a power loss is covered by the checkpoint comparison
+in core.journal.recovery instead):
+
+- an intent, before the executor touches the backend: request id, command, backend, paths;
+- an answer, once the command is carried out: its request ids and its complete records (the
+  JSON the pipeline commits, core.journal.records), so that a mount killed before its group
+  commit replays the command as itself, with its principal and request id.
+
+Both stay open until the command's journal rows commit (core.journal.pipeline resolves them).
+At the next start an answer without a journal row is replayed; an intent without an answer
+is unfinished: its paths are re-examined and the disk state adopted (core.journal.recovery).
+The log is compacted when it grows past COMPACT_BYTES, keeping the lines of what is open,
+after the WAL covering the resolved ones is flushed.
 """
 from __future__ import annotations
 
@@ -13,10 +21,11 @@ import json
 import os
 import threading
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-_COMPACT_BYTES = 4 << 20
+COMPACT_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -39,65 +48,117 @@ class Intent:
                    tuple(bytes.fromhex(p) for p in data["paths"]))
 
 
+@dataclass
+class Unfinished:
+    """One command found in the log, in the order it was first written."""
+    request_id: uuid.UUID
+    intent: Intent | None = None  # what it was about to change
+    answered: list[uuid.UUID] = field(default_factory=list)  # its records' request ids, once answered
+    payloads: list[str] = field(default_factory=list)  # its records, to replay
+
+
+def _answer_line(request_ids: Sequence[uuid.UUID], payloads: Sequence[str]) -> bytes:
+    return ('{"done":' + json.dumps([str(r) for r in request_ids]) + ',"records":[' +
+            ",".join(payloads) + "]}\n").encode()
+
+
 class IntentLog:
-    def __init__(self, path: Path, before_compact=None):
+    def __init__(self, path: Path, before_compact: Callable[[], None] | None = None):
         self.path = path
         # Compaction forgets resolved intents: their commits must be durable first (with
         # synchronous_commit=off a database crash could still lose them).
         self._before_compact = before_compact
         self._lock = threading.Lock()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._open: dict[uuid.UUID, Intent] = {}  # written by this process and not yet resolved
+        # Open commands of this process: request id -> (intent or None, the lines written for it)
+        self._open: dict[uuid.UUID, tuple[Intent | None, list[bytes]]] = {}
+        self._alias: dict[uuid.UUID, uuid.UUID] = {}  # further request ids of an answer -> its first
+        self._size = os.fstat(self._fd).st_size
 
+    # -- writing (serving thread) ------------------------------------------------------
     def record(self, intent: Intent) -> None:
+        """Before the physical change (an in-place write: before its first byte, once)."""
+        line = intent.line()
         with self._lock:
-            if intent.request_id in self._open:  # an in-place write logs before its first byte
+            if intent.request_id in self._open:
                 return
-            os.write(self._fd, intent.line())
-            self._open[intent.request_id] = intent
+            os.write(self._fd, line)
+            self._size += len(line)
+            self._open[intent.request_id] = (intent, [line])
 
-    def resolved(self, request_id: uuid.UUID) -> None:
-        """The command committed (or provably changed nothing); compact the log now and then."""
+    def answered(self, request_ids: Sequence[uuid.UUID], payloads: Sequence[str]) -> None:
+        """The command is carried out: its complete records, to replay if it never commits."""
+        line = _answer_line(request_ids, payloads)
+        first = request_ids[0]
         with self._lock:
-            self._open.pop(request_id, None)
-            if os.fstat(self._fd).st_size > _COMPACT_BYTES:
-                if self._before_compact is not None:
-                    self._before_compact()
-                self._rewrite(list(self._open.values()))
+            os.write(self._fd, line)
+            self._size += len(line)
+            intent, lines = self._open.get(first, (None, []))
+            self._open[first] = (intent, lines + [line])
+            for other in request_ids[1:]:
+                self._alias[other] = first
+
+    # -- resolving (committer thread) --------------------------------------------------
+    def resolved(self, request_ids: Iterable[uuid.UUID]) -> None:
+        """Committed (or provably changed nothing); compacts the log now and then."""
+        with self._lock:
+            for rid in request_ids:
+                self._open.pop(self._alias.pop(rid, rid), None)
+            big = self._size > COMPACT_BYTES
+        if big:
+            self._compact()
+
+    def _compact(self) -> None:
+        if self._before_compact is not None:
+            self._before_compact()  # what was resolved before this point is durable now
+        with self._lock:
+            self._rewrite([line for _, lines in self._open.values() for line in lines])
 
     def pending(self) -> list[Intent]:
         """Intents of this process not resolved yet: changes in flight (the reconciler leaves them alone)."""
         with self._lock:
-            return list(self._open.values())
+            return [intent for intent, _ in self._open.values() if intent is not None]
 
-    def read(self) -> list[Intent]:
-        """Every intent in the file (recovery decides which ones finished)."""
-        out = []
+    # -- recovery ----------------------------------------------------------------------
+    def read(self) -> list[Unfinished]:
+        """Every command in the file, in order (recovery decides which ones finished)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return out
-        seen = set()
+            return []
+        found: dict[uuid.UUID, Unfinished] = {}
         for line in data.splitlines():
             try:
-                intent = Intent.parse(line)
-            except (ValueError, KeyError):
-                continue  # a line torn by a crash mid-append: its command never ran
-            if intent.request_id not in seen:
-                seen.add(intent.request_id)
-                out.append(intent)
-        return out
+                parsed = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a crash mid-append: its command never ran or never answered
+            if "done" in parsed:
+                ids = [uuid.UUID(r) for r in parsed["done"]]
+                item = found.setdefault(ids[0], Unfinished(ids[0]))
+                item.answered = ids
+                item.payloads = [json.dumps(r, separators=(",", ":")) for r in parsed["records"]]
+            else:
+                try:
+                    intent = Intent.parse(line)
+                except (ValueError, KeyError):
+                    continue
+                found.setdefault(intent.request_id, Unfinished(intent.request_id)).intent = intent
+        return list(found.values())
 
-    def reset(self, keep: list[Intent] = ()) -> None:
+    def reset(self) -> None:
         with self._lock:
-            self._rewrite(list(keep))
+            self._open.clear()
+            self._alias.clear()
+            self._rewrite([])
 
-    def _rewrite(self, keep: list[Intent]) -> None:
+    def _rewrite(self, lines: list[bytes]) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(b"".join(i.line() for i in keep))
+        data = b"".join(lines)
+        tmp.write_bytes(data)
         os.replace(tmp, self.path)
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._size = len(data)
 
     def close(self) -> None:
         os.close(self._fd)

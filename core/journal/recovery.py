@@ -1,13 +1,20 @@
-"""Recovery: resolve every command this host left unfinished, before serving again.
+"""Recovery: finish every command this host left unfinished, and adopt what the backend holds.
 
-Run at every mount start. Three sources of unfinished work:
-1. intents (core.journal.intents) with no journal row of the same request id: the physical change
-   may or may not have happened, so the paths they name are re-examined and the database
-   is made to match the disk (one `recover` command per intent, actor `recovery`, carrying
-   the intent's request id so that it is resolved exactly once);
-2. staging files of dead processes: content whose write command never committed; deleted;
-3. after an unclean stop, files whose write or create committed since the last clean stop
+Run at every mount start, before serving. What a crash can leave (docs/architecture.md §5):
+1. answers (core.journal.intents) with no journal row: commands carried out and answered,
+   their group never committed. Each is committed now as itself, from its records in the log
+   (principal, request id, arguments), in the order they were answered, exactly once
+   (`Pipeline.replay`);
+2. intents with no answer: the physical change may or may not have happened, so the paths
+   are re-examined and the database is made to match the disk (one `recover` command per
+   intent, actor `recovery`, carrying the intent's request id);
+3. staging files of dead processes: content whose command never answered; deleted;
+4. after an unclean stop, files whose write or create committed since the last clean stop
    are compared with their journaled size (a power loss can lose data the database kept).
+
+`Adoption` makes the database match the backend for some paths; it serves recovery (2, 4),
+a change cut off midway (an S3 directory rename), nested backends (core.repair.overlaps),
+and, from the database instead of the namespace, the pipeline's conflicts (`ConflictAdopter`).
 """
 from __future__ import annotations
 
@@ -16,12 +23,13 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from core.journal.intents import Intent
+from core.journal.pipeline import Entry
+from core.journal.records import Change, Journal, Record
 from core.model import Backend, Node, Principal, display_name, name_arg
 from core.rollups import deltas
-from core.storage import store
 from core.view.cache import Invalidation
 from executors.base import ExecutorError, NotFound, Stat
 
@@ -32,6 +40,7 @@ RECOVERY = Principal.system("recovery")
 
 @dataclass
 class Report:
+    replayed: int = 0
     intents_resolved: int = 0
     paths_changed: int = 0
     staging_removed: int = 0
@@ -39,12 +48,12 @@ class Report:
 
     @property
     def total(self) -> int:
-        return self.intents_resolved + self.staging_removed + self.paths_changed
+        return self.replayed + self.intents_resolved + self.staging_removed + self.paths_changed
 
     def __str__(self) -> str:
-        return (f"{self.intents_resolved} unfinished commands resolved, {self.paths_changed} paths "
-                f"adopted from disk, {self.staging_removed} staging files removed, "
-                f"{self.files_verified} files verified after an unclean stop")
+        return (f"{self.replayed} answered commands committed, {self.intents_resolved} unfinished commands "
+                f"resolved, {self.paths_changed} paths adopted from disk, {self.staging_removed} staging files "
+                f"removed, {self.files_verified} files verified after an unclean stop")
 
 
 def run(fs) -> Report:
@@ -53,19 +62,26 @@ def run(fs) -> Report:
     was_clean = clean_marker.exists()
     checkpoint = _read_checkpoint(clean_marker)
 
-    intents = fs.intents.read()
-    if intents:
-        ids = [i.request_id for i in intents]
-        finished = {row[0] for row in fs.db.query(
+    unfinished = fs.intents.read()
+    if unfinished:
+        ids = [rid for item in unfinished for rid in (item.answered or [item.request_id])]
+        journaled = {row[0] for row in fs.db.query(
             "SELECT request_id FROM filestore.journal_entries WHERE request_id = ANY(%s)", (ids,))}
-        for intent in intents:
-            if intent.request_id in finished:
+        for item in unfinished:
+            if (item.answered or [item.request_id])[0] in journaled:
+                continue
+            intent = item.intent
+            if item.payloads:
+                fs.pipeline.replay(item.answered, item.payloads, intent.backend_id if intent else None,
+                                   intent.paths if intent else ())
+                report.replayed += 1
                 continue
             backend = fs.ns.backends.get(intent.backend_id)
             if backend is None:
                 log.warning("intent %s names an unavailable backend; kept", intent.request_id)
                 continue
-            report.paths_changed += resolve(fs, backend, intent)
+            fs.pipeline.sync()  # the replays before it are in the database: the tree is read from it
+            report.paths_changed += fs.adoption.resolve(backend, intent)
             report.intents_resolved += 1
 
     for backend in fs.ns.backends.values():
@@ -76,35 +92,19 @@ def run(fs) -> Report:
             backend.executor.discard(staged)
             report.staging_removed += 1
 
+    fs.pipeline.sync()
+    if report.replayed:
+        fs.ns.forget_everything(keep=lambda node_id: False)  # the replays changed what it loaded
     if not was_clean and checkpoint is not None:
         report.files_verified, changed = _verify_since(fs, checkpoint)
         report.paths_changed += changed
+        fs.pipeline.sync()
     fs.intents.reset()
     try:
         clean_marker.unlink()
     except FileNotFoundError:
         pass
     return report
-
-
-def heal(fs, intent: Intent) -> None:
-    """Adopt a change made while the database was away (called when it answers again)."""
-    recorded = fs.db.query("SELECT 1 FROM filestore.journal_entries WHERE request_id = %s",
-                           (intent.request_id,))
-    backend = fs.ns.backends.get(intent.backend_id)
-    if backend is None:
-        return
-    if recorded:
-        # It committed after all (the connection broke after the commit): reload what it touched.
-        for rel in intent.paths:
-            parent, name = _locate(fs, backend, rel)
-            if parent is not None:
-                child = fs.ns.child(parent.id, name)
-                if child is not None:
-                    fs.ns.nodes.pop(child.id, None)
-                fs.ns.forget_listing(parent.id)
-        return
-    resolve(fs, backend, intent)
 
 
 def mark_clean(fs) -> None:
@@ -114,6 +114,7 @@ def mark_clean(fs) -> None:
     fs.db.flush_wal()
     last = fs.db.query("SELECT coalesce(max(id), 0) FROM filestore.journal_entries")[0][0]
     (fs.settings.home / "clean-stop").write_text(f"{last}\n")
+    fs.intents.reset()  # everything in it is committed and durable
 
 
 def _read_checkpoint(marker) -> int | None:
@@ -154,57 +155,128 @@ def _verify_since(fs, checkpoint: int) -> tuple[int, int]:
         except NotFound:
             st = None
         if st is None or st.size != node.size or st.mtime_ns != node.mtime_ns:
-            changed += resolve(fs, backend, Intent(uuid.uuid4(), "verify", backend.id, (rel,)))
+            changed += fs.adoption.resolve(backend, Intent(uuid.uuid4(), "verify", backend.id, (rel,)))
     return verified, changed
 
 
-def resolve(fs, backend: Backend, intent: Intent, *, command: str = "recover", who: Principal = RECOVERY,
-            source: dict | None = None) -> int:
-    """Make the database match the disk for the paths of one intent; journal it (as `recover`,
-    or as `command` for the changes a nested backend saw: core.repair.overlaps). Returns paths changed."""
-    ns = fs.ns
-    change = store.Change()
-    touched_dirs: list[int] = []
+# == adopting what the backend holds ====================================================
+@dataclass
+class Adopted:
+    """What an adoption changed, to show in the namespace and the kernel's caches."""
+    record: Record | None
+    changed: int
+    touched_dirs: set[int] = field(default_factory=set)
+
+
+class Adoption:
+    """Makes the database match the backend for the paths of one intent, journaled. Built on
+    the namespace (the serving thread, recovery at start); `ConflictAdopter` builds the same
+    records from the database."""
+
+    def __init__(self, fs):
+        self.fs = fs
+
+    def resolve(self, backend: Backend, intent: Intent, *, command: str = "recover", who: Principal = RECOVERY,
+                source: dict | None = None) -> int:
+        """Adopt now (journaled as `recover`, or as `command` for the changes a nested backend
+        saw: core.repair.overlaps) and show it in this mount. Returns paths changed."""
+        fs = self.fs
+        adopted = adoption_record(fs.ns, fs.orch, backend, intent, command=command, who=who, source=source,
+                                  stored_xattrs=fs.orch.xattrs.of)
+        if adopted.record is None:
+            return 0
+        fs.pipeline.submit([adopted.record], backend_id=backend.id, paths=intent.paths)
+        change = adopted.record.change
+        _show(fs.ns, change)
+        for node_id, _, _ in change.xattrs:
+            fs.orch.xattrs.forget(node_id)
+        removed = sorted(change.names_removed())
+        fs.kernel_invalidate(Invalidation(nodes=sorted(change.nodes_touched() | adopted.touched_dirs),
+                                          names=removed))
+        if adopted.changed:
+            log.info("recovered %s %s: %d path(s) adopted from disk", intent.command,
+                     [display_name(p) for p in intent.paths], adopted.changed)
+        return adopted.changed
+
+    def adopt_now(self, backend: Backend, intent: Intent) -> None:
+        self.resolve(backend, intent)
+
+
+class ConflictAdopter:
+    """The pipeline's resolution of an answered command that cannot be recorded as it is
+    (another mount changed the node first, a constraint): its journal rows are kept, with the
+    error, and the backend's state at its paths is adopted from the database's point of view
+    (on the committer thread: no namespace). The mount's views of those paths are dropped."""
+
+    def __init__(self, fs):
+        self.fs = fs
+
+    def adopt(self, entry: Entry, error: BaseException) -> list[Record]:
+        fs = self.fs
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        kept = [Record(Journal(r.journal.command, "committed", r.journal.who, r.journal.request_id,
+                               r.journal.backend_id, r.journal.node_id, r.journal.path, r.journal.args,
+                               result={"adopted": reason}, idempotency_key=r.journal.idempotency_key))
+                for r in entry.records]
+        backend = fs.ns.backends.get(entry.backend_id) if entry.backend_id is not None else None
+        if backend is None or not entry.paths:
+            return kept
+        tree = deltas.DbTree(fs.db, fs.ns.backends.values())
+        intent = Intent(uuid.uuid4(), entry.records[0].journal.command, backend.id, entry.paths)
+        adopted = adoption_record(tree, fs.orch, backend, intent, command="recover", who=RECOVERY,
+                                  source={"conflict": reason}, stored_xattrs=lambda node_id: {})
+        if adopted.record is None:
+            return kept
+        change = adopted.record.change
+        fs.after_conflict(change.nodes_touched() | change.dirs_touched(), change.names_removed())
+        return kept + [adopted.record]
+
+
+def adoption_record(tree, orch, backend: Backend, intent: Intent, *, command: str, who: Principal,
+                    source: dict | None, stored_xattrs) -> Adopted:
+    """The record that makes the database (as `tree` shows it) match the disk for the paths
+    of one intent; `record` None when nothing differs and nothing needs journaling."""
+    change = Change()
+    touched_dirs: set[int] = set()
     now = time.time_ns()
     changed = 0
     paths = list(intent.paths)
 
     # A directory rename cut off midway on a backend that moves objects one by one (S3): both
     # names exist; finish it (copies are idempotent, sources go last) and adopt it below.
-    finish = getattr(backend.executor, "finish_rename", None)
-    if finish is not None and intent.command == "rename" and len(paths) == 2:
-        src_parent, src_name = _locate(fs, backend, paths[0])
-        moved = ns.child(src_parent.id, src_name) if src_parent else None
+    if intent.command == "rename" and len(paths) == 2 and backend.executor.moves_objects_one_by_one:
+        src_parent, src_name = _locate(tree, backend, paths[0])
+        moved = tree.child(src_parent.id, src_name) if src_parent else None
         if moved is not None and moved.is_dir and stat_or_none(backend, paths[0]) is not None \
                 and stat_or_none(backend, paths[1]) is not None:
-            finish(paths[0], paths[1])
+            backend.executor.finish_rename(paths[0], paths[1])
             log.info("finished the interrupted rename %s -> %s", display_name(paths[0]), display_name(paths[1]))
 
     # A rename that happened on disk: move the node instead of deleting and re-creating it.
     if intent.command == "rename" and len(paths) == 2:
         src, dst = paths
-        src_parent, src_name = _locate(fs, backend, src)
-        dst_parent, dst_name = _locate(fs, backend, dst)
-        moved = ns.child(src_parent.id, src_name) if src_parent else None
+        src_parent, src_name = _locate(tree, backend, src)
+        dst_parent, dst_name = _locate(tree, backend, dst)
+        moved = tree.child(src_parent.id, src_name) if src_parent else None
         if moved is not None and dst_parent is not None and stat_or_none(backend, src) is None \
                 and stat_or_none(backend, dst) is not None:
-            replaced = ns.child(dst_parent.id, dst_name)
+            replaced = tree.child(dst_parent.id, dst_name)
             if replaced is not None:
                 _drop(change, replaced, dst_parent.id, dst_name, now)
             change.unlinks.append((src_parent.id, src_name, moved.id))
-            change.links.append((dst_parent.id, dst_name, moved.id))
+            change.links.append((dst_parent.id, dst_name, moved.id, orch.entry_ids.take()))
             change.update(moved.changed(ctime_ns=now, version=moved.version + 1), moved.version,
                           parent_id=dst_parent.id, name=name_arg(dst_name))
-            touched_dirs += [src_parent.id, dst_parent.id]
+            touched_dirs |= {src_parent.id, dst_parent.id}
             paths = []
             changed = 1
 
     for rel in paths:
-        parent, name = _locate(fs, backend, rel)
+        parent, name = _locate(tree, backend, rel)
         if parent is None:
             continue
         st = stat_or_none(backend, rel)
-        node = ns.child(parent.id, name)
+        node = tree.child(parent.id, name)
         if st is None and node is None:
             continue
         if st is None:
@@ -212,8 +284,8 @@ def resolve(fs, backend: Backend, intent: Intent, *, command: str = "recover", w
         elif node is None or node.kind != st.kind:
             if node is not None:
                 _drop(change, node, parent.id, name, now)
-            fresh = _node_from(fs, backend, st)
-            change.links.append((parent.id, name, fresh.id))
+            fresh = _node_from(orch, backend, st)
+            change.links.append((parent.id, name, fresh.id, orch.entry_ids.take()))
             change.insert(fresh, parent_id=parent.id, name=name_arg(name))
         else:
             owner = (st.uid, st.gid) if backend.executor.owns_files else (node.uid, node.gid)
@@ -223,58 +295,56 @@ def resolve(fs, backend: Backend, intent: Intent, *, command: str = "recover", w
             if after == node.changed(version=node.version + 1):
                 continue
             change.update(after, node.version)
-        touched_dirs.append(parent.id)
+        touched_dirs.add(parent.id)
         changed += 1
 
     if intent.command in ("setxattr", "removexattr"):
-        changed += _adopt_xattrs(fs, backend, intent.paths, change)
+        changed += _adopt_xattrs(tree, backend, intent.paths, change, stored_xattrs)
 
     if command != "recover" and not changed:
-        return 0  # nothing to adopt: no row for a path that already agrees
+        return Adopted(None, 0)  # nothing to adopt: no row for a path that already agrees
     own_request = command == "recover" and intent.command != "verify"
-    journal = store.Journal(
+    journal = Journal(
         command, "committed", who, intent.request_id if own_request else uuid.uuid4(),
         backend.id, change.snapshots[0][0] if change.snapshots else None,
         display_name(intent.paths[0]) if intent.paths else None,
         {"intent": intent.command, "intent_id": str(intent.request_id),
          "paths": [display_name(p) for p in intent.paths], **(source or {})},
         result={"paths_changed": changed})
-    deltas.derive(ns, [change])
-    fs.db.transaction([store.record(journal, change), *store.xattr_statements(change)], label="recover")
-    fs.orch.rollups_changed([change])
-    for node_id, _, _ in change.xattrs:
-        fs.orch.xattrs.forget(node_id)
-    # The view of what was touched is rebuilt from the database on next use.
-    for dir_id in touched_dirs:
-        ns.forget_listing(dir_id)
-    for node_id, _, _ in change.snapshots:
-        ns.nodes.pop(node_id, None)
-        ns.parents.pop(node_id, None)
-    changed_nodes = {n for n, _, _ in change.snapshots}
-    removed = {(parent, name) for parent, name, _ in change.unlinks}
-    fs.orch.changed(changed_nodes, set(touched_dirs), removed)  # other mounts drop their copies
-    fs.kernel_invalidate(Invalidation(nodes=sorted(changed_nodes | set(touched_dirs)), names=sorted(removed)))
-    if changed:
-        log.info("recovered %s %s: %d path(s) adopted from disk", intent.command,
-                 [display_name(p) for p in intent.paths], changed)
-    return changed
+    deltas.derive(tree, [change])
+    return Adopted(Record(journal, change), changed, touched_dirs)
 
 
-def _adopt_xattrs(fs, backend: Backend, paths, change: store.Change) -> int:
+def _show(ns, change: Change) -> None:
+    """An adoption in the namespace at once (its commit follows, like every command's)."""
+    after = {n.id: n for n in change.new_nodes}
+    after.update((n.id, n) for n, _ in change.updates)
+    for parent, name, node_id in change.unlinks:
+        ns.unlink(parent, name, node_id)
+    for parent, name, node_id, entry_id in change.links:
+        node = after.get(node_id) or ns.node(node_id)
+        ns.link(parent, name, entry_id, node)
+        if node.is_dir:
+            ns.parents[node.id] = (parent, name)
+    for node in after.values():
+        ns.put(node)
+
+
+def _adopt_xattrs(tree, backend: Backend, paths, change: Change, stored_xattrs) -> int:
     """An interrupted setxattr/removexattr: the attributes the disk has are taken as they are
     (the set happened). A name the database has and the disk lacks is kept: it may be a value
     the disk had no room for, or a removal that did not complete (the call never returned)."""
     adopted = 0
     for rel in paths:
-        parent, name = _locate(fs, backend, rel)
-        node = fs.ns.child(parent.id, name) if parent is not None else None
+        parent, name = _locate(tree, backend, rel)
+        node = tree.child(parent.id, name) if parent is not None else None
         if node is None or node.kind not in ("file", "dir"):
             continue
         try:
             on_disk = backend.executor.xattrs(rel)
         except ExecutorError:
             continue
-        stored = fs.orch.xattrs.of(node.id)
+        stored = stored_xattrs(node.id)
         for key, value in sorted(on_disk.items()):
             if stored.get(key) != value:
                 change.xattrs.append((node.id, key, value))
@@ -282,11 +352,11 @@ def _adopt_xattrs(fs, backend: Backend, paths, change: store.Change) -> int:
     return adopted
 
 
-def _locate(fs, backend: Backend, rel: bytes) -> tuple[Node | None, bytes]:
+def _locate(tree, backend: Backend, rel: bytes) -> tuple[Node | None, bytes]:
     parent_rel, _, name = rel.rpartition(b"/")
-    current = fs.ns.node(backend.root_node_id)
+    current = tree.node(backend.root_node_id)
     for part in filter(None, parent_rel.split(b"/")):
-        current = fs.ns.child(current.id, part)
+        current = tree.child(current.id, part)
         if current is None or not current.is_dir:
             return None, name
     return current, name
@@ -305,7 +375,7 @@ def stat_or_none(backend: Backend, rel: bytes) -> Stat | None:
         raise
 
 
-def _drop(change: store.Change, node: Node, parent_id: int, name: bytes, now: int) -> None:
+def _drop(change: Change, node: Node, parent_id: int, name: bytes, now: int) -> None:
     links = 0 if node.is_dir else node.nlink - 1
     after = node.changed(nlink=max(links, 0), ctime_ns=now, version=node.version + 1,
                          state="DELETED" if links <= 0 else node.state)
@@ -313,7 +383,7 @@ def _drop(change: store.Change, node: Node, parent_id: int, name: bytes, now: in
     change.update(after, node.version, parent_id=parent_id, name=name_arg(name), removed_entry=True)
 
 
-def _node_from(fs, backend: Backend, st: Stat) -> Node:
-    return Node(fs.orch.ids.take(), backend.id, st.kind, st.size if st.kind != "dir" else 0, st.mode,
+def _node_from(orch, backend: Backend, st: Stat) -> Node:
+    return Node(orch.ids.take(), backend.id, st.kind, st.size if st.kind != "dir" else 0, st.mode,
                 st.uid, st.gid, st.rdev, st.atime_ns, st.mtime_ns, st.ctime_ns, target=st.target,
                 nlink=2 if st.kind == "dir" else 1)

@@ -14,6 +14,16 @@ EXECUTOR_OUTCOMES = Counter(
     "filestore_executor_outcomes_total", "Physical operations by outcome", ["backend", "operation", "outcome"])
 BYTES_WRITTEN = Counter("filestore_bytes_written_total", "Bytes committed by write commands", ["backend"])
 FUSE_ERRORS = Counter("filestore_fuse_unexpected_errors_total", "Handler exceptions answered with EIO", ["op"])
+FUSE_REQUESTS = Counter("filestore_fuse_requests_total", "Requests the kernel sent the mount, by opcode", ["op"])
+# -- the commit pipeline (core.journal.pipeline) -------------------------------------------------
+COMMIT_BACKLOG = Gauge("filestore_commit_backlog", "Answered commands not committed yet")
+COMMIT_DELAY = Histogram(
+    "filestore_commit_delay_seconds", "From a command's answer to its group's commit",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5, 30))
+COMMIT_GROUP_SIZE = Histogram("filestore_commit_group_commands", "Commands recorded by one group commit",
+                              buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500))
+COMMIT_WAITS = Counter("filestore_commit_backpressure_waits_total",
+                       "Commands that waited because the backlog was at its bound")
 
 ROLLUP_PENDING = Gauge("filestore_rollup_pending_deltas", "Rollup deltas not folded yet")
 ROLLUP_LAG = Gauge("filestore_rollup_lag_seconds", "Age of the oldest rollup delta not folded yet")

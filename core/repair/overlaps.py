@@ -1,8 +1,8 @@
 """Backends whose roots nest: a change made through one is a change of the other too.
 
 Two local backends may track the same files (one root inside the other, or the same root
-twice). After a command commits in one, the paths it touched are translated into every
-overlapping backend and adopted there from the disk (`recovery.resolve`), journaled as a
+twice). After a command is answered in one, the paths it touched are translated into every
+overlapping backend and adopted there from the disk (core.journal.recovery.Adoption), journaled as a
 `mirror` command of actor `overlap` that names the source command, so the nodes, rollups,
 counters and events of both backends agree without waiting for a watcher.
 """
@@ -13,7 +13,6 @@ import os
 import uuid
 from dataclasses import dataclass
 
-from core.journal import recovery
 from core.journal.intents import Intent
 from core.model import Backend, Principal
 from executors.local import STAGING_NAME
@@ -68,9 +67,9 @@ def mirror(fs, backend: Backend, command: str, request_id: uuid.UUID, paths: tup
         # an arrival: each path adopted as the disk has it.
         intent_command = command if len(seen) == len(paths) else "mirror"
         try:
-            recovery.resolve(fs, overlap.other, Intent(uuid.uuid4(), intent_command, overlap.other.id, seen),
-                             command="mirror", who=OVERLAP,
-                             source={"source_backend": backend.name, "source_command": command,
-                                     "source_request_id": str(request_id)})
+            fs.adoption.resolve(overlap.other, Intent(uuid.uuid4(), intent_command, overlap.other.id, seen),
+                                command="mirror", who=OVERLAP,
+                                source={"source_backend": backend.name, "source_command": command,
+                                        "source_request_id": str(request_id)})
         except Exception:  # the source command stands; the watcher or the next start adopts it
             log.exception("could not mirror %s into backend %s", command, overlap.other.name)

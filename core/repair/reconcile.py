@@ -11,7 +11,7 @@ One job names one backend path (filestore_reconcile_queue, coalesced per path). 
 
 A job killed between the two transactions leaves the node INCONSISTENT and its lease
 expires: the next run finds the difference again and finishes it. Everything goes through
-store.record, the write path of commands. A vanished node loses its name (the tree shown is
+the commit pipeline, the write path of commands. A vanished node loses its name (the tree shown is
 the disk's) and becomes MISSING with its subtree; its last name is found again through the
 journal when it reappears, and it becomes ACTIVE again.
 """
@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.faults import crash_point
+from core.journal.pipeline import Pipeline
+from core.journal.records import Change, Journal, Record
 from core.journal.recovery import stat_or_none
 from core.model import Backend, Node, Principal, display_name, name_arg
 from core.observe import metrics
@@ -87,10 +89,11 @@ def differs(node: Node, st: Stat, owns_files: bool) -> bool:
 
 
 class Reconciler:
-    def __init__(self, db: Database, backends: Callable[[], dict[int, Backend]], queue: JobQueue, *,
-                 in_flight=None, on_applied: Callable[[Applied], None] | None = None,
+    def __init__(self, db: Database, backends: Callable[[], dict[int, Backend]], queue: JobQueue,
+                 pipeline: Pipeline, *, in_flight=None, on_applied: Callable[[Applied], None] | None = None,
                  known: Callable[[Backend, bytes, Stat], bool] | None = None):
         self.db = db
+        self.pipeline = pipeline
         # Inline: "does the mount's own view already hold this stat?" (no query). Most events a
         # mount's watcher sees are its own writes, already committed and in its namespace.
         self.known = known
@@ -99,6 +102,7 @@ class Reconciler:
         self.in_flight = in_flight
         self.on_applied = on_applied
         self.ids = IdPool(db)
+        self.entry_ids = IdPool(db, "filestore.entry_ids")
 
     # == one job ========================================================================
     def run(self, payload: dict[str, Any]) -> str:
@@ -157,7 +161,7 @@ class Reconciler:
         self._record_drift(backend, rel, node, observed, source)
         crash_point("reconcile:after_drift")
         node = store.load_node(self.db, node.id) if node is not None else None
-        change = store.Change()
+        change = Change()
         applied = Applied()
         now = time.time_ns()
         current: Node | None = None
@@ -194,24 +198,23 @@ class Reconciler:
             else:
                 current = self._new_node(backend, st)
                 change.insert(current, parent_id=parent.id, name=name_arg(name))
-            change.links.append((parent.id, name, current.id))
-            applied.links.append((parent.id, name, -1, current))
+            entry_id = self.entry_ids.take()
+            change.links.append((parent.id, name, current.id, entry_id))
+            applied.links.append((parent.id, name, entry_id, current))
         if rel.strip(b"/"):
             change.touches.append((parent.id, now))
-        journal = store.Journal(
+        journal = Journal(
             "reconcile", "committed", RECONCILER, uuid.uuid4(), backend.id,
             change.snapshots[0][0] if change.snapshots else None, display_name(rel),
             {"outcome": outcome, "source": source, "observed": observed,
              **({"from": display_name(moved_from)} if moved_from is not None else {})},
             result={"nodes_changed": len(change.snapshots)})
         deltas.derive(deltas.DbTree(self.db, self.backends().values()), [change])
-        rows = self.db.transaction([store.record(journal, change)], label="reconcile")
-        entry_ids = rows[0][0][1] if rows and rows[0] else []
-        applied.links = [(p, n, eid, linked) for (p, n, _, linked), eid in zip(applied.links, entry_ids)]
+        self._record(journal, change)
         metrics.RECONCILED.labels(backend.name, outcome).inc()
         log.info("reconciled %s:/%s: %s", backend.name, display_name(rel), outcome,
                  extra={"backend": backend.name, "path": display_name(rel), "outcome": outcome,
-                        "journal_id": rows[0][0][0] if rows and rows[0] else None})
+                        "request_id": str(journal.request_id)})
         if self.on_applied is not None:
             self.on_applied(applied)
         if current is not None and current.is_dir:
@@ -220,19 +223,23 @@ class Reconciler:
 
     def _record_drift(self, backend: Backend, rel: bytes, node: Node | None, observed, source: str) -> None:
         """Journal the drift and mark the node INCONSISTENT, before healing it (own transaction)."""
-        change = store.Change()
+        change = Change()
         if node is not None and node.state not in ("INCONSISTENT", "MISSING"):
             change.update(node.changed(state="INCONSISTENT", version=node.version + 1), node.version)
         elif node is not None and node.state == "INCONSISTENT":
             return  # already journaled by a run that died before healing it
-        journal = store.Journal(
+        journal = Journal(
             "drift", "committed", Principal.system(source), uuid.uuid4(), backend.id,
             node.id if node else None, display_name(rel),
             {"observed": observed, "recorded": _describe_node(node)})
-        self.db.transaction([store.record(journal, change)], label="drift")
+        self._record(journal, change)
         metrics.DRIFT_EVENTS.labels(backend.name, source).inc()
 
-    def _vanish(self, change: store.Change, applied: Applied, parent_id: int, name: bytes, node: Node,
+    def _record(self, journal: Journal, change: Change) -> None:
+        """Through the pipeline, waiting for the commit: a job is done once its rows are in."""
+        self.pipeline.wait(self.pipeline.submit([Record(journal, change)], log_intent=False))
+
+    def _vanish(self, change: Change, applied: Applied, parent_id: int, name: bytes, node: Node,
                 now: int) -> None:
         """A node gone from the disk: it loses this name and becomes MISSING with its subtree."""
         change.unlinks.append((parent_id, name, node.id))

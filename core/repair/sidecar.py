@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.journal.pipeline import Pipeline
 from core.model import Backend
 from core.observe import metrics
 from core.repair.reconcile import Applied, Busy, Reconciler, job_key, job_payload
@@ -43,6 +44,7 @@ class Context:
     queue: JobQueue
     backends: Callable[[], dict[int, Backend]]
     role: str  # "sidecar" or "mount"
+    pipeline: Pipeline  # every journal row goes through it (core.journal.pipeline)
     stats: dict[str, int] = field(default_factory=lambda: {"jobs_done": 0, "jobs_failed": 0, "jobs_busy": 0})
 
 
@@ -57,8 +59,8 @@ class Loops:
     def __init__(self, ctx: Context, *, in_flight=None, on_applied: Callable[[Applied], None] | None = None,
                  known=None, workers: int = 2, watch: bool = True, audit: bool = True):
         self.ctx = ctx
-        self.reconciler = Reconciler(ctx.db, ctx.backends, ctx.queue, in_flight=in_flight, on_applied=on_applied,
-                                     known=known)
+        self.reconciler = Reconciler(ctx.db, ctx.backends, ctx.queue, ctx.pipeline, in_flight=in_flight,
+                                     on_applied=on_applied, known=known)
         self.stop_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self._workers = workers
@@ -232,25 +234,23 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
     db = open_database(settings)
     url = database_url(settings)
     backends = open_backends(db)
-    ctx = Context(db, settings, JobQueue(db), lambda: backends, "sidecar")
     from core.events import loops as eventloops
     from core.rollups import folder
-    from core.view.cache import open_cache
+    from core.view.cache import Announcements, open_cache
     cache = open_cache(settings.redis_url)
-
-    def announce(applied: Applied) -> None:
-        """Running mounts drop what they hold of a reconciled change (with a Redis: D23)."""
-        cache.announce({n.id for n in applied.puts} | {node.id for *_, node in applied.links},
-                       {p for p, _, _ in applied.unlinks} | {p for p, *_ in applied.links},
-                       {(p, name) for p, name, _ in applied.unlinks})
-    loops = Loops(ctx, in_flight=HomeIntents(db, settings.home), workers=workers, on_applied=announce)
+    queue = JobQueue(db)
+    rollup_folder = folder.RollupFolder(db, cache, queue)
+    # Running mounts drop what they hold of a reconciled change (with a Redis: D23).
+    pipeline = Pipeline(db, listeners=[Announcements(cache), rollup_folder], name="sidecar-committer")
+    ctx = Context(db, settings, queue, lambda: backends, "sidecar", pipeline)
+    loops = Loops(ctx, in_flight=HomeIntents(db, settings.home), workers=workers)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     loops.start()
     # The other issues' loops: rollup folding (every sidecar may fold: they split batches) and
     # the event relay with the consumers switched on (one relay publishes at a time).
-    for name, worker in [("rollup-folder", folder.RollupFolder(db, cache, ctx.queue)),
+    for name, worker in [("rollup-folder", rollup_folder),
                          ("rollup-jobs", folder.RecalculationJobs(db, ctx.queue)),
                          *eventloops.loops_for(ctx)]:
         loops._spawn(name, worker.run)
@@ -271,6 +271,7 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
         log.info("signal received: stopping")
     finally:
         loops.stop()
+        pipeline.close()
         cache.close()
         reg.close()
         if server is not None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from core.journal.records import Change
 from core.model import Node
 from core.storage import store
 from core.storage.db import Database
 from core.view.namespace import Namespace
 
 
-def derive(ns: Namespace, changes: Iterable[store.Change]) -> None:
+def derive(ns: Namespace, changes: Iterable[Change]) -> None:
     """Fill each change's rollup deltas and directory moves from what it links, unlinks and
     resizes. Runs before the command's transaction, against the tree as it was before it."""
     seen: dict[int, Node] = {}  # node -> as left by an earlier change of the same command
@@ -78,8 +79,9 @@ def _known_empty(ns, dir_id: int) -> bool:
 
 
 class DbTree:
-    """What `derive` reads of the tree, from the database: for processes without a namespace
-    (the sidecar's reconciler). Slower (a query per node and ancestor), always current."""
+    """What `derive` (and adoption, core.journal.recovery) reads of the tree, from the database:
+    for threads and processes without a namespace (the sidecar's reconciler, the committer
+    resolving a conflict). Slower (a query per node and ancestor), always as committed."""
 
     def __init__(self, db: Database, backends: Iterable):
         self.db = db
@@ -90,6 +92,10 @@ class DbTree:
 
     def parent_of(self, node_id: int):
         return store.load_parent(self.db, node_id)
+
+    def child(self, dir_id: int, name: bytes) -> Node | None:
+        found = store.load_child(self.db, dir_id, name)
+        return found[1] if found else None
 
 
 def ancestors(ns: Namespace, dir_id: int) -> list[int]:

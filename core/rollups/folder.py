@@ -15,9 +15,10 @@ from dataclasses import replace
 
 import psycopg
 
+from core.journal.pipeline import Pipeline
+from core.journal.records import Change
 from core.observe import metrics
 from core.rollups import counters, totals
-from core.storage import store
 from core.storage.db import Database
 from core.view.cache import InlineCache, Invalidation, RedisCache
 
@@ -33,18 +34,26 @@ FOLD_INTERVAL = 1.0  # without pokes: deltas written by other processes fold thi
 
 
 class RollupView:
-    """Directory totals for serving `stat`: exact when read (the row plus pending deltas, one
-    query for a directory and its siblings), then kept exact in-process by adding this mount's
-    own deltas as its commands commit, and dropped when a fold (here or in another process)
-    announces new values. So a mount's own changes show at once, and a directory's size does
-    not change again when they are folded (tar checks that a directory did not change)."""
+    """Directory totals for serving `stat`, exact as this mount has answered.
+
+    A value is loaded as the database has it (the row plus pending deltas, one query for a
+    directory and its siblings) plus this mount's deltas answered and not committed yet (the
+    in-flight totals); from then on each answered command adds its deltas at once. After a
+    group commits, its deltas move from in-flight to the database (`after_commit`), which
+    leaves the values as they are. A load and a commit never interleave (the pipeline's commit
+    lock), so nothing is counted twice or missed. Values are dropped when a fold (here or in
+    another process) announces new ones. So a mount's own changes show at once, and a
+    directory's size does not change again when they are committed or folded (tar checks that
+    a directory did not change)."""
 
     def __init__(self, db: Database, cache: InlineCache | RedisCache,
-                 parent_of: Callable[[int], tuple[int, bytes] | None]):
+                 parent_of: Callable[[int], tuple[int, bytes] | None], pipeline: Pipeline):
         self.db = db
         self.cache = cache
         self.parent_of = parent_of
+        self.pipeline = pipeline
         self._values: dict[int, totals.Totals] = {}
+        self._in_flight: dict[int, list[int]] = {}  # directory -> [bytes, files, dirs] answered, not committed
         # Directories with deltas of this process not folded yet: the shared cache holds folded
         # values only, which lack them (a fold deletes the keys it changes and clears this).
         self._unfolded: set[int] = set()
@@ -58,45 +67,100 @@ class RollupView:
         if shared is not None:
             found = self._values[dir_id] = totals.Totals(**shared)
             return found
-        # `ls -l` asks for every subdirectory in turn: load the directory's siblings at once.
-        parent = self.parent_of(dir_id)
-        with self.db.pool.connection() as conn:
-            loaded = totals.children_totals(conn, parent[0]) if parent else {}
-            if dir_id not in loaded:
-                loaded.update(totals.totals(conn, [dir_id]))
-        for node_id, values in loaded.items():
-            self._values.setdefault(node_id, values)
-        found = loaded.get(dir_id)
+        found = self._load(dir_id)
         if found is not None and found.state == "exact":  # nothing pending: what every process agrees on
             self.cache.put(backend_id, dir_id, found.__dict__)
         return found
 
-    def apply_local(self, changes: list[store.Change]) -> set[int]:
-        """Add a committed command's deltas to the values held; returns the directories changed."""
+    def _load(self, dir_id: int) -> totals.Totals | None:
+        # `ls -l` asks for every subdirectory in turn: load the directory's siblings at once.
+        parent = self.parent_of(dir_id)
+        try:
+            with self.pipeline.commit_lock, self.db.pool.connection() as conn:
+                loaded = totals.children_totals(conn, parent[0]) if parent else {}
+                if dir_id not in loaded:
+                    loaded.update(totals.totals(conn, [dir_id]))
+                loaded = {d: self._with_in_flight(d, v) for d, v in loaded.items()}
+        except psycopg.Error as exc:  # the database is away: a plain directory size meanwhile
+            log.debug("rollups of %s not loaded: %s", dir_id, exc)
+            return None
+        for node_id, values in loaded.items():
+            self._values.setdefault(node_id, values)
+        return loaded.get(dir_id)
+
+    def exact(self, dir_id: int) -> totals.Totals:
+        """Exact now, read again: the database's totals and this mount's answered deltas."""
+        with self.pipeline.commit_lock, self.db.pool.connection() as conn:
+            return self._with_in_flight(dir_id, totals.totals(conn, [dir_id])[dir_id])
+
+    def _with_in_flight(self, dir_id: int, value: totals.Totals) -> totals.Totals:
+        delta = self._in_flight.get(dir_id)
+        if not delta:
+            return value
+        return replace(value, size_bytes=value.size_bytes + delta[0], file_count=value.file_count + delta[1],
+                       dir_count=value.dir_count + delta[2], state="pending")
+
+    # -- this mount's commands ---------------------------------------------------------------
+    def answering(self, changes: list[Change]) -> set[int]:
+        """A command's deltas, before it is submitted: served at once and in flight until its
+        group commits. A moved directory's totals are taken as this view has them (the commit
+        computes the same in SQL). Returns the directories changed."""
         touched: set[int] = set()
         for change in changes:
-            for dir_id, (size, files, dirs) in change.rollup.items():
+            for node in change.new_nodes:  # a new directory is empty: nothing to load, ever
+                if node.is_dir:
+                    self._values.setdefault(node.id, totals.Totals(0, 0, 0, "exact", time.time()))
+            for dir_id, delta in change.rollup.items():
+                self._add(dir_id, delta, change.view_moves, record=False)
                 touched.add(dir_id)
-                self._unfolded.add(dir_id)
-                held = self._values.get(dir_id)
-                if held is not None:
-                    self._values[dir_id] = replace(held, size_bytes=held.size_bytes + size,
-                                                   file_count=held.file_count + files,
-                                                   dir_count=held.dir_count + dirs, state="pending")
-            for _, old_chain, new_chain in change.moves:  # amounts computed in SQL: read again
-                for dir_id in (*old_chain, *new_chain):
-                    touched.add(dir_id)
-                    self._unfolded.add(dir_id)
-                    self._values.pop(dir_id, None)
+            for moved_dir, old_chain, new_chain in change.moves:
+                moved = self._values.get(moved_dir) or self._load(moved_dir)
+                amount = [moved.size_bytes, moved.file_count, moved.dir_count + 1] if moved else [0, 0, 1]
+                for dir_id in old_chain:
+                    self._add(dir_id, [-v for v in amount], change.view_moves, record=True)
+                for dir_id in new_chain:
+                    self._add(dir_id, amount, change.view_moves, record=True)
+                touched.update(old_chain, new_chain)
         return touched
+
+    def _add(self, dir_id: int, delta, view_moves: dict[int, list[int]], *, record: bool) -> None:
+        self._unfolded.add(dir_id)
+        acc = self._in_flight.setdefault(dir_id, [0, 0, 0])
+        for i in range(3):
+            acc[i] += delta[i]
+        if record:
+            moved = view_moves.setdefault(dir_id, [0, 0, 0])
+            for i in range(3):
+                moved[i] += delta[i]
+        held = self._values.get(dir_id)
+        if held is not None:
+            self._values[dir_id] = replace(held, size_bytes=held.size_bytes + delta[0],
+                                           file_count=held.file_count + delta[1],
+                                           dir_count=held.dir_count + delta[2], state="pending")
+
+    def after_commit(self, batch) -> None:
+        """AfterCommit: the group's deltas are in the database now, no longer in flight. (Runs
+        under the commit lock, so no load sees them twice.)"""
+        for record in batch.records:
+            change = record.change
+            for source in (change.rollup, change.view_moves):
+                for dir_id, delta in source.items():
+                    acc = self._in_flight.get(dir_id)
+                    if acc is None:
+                        continue
+                    for i in range(3):
+                        acc[i] -= delta[i]
+                    if not any(acc):
+                        del self._in_flight[dir_id]
 
     def forget(self, change: Invalidation) -> None:
         if change.everything:
             self._values.clear()
-            self._unfolded.clear()
+            self._unfolded = set(self._in_flight)
         for dir_id in change.rollups:
             self._values.pop(dir_id, None)
-            self._unfolded.discard(dir_id)
+            if dir_id not in self._in_flight:
+                self._unfolded.discard(dir_id)
 
 
 class RollupFolder:
@@ -111,6 +175,11 @@ class RollupFolder:
 
     def poke(self) -> None:
         self._wake.set()
+
+    def after_commit(self, batch) -> None:
+        """AfterCommit (core.journal.pipeline): a group that wrote deltas wakes the folder."""
+        if batch.replayed or any(r.change.rollup or r.change.moves for r in batch.records):
+            self._wake.set()
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import psycopg
 
+from core.journal import records
 from core.model import Principal
 from core.observe import metrics
-from core.storage import store
 from core.storage.db import Database
 
 # Folds take this advisory lock shared (several folders may run: they split batches with
@@ -148,9 +148,9 @@ def recalculate(db: Database, top: int, who: Principal | None = None, reason: st
                     conn.execute(_FROM_CHILDREN, {"dir": ancestor})
                 result = {"directories": len(fresh), "size_delta": diff[0], "file_delta": diff[1],
                           "dir_delta": diff[2]}
-                conn.execute(*store.record(store.Journal(
+                records.record_in(conn, [records.Record(records.Journal(
                     "rollups.recalculate", "committed", who or Principal.system("rollups"), uuid.uuid4(),
-                    backend_id, top, None, {"reason": reason}, result=result)))
+                    backend_id, top, None, {"reason": reason}, result=result))])
         finally:
             conn.isolation_level = None
             conn.autocommit = True
@@ -251,3 +251,13 @@ def directories_below(conn: psycopg.Connection, top: int, depth: int) -> list[tu
              WHERE t.depth < %(depth)s)
         SELECT node_id, path FROM t""", {"top": top, "depth": depth}).fetchall()
     return [(r[0], bytes(r[1])) for r in rows]
+
+
+def subtree(db: Database, top: int, depth: int) -> tuple[list[tuple[int, bytes]], dict[int, Totals]]:
+    """`filestore du`: the directories down to `depth` below `top` (with their relative paths)
+    and their exact totals, in one snapshot."""
+    with db.pool.connection() as conn:
+        dirs = directories_below(conn, top, depth) if depth else [(top, b"")]
+        if not any(d == top for d, _ in dirs):
+            dirs.append((top, b""))
+        return dirs, totals(conn, [d for d, _ in dirs])

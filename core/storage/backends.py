@@ -12,6 +12,7 @@ import yaml
 
 from core import config
 from core.errors import ConfigError
+from core.journal import records
 from core.model import Backend, Principal
 from core.rollups import totals
 from core.storage import store
@@ -48,6 +49,10 @@ def make_executor(backend: Backend, home: Path | None = None, *, read_only: bool
         except ExecutorError as exc:
             raise ConfigError(f"backend {backend.name}: {backend.root}: {exc}") from exc
     raise ConfigError(f"backend {backend.name}: kind {backend.kind!r} is not supported")
+
+
+def exists(db: Database, name: str) -> bool:
+    return bool(db.query("SELECT 1 FROM filestore.backend_mounts WHERE name = %s AND state = 'active'", (name,)))
 
 
 def list_backends(db: Database) -> list[Backend]:
@@ -129,11 +134,11 @@ def _register(db, name, kind, root, read_only, options, executor, who, progress)
             " WHERE n.backend_id = %s AND n.id <> %s GROUP BY 1, 2, 3"
             " ON CONFLICT (scope, scope_key, counter) DO UPDATE SET value = c.value + excluded.value",
             (name, backend_id, root_id))
-        journal_id = conn.execute(*store.record(store.Journal(
+        journal_id = records.record_in(conn, [records.Record(records.Journal(
             "backend.add", "committed", who, uuid.uuid4(), backend_id, root_id, "",
             {"name": name, "root": root, "read_only": read_only, **({"options": options} if options else {})},
             result={"imported_entries": counts[0], "imported_dirs": counts[1],
-                    "imported_bytes": int(counts[2])}))).fetchone()[0]
+                    "imported_bytes": int(counts[2])}))])[0][1]
     log.info("backend %s added at %s: %d entries imported", name, root, counts[0] + counts[1],
              extra={"journal_id": journal_id, "backend": name})
     totals.recalculate(db, root_id, who, reason="import")  # the imported tree's rollups, set-based
@@ -214,8 +219,8 @@ def remove(db: Database, name: str, who: Principal | None = None) -> None:
         # The name is freed for a new backend; the removed one keeps a unique, recognisable name.
         conn.execute("UPDATE filestore.backend_mounts SET state = 'removed', name = left(name, 40) || '.removed-' || id"
                      " WHERE id = %s", (backend_id,))
-        conn.execute(*store.record(store.Journal("backend.remove", "committed", who, uuid.uuid4(), backend_id,
-                                                 root_id, "", {"name": name})))
+        records.record_in(conn, [records.Record(records.Journal("backend.remove", "committed", who, uuid.uuid4(),
+                                                                backend_id, root_id, "", {"name": name}))])
 
 
 def load_config_file(path: Path) -> list[dict]:
@@ -248,7 +253,8 @@ def apply_config_file(db: Database, path: Path) -> list[str]:
             raise ConfigError(f"{path}: backend {spec['name']!r} has no path")
         add(db, spec["name"], str(root), read_only=bool(spec.get("read_only", False)),
             who=Principal.current_process("config"),
-            options={k: spec[k] for k in S3_OPTIONS if k in spec})
+            options={**{k: spec[k] for k in S3_OPTIONS if k in spec},
+                     **({"xattrs": True} if spec.get("xattrs") else {})})
         added.append(spec["name"])
     return added
 

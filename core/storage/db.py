@@ -54,8 +54,8 @@ class Database:
         self.url = url
         self._pool: ConnectionPool | None = None
         self._pool_size = pool_size
-        # Command connections, each used by one thread at a time: the serving thread and the
-        # workers committing closed files (core.commands.corelock) overlap their round trips.
+        # Command connections, each used by one thread at a time (the pipeline's committer,
+        # uploaders, the reconciler): short transactions with synchronous_commit off.
         self._idle_commands: list[psycopg.Connection] = []
         self._all_commands: list[psycopg.Connection] = []
         self._commands_lock = threading.Lock()
@@ -70,7 +70,9 @@ class Database:
             # failing the first query after the restart (a round trip, on a path that is rare).
             self._pool = ConnectionPool(
                 self.url, min_size=1, max_size=self._pool_size, open=True,
-                kwargs={"autocommit": True}, timeout=30, check=ConnectionPool.check_connection,
+                # timeout: how long a reader waits for a connection; while the server is away a
+                # request that needs one fails after this (PoolTimeout), it does not hang the mount.
+                kwargs={"autocommit": True}, timeout=5, check=ConnectionPool.check_connection,
             )
         return self._pool
 
@@ -131,7 +133,7 @@ class Database:
             steps = statements() if callable(statements) else statements
             started = time.perf_counter()
             try:
-                with self.at_the_database(), self.command_connection() as conn:
+                with self.command_connection() as conn:
                     return _run_as_one_query(conn, steps)
             except RETRYABLE:
                 metrics.TXN_RESTARTS.labels(label).inc()
@@ -157,7 +159,7 @@ class Database:
         """Wait until every commit made so far is durable (the fsync rule)."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                with self.at_the_database(), self.command_connection() as conn, conn.transaction():
+                with self.command_connection() as conn, conn.transaction():
                     conn.execute("SET LOCAL synchronous_commit = on")
                     # An xid forces a commit record, whose synchronous flush covers all earlier WAL.
                     conn.execute("SELECT pg_current_xact_id()")
@@ -196,19 +198,39 @@ def _rows(cur: psycopg.Cursor) -> list[tuple]:
 
 
 class IdPool:
-    """Ids taken from a database sequence in batches: node ids (inode numbers) or entry ids."""
+    """Ids taken from a database sequence in batches: node ids (inode numbers) or entry ids.
 
-    def __init__(self, db: Database, sequence: str = "filestore.node_ids", batch: int = 64):
+    A command takes its ids when it is answered, before anything is committed, so the pool
+    refills itself in the background when it runs low: creates go on for a batch's worth while
+    the database is away (the pipeline's backlog bound comes first)."""
+
+    def __init__(self, db: Database, sequence: str = "filestore.node_ids", batch: int = 1024):
         self._db = db
         self._sequence = sequence
         self._batch = batch
         self._ids: list[int] = []
         self._lock = threading.Lock()
+        self._refilling = False
 
     def take(self) -> int:
         with self._lock:
             if not self._ids:
-                rows = self._db.query("SELECT nextval(%s) FROM generate_series(1, %s)",
-                                      (self._sequence, self._batch))
-                self._ids = [r[0] for r in reversed(rows)]
+                self._ids = self._fetch()
+            if len(self._ids) < self._batch // 4 and not self._refilling:
+                self._refilling = True
+                threading.Thread(target=self._refill, name="id-refill", daemon=True).start()
             return self._ids.pop()
+
+    def _fetch(self) -> list[int]:
+        rows = self._db.query("SELECT nextval(%s) FROM generate_series(1, %s)", (self._sequence, self._batch))
+        return [r[0] for r in reversed(rows)]
+
+    def _refill(self) -> None:
+        try:
+            more = self._fetch()
+        except psycopg.Error as exc:
+            log.debug("id refill failed (retried at the next take): %s", exc)
+            more = []
+        with self._lock:
+            self._ids = more + self._ids  # popped from the end: the ones already held go first
+            self._refilling = False

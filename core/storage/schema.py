@@ -5,7 +5,7 @@ from pathlib import Path
 
 import psycopg
 
-SCHEMA_VERSION = 6  # 6: filestore.uploads (S3 write-back, D34)
+SCHEMA_VERSION = 7  # 6: filestore.uploads (S3 write-back, D34); 7: record_commands (group commit, D36)
 _LOCK_KEY = 0x46494C45  # "FILE": serialises concurrent starts
 
 

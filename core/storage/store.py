@@ -1,17 +1,8 @@
-"""The SQL of nodes, entries, journal and snapshots: loading rows and building statements.
-
-Statements are returned, not run: the orchestrator sends a command's one statement through
-core.db.Database.transaction.
-"""
+"""Loading rows: backends, nodes, listings, names (what commands record is core.journal.records)."""
 from __future__ import annotations
 
-import json
-import uuid
-from dataclasses import dataclass, field
-from typing import Any
-
-from core.model import Backend, Node, Principal
-from core.storage.db import Database, Statement
+from core.model import Backend, Node
+from core.storage.db import Database
 
 _NODE_COLS = ("n.id, n.backend_id, n.kind, n.size, n.mode, n.uid, n.gid, n.rdev, n.atime_ns, n.mtime_ns,"
               " n.ctime_ns, n.version, n.state, n.symlink_target, n.checksum")
@@ -72,122 +63,6 @@ def find_by_idempotency_key(db: Database, key: str) -> dict | None:
         "SELECT id, command, status, node_id, result, errno, error FROM filestore.journal_entries"
         " WHERE idempotency_key = %s", (key,))
     return rows[0] if rows else None
-
-
-# -- recording a command ----------------------------------------------------------------
-@dataclass
-class Change:
-    """Everything one command changes in the database, recorded atomically with its journal row."""
-    new_nodes: list[Node] = field(default_factory=list)
-    updates: list[tuple[Node, int]] = field(default_factory=list)  # (node after, expected version)
-    unlinks: list[tuple[int, bytes, int]] = field(default_factory=list)  # (parent, name, node)
-    links: list[tuple] = field(default_factory=list)  # (parent, name, node[, entry id])
-    touches: list[tuple[int, int]] = field(default_factory=list)  # (directory, time ns)
-    snapshots: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)  # (node, version, data)
-    xattrs: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)  # (node, name, value; None: remove)
-    rollup: dict[int, list[int]] = field(default_factory=dict)  # directory -> [bytes, files, dirs] delta
-    moves: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # (dir, from chain, to chain)
-    # Further statements of the same transaction, sent after the journal row (a write-back
-    # upload's row in filestore.uploads: core.commands.writeback)
-    statements: list[Statement] = field(default_factory=list)
-
-    def add_delta(self, dirs: list[int], size: int, files: int, subdirs: int) -> None:
-        for d in dirs:
-            acc = self.rollup.setdefault(d, [0, 0, 0])
-            acc[0] += size
-            acc[1] += files
-            acc[2] += subdirs
-
-    def add_move(self, dir_id: int, old_chain: list[int], new_chain: list[int]) -> None:
-        # Ancestors both chains share keep the subtree: only the others change.
-        while old_chain and new_chain and old_chain[-1] == new_chain[-1]:
-            old_chain, new_chain = old_chain[:-1], new_chain[:-1]
-        if old_chain or new_chain:
-            self.moves.append((dir_id, old_chain, new_chain))
-
-    def delta_rows(self) -> list[dict[str, Any]]:
-        """Directories with the same delta share one row: a create is one row for its whole chain."""
-        grouped: dict[tuple[int, int, int], list[int]] = {}
-        for d, acc in self.rollup.items():
-            if any(acc):
-                grouped.setdefault(tuple(acc), []).append(d)
-        return [{"dirs": dirs, "size": v[0], "files": v[1], "dirs_count": v[2]} for v, dirs in grouped.items()]
-
-    def update(self, after: Node, expected: int, **snapshot_extra: Any) -> None:
-        self.updates.append((after, expected))
-        self.snapshots.append((after.id, after.version, after.snapshot(**snapshot_extra)))
-
-    def insert(self, node: Node, **snapshot_extra: Any) -> None:
-        self.new_nodes.append(node)
-        self.snapshots.append((node.id, node.version, node.snapshot(**snapshot_extra)))
-
-
-@dataclass(frozen=True)
-class Journal:
-    command: str
-    status: str
-    who: Principal
-    request_id: uuid.UUID
-    backend_id: int | None
-    node_id: int | None
-    path: str | None
-    args: dict[str, Any]
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    errno: int | None = None
-    idempotency_key: str | None = None
-
-
-def _node_json(node: Node) -> dict[str, Any]:
-    return {"id": node.id, "backend_id": node.backend_id, "kind": node.kind, "size": node.size,
-            "mode": node.mode, "uid": node.uid, "gid": node.gid, "rdev": node.rdev,
-            "atime_ns": node.atime_ns, "mtime_ns": node.mtime_ns, "ctime_ns": node.ctime_ns,
-            "symlink_target": node.target.hex() if node.target is not None else None,
-            "checksum": node.checksum, "state": node.state, "version": node.version}
-
-
-def record(journal: Journal, change: Change | None = None) -> Statement:
-    """The one statement that records a command; returns (journal id, ids of the entries added)."""
-    change = change or Change()
-    entry = {k: v for k, v in (
-        ("command", journal.command), ("status", journal.status), ("backend_id", journal.backend_id),
-        ("node_id", journal.node_id), ("path", journal.path), ("args", journal.args),
-        ("result", journal.result), ("error", journal.error), ("errno", journal.errno),
-        ("actor", journal.who.actor), ("uid", journal.who.uid), ("gid", journal.who.gid),
-        ("pid", journal.who.pid), ("request_id", str(journal.request_id)),
-        ("idempotency_key", journal.idempotency_key)) if v is not None}
-    dumps = json.dumps
-    return ("SELECT journal_id, entry_ids FROM filestore.record_command(%s, %s, %s, %s, %s, %s, %s, %s, %s)", (
-        dumps(entry),
-        dumps([_node_json(n) for n in change.new_nodes]),
-        dumps([{"node": _node_json(n), "expected": v} for n, v in change.updates]),
-        dumps([{"parent_id": p, "name": name.hex(), "node_id": n} for p, name, n in change.unlinks]),
-        dumps([{"parent_id": link[0], "name": link[1].hex(), "node_id": link[2],
-                "entry_id": link[3] if len(link) > 3 else None} for link in change.links]),
-        dumps([{"id": d, "time_ns": t} for d, t in change.touches]),
-        dumps([{"node_id": n, "version": v, "data": d} for n, v, d in change.snapshots]),
-        dumps(change.delta_rows()),
-        dumps([{"node_id": n, "from": old, "to": new} for n, old, new in change.moves]),
-    ))
-
-
-def xattr_statements(change: Change) -> list[Statement]:
-    """The extended-attribute writes of a command, sent in the transaction of its journal row
-    (after `record`, so a failed version check there rolls them back too)."""
-    out: list[Statement] = []
-    for node_id, name, value in change.xattrs:
-        if value is None:
-            out.append(("DELETE FROM filestore.xattrs WHERE node_id = %s AND name = %s", (node_id, name)))
-        else:
-            out.append(("INSERT INTO filestore.xattrs (node_id, name, value) VALUES (%s, %s, %s)"
-                        " ON CONFLICT (node_id, name) DO UPDATE SET value = EXCLUDED.value",
-                        (node_id, name, value)))
-    return out
-
-
-def atime(node_id: int, atime_ns: int) -> Statement:
-    """A read's relatime update of a node's atime, outside any command (see Orchestrator.record_atime)."""
-    return "UPDATE filestore.nodes SET atime_ns = %s WHERE id = %s AND atime_ns < %s", (atime_ns, node_id, atime_ns)
 
 
 def load_child(db: Database, parent_id: int, name: bytes) -> tuple[int, Node] | None:

@@ -48,6 +48,8 @@ Listener = Callable[[Invalidation], None]
 class InlineCache:
     """One process: a dict with expiry, and listeners called directly."""
 
+    shared = False  # nobody else hears announcements
+
     def __init__(self, ttl: float = DEFAULT_TTL):
         self.ttl = ttl
         self._items: dict[tuple[int, int], tuple[float, dict]] = {}
@@ -90,6 +92,8 @@ class InlineCache:
 
 class RedisCache(InlineCache):
     """Summaries in Redis with a TTL; invalidations fanned out with pub/sub."""
+
+    shared = True
 
     def __init__(self, url: str, ttl: float = DEFAULT_TTL):
         import redis
@@ -201,6 +205,19 @@ class RedisCache(InlineCache):
             self.client.close()
         except Exception:
             pass
+
+
+class Announcements:
+    """AfterCommit (core.journal.pipeline): what a group changed is announced, so that other
+    processes drop their copies. Batched off the committer's path by the cache itself."""
+
+    def __init__(self, cache: InlineCache):
+        self.cache = cache
+
+    def after_commit(self, batch) -> None:
+        nodes, dirs, names = batch.touched()
+        if nodes or dirs or names:
+            self.cache.announce(nodes, dirs, names)
 
 
 def open_cache(redis_url: str, ttl: float = DEFAULT_TTL) -> InlineCache | RedisCache:

@@ -138,7 +138,7 @@ class Namespace:
             parts.append(name)
         raise FsError(errno.ELOOP, "directory cycle")
 
-    # -- changes applied after a commit -----------------------------------------------
+    # -- changes applied as commands are answered -------------------------------------
     def link(self, parent_id: int, name: bytes, entry_id: int, node: Node) -> None:
         with self.lock:
             self.nodes[node.id] = node
@@ -163,18 +163,20 @@ class Namespace:
 
     def forget(self, nodes: list[int], dirs: list[int], *, keep: Callable[[int], bool]) -> None:
         """Drop what another process changed; it is loaded again on next use. `keep` names
-        nodes this process holds unrecorded changes of (they are not in the database)."""
+        nodes and directories this process has changes of that the database does not hold yet
+        (answered, not committed; or open files not recorded): those stay."""
         with self.lock:
             for node_id in (*nodes, *dirs):
                 if node_id not in self.backend_roots and not keep(node_id):
                     self.nodes.pop(node_id, None)
                     self.parents.pop(node_id, None)
             for dir_id in dirs:
-                self.listings.pop(dir_id, None)
+                if not keep(dir_id):
+                    self.listings.pop(dir_id, None)
 
     def forget_everything(self, *, keep: Callable[[int], bool]) -> None:
         with self.lock:
-            self.nodes = {k: v for k, v in self.nodes.items() if keep(k)}
-            self.listings.clear()
+            self.nodes = {k: v for k, v in self.nodes.items() if keep(k) or k in self.backend_roots}
+            self.listings = {k: v for k, v in self.listings.items() if keep(k)}
             self.parents = {k: v for k, v in self.parents.items() if keep(k)}
 

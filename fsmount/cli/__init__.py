@@ -13,9 +13,8 @@ import click
 import psycopg
 
 from core import config
-from core.errors import ConfigError, FsError
+from core.errors import ConfigError, ExecutorFailure, FsError
 from core.observe import logs
-from executors.base import ExecutorError
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -35,7 +34,7 @@ def one_line_errors(fn):
             fail(f"{exc} ({exc.code})")
         except psycopg.OperationalError as exc:
             fail(f"database unreachable: {str(exc).strip().splitlines()[0]}")
-        except ExecutorError as exc:
+        except ExecutorFailure as exc:
             fail(f"{type(exc).__name__}: {exc}")
         except OSError as exc:
             fail(str(exc))

@@ -22,8 +22,11 @@ def backend() -> None:
 @click.option("--read-only", is_flag=True, help="Every change through the mount answers EROFS.")
 @click.option("--endpoint-url", help="S3 only: an S3-compatible endpoint (default: AWS).")
 @click.option("--region", help="S3 only: the bucket's region (default: the usual boto3 configuration).")
+@click.option("--xattrs", is_flag=True,
+              help="Keep extended attributes (user.*, and the user.filestore.* rollup fields) on this backend; "
+                   "a mount with such a backend answers xattr probes, which costs `ls -l` a round trip per entry.")
 @one_line_errors
-def add(name: str, path: str, read_only: bool, endpoint_url: str | None, region: str | None) -> None:
+def add(name: str, path: str, read_only: bool, endpoint_url: str | None, region: str | None, xattrs: bool) -> None:
     """Track the directory PATH, or the S3 prefix s3://BUCKET/PREFIX, as backend NAME,
     importing what it already holds. S3 credentials come the usual boto3 way (environment,
     profile, instance role).
@@ -41,7 +44,7 @@ def add(name: str, path: str, read_only: bool, endpoint_url: str | None, region:
             click.echo(f"\rimported {count} entries", nl=False, err=True)
 
     added = backends.add(db, name, path, read_only=read_only, progress=progress,
-                         options={"endpoint_url": endpoint_url, "region": region})
+                         options={"endpoint_url": endpoint_url, "region": region, "xattrs": xattrs or None})
     if show:
         click.echo("", err=True)
     click.echo(f"added backend {added.name} -> {added.root}{' (read-only)' if read_only else ''}")

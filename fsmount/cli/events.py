@@ -14,6 +14,7 @@ from core.events import outbox as ev
 from core.events import settings as eventconf
 from core.events.consumers import Checkpoint, JournalSource, fresh
 from core.events.consumers import activity as activity_consumer
+from core.journal import history as journal_history
 from core.journal.history import split_target
 from core.service import open_database
 
@@ -65,7 +66,7 @@ def tail(from_id: int | None, types: tuple[str, ...], as_json: bool, follow: boo
         if conf.inline:
             db = open_database(settings())
             if from_id is None:
-                last = db.query("SELECT coalesce(max(id), 0) FROM filestore.journal_entries")[0][0]
+                last = journal_history.last_id(db)
                 from_id = max(last - 19, 1)
             _tail_journal(db, from_id, follow, show, stop)
         else:

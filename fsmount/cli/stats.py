@@ -10,6 +10,7 @@ from core.journal import history as journal_queries
 from core.model import Principal
 from core.rollups import counters, folder, totals
 from core.service import open_database
+from core.storage import backends
 from core.storage.queue import JobQueue
 
 from ..mount import filestore_mounts
@@ -51,11 +52,7 @@ def du(path: str, depth: int, exact: bool, as_json: bool) -> None:
     """
     db, backend, rel, top = _target(path)
     started = time.perf_counter()
-    with db.pool.connection() as conn:
-        dirs = totals.directories_below(conn, top, depth) if depth else [(top, b"")]
-        if not any(d == top for d, _ in dirs):
-            dirs.append((top, b""))
-        values = totals.totals(conn, [d for d, _ in dirs])
+    dirs, values = totals.subtree(db, top, depth)
     elapsed_ms = (time.perf_counter() - started) * 1000
     base = os.fsdecode(rel)
     rows = []
@@ -137,7 +134,7 @@ def stats(target: str | None, as_json: bool) -> None:
         scope, key = "global", ""
     elif ":" not in target and not target.startswith("/") and not os.path.exists(target):
         scope, key = "backend", target
-        if not db.query("SELECT 1 FROM filestore.backend_mounts WHERE name = %s AND state = 'active'", (target,)):
+        if not backends.exists(db, target):
             raise click.ClickException(f"no backend named {target!r}")
     else:
         backend, rel = journal_queries.split_target(target, filestore_mounts())

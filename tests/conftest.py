@@ -171,6 +171,8 @@ class Tracked:
         return self.mount.mountpoint / "local"
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """The CLI is another process: it sees what the mount answered once that committed."""
+        self.settle()
         return run_cli(self.env, *args, check=check)
 
     def restart(self) -> None:

@@ -52,6 +52,7 @@ def test_unlinking_one_name_keeps_the_other(tracked):
     row = tracked.node("b")
     assert row["id"] == node_id and row["state"] == "ACTIVE"
     os.unlink(tracked.path / "b")
+    tracked.settle()
     state = tracked.db.execute("SELECT state FROM filestore.nodes WHERE id = %s", (node_id,)).fetchone()[0]
     assert state == "DELETED"
 

@@ -54,6 +54,10 @@ class Namespace:
         self.nodes: dict[int, Node] = {}
         self.listings: dict[int, Listing] = {}
         self.parents: dict[int, tuple[int, bytes]] = {}  # one name of each node: (parent, name)
+        # The other names of hard-linked nodes, as far as this process has seen them: when the
+        # name in `parents` goes, another takes its place without asking the database (which
+        # may not have the removal committed yet).
+        self.more_names: dict[int, set[tuple[int, bytes]]] = {}
         self.backends: dict[int, Backend] = {}  # by id
         self.backend_roots: dict[int, Backend] = {}  # by root node id
         # Names this process holds that the database does not have yet (files created here,
@@ -107,7 +111,7 @@ class Namespace:
                 for entry_id, name, node in [*store.load_listing(self.db, dir_id), *self.unrecorded(dir_id)]:
                     listing.add(entry_id, name, node.id)
                     self.nodes.setdefault(node.id, node)
-                    self.parents.setdefault(node.id, (dir_id, name))
+                    self._name(node.id, dir_id, name)
                 self.listings[dir_id] = listing
             return listing
 
@@ -145,7 +149,7 @@ class Namespace:
             listing = self.listings.get(parent_id)
             if listing is not None:
                 listing.add(entry_id, name, node.id)
-            self.parents.setdefault(node.id, (parent_id, name))
+            self._name(node.id, parent_id, name)
             if node.is_dir:
                 self.listings.setdefault(node.id, Listing())
 
@@ -154,8 +158,20 @@ class Namespace:
             listing = self.listings.get(parent_id)
             if listing is not None:
                 listing.remove(name)
+            others = self.more_names.get(node_id)
+            if others is not None:
+                others.discard((parent_id, name))
             if self.parents.get(node_id) == (parent_id, name):
                 del self.parents[node_id]
+                if others:
+                    self.parents[node_id] = others.pop()
+            if others is not None and not others:
+                del self.more_names[node_id]
+
+    def _name(self, node_id: int, parent_id: int, name: bytes) -> None:
+        known = self.parents.setdefault(node_id, (parent_id, name))
+        if known != (parent_id, name):
+            self.more_names.setdefault(node_id, set()).add((parent_id, name))
 
     def forget_listing(self, dir_id: int) -> None:
         with self.lock:
@@ -170,6 +186,7 @@ class Namespace:
                 if node_id not in self.backend_roots and not keep(node_id):
                     self.nodes.pop(node_id, None)
                     self.parents.pop(node_id, None)
+                    self.more_names.pop(node_id, None)
             for dir_id in dirs:
                 if not keep(dir_id):
                     self.listings.pop(dir_id, None)
@@ -179,4 +196,5 @@ class Namespace:
             self.nodes = {k: v for k, v in self.nodes.items() if keep(k) or k in self.backend_roots}
             self.listings = {k: v for k, v in self.listings.items() if keep(k)}
             self.parents = {k: v for k, v in self.parents.items() if keep(k)}
+            self.more_names = {k: v for k, v in self.more_names.items() if keep(k)}
 

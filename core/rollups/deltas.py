@@ -112,7 +112,11 @@ def ancestors(ns: Namespace, dir_id: int) -> list[int]:
 
 
 def parents(ns: Namespace, node: Node) -> list[int]:
-    if node.nlink > 1:
-        return store.load_parents(ns.db, node.id)
+    """The directory of every name of a node (a hard-linked file counts once per name). The
+    names the namespace knows come first: the database may not have the latest link or unlink
+    committed yet; it is asked only when the namespace knows fewer names than the node has."""
     link = ns.parent_of(node.id)
-    return [link[0]] if link else []
+    known = ([link] if link else []) + sorted(getattr(ns, "more_names", {}).get(node.id, ()))
+    if len(known) >= node.nlink or not node.nlink > 1:
+        return [parent for parent, _ in known]
+    return store.load_parents(ns.db, node.id)

@@ -455,6 +455,7 @@ def test_a_consumer_fills_a_gap_in_the_stream_from_the_journal(tracked, redis_se
                         wait=0.05, backfill=JournalSource(db))
 
     (tracked.path / "a").write_bytes(b"a")
+    tracked.settle()  # events come from committed rows
     while relay.run_once():
         pass
     first = consumer()
@@ -462,11 +463,13 @@ def test_a_consumer_fills_a_gap_in_the_stream_from_the_journal(tracked, redis_se
         pass
     for name in "bcd":
         (tracked.path / name).write_bytes(name.encode() * 3)
+    tracked.settle()
     while relay.run_once():
         pass
     client = redis.Redis.from_url(redis_server.url)
     client.xtrim("filestore:events", maxlen=0)  # gone before the consumer read them
     (tracked.path / "e").write_bytes(b"eeee")
+    tracked.settle()
     while relay.run_once():
         pass
     client.close()

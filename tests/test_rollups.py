@@ -223,6 +223,7 @@ def test_du_command_prints_human_and_depth(tracked):
 def test_verify_finds_and_repair_fixes_a_damaged_rollup(tracked):
     os.makedirs(tracked.path / "v" / "w")
     (tracked.path / "v" / "w" / "f").write_bytes(b"v" * 5000)
+    tracked.settle()  # committed: its deltas are in the table before we wait for them to fold
     wait_until(lambda: tracked.db.execute("SELECT count(*) FROM filestore.rollup_deltas").fetchone()[0] == 0,
                message="folded")
     w = tracked.node("v/w")["id"]
@@ -351,6 +352,7 @@ def test_recalculation_jobs_run_from_the_rollup_queue(tracked):
     mount's job worker: journaled as rollups.recalculate and left exact."""
     os.makedirs(tracked.path / "q" / "r")
     (tracked.path / "q" / "r" / "f").write_bytes(b"q" * 300)
+    tracked.settle()
     wait_until(lambda: tracked.db.execute("SELECT count(*) FROM filestore.rollup_deltas").fetchone()[0] == 0,
                message="folded")
     q, r = tracked.node("q")["id"], tracked.node("q/r")["id"]

@@ -11,7 +11,6 @@ from datetime import datetime, timezone
 import psycopg
 
 from core.commands import writeback, xattrs
-from core.commands.corelock import CoreLock
 from core.commands.files import FileTable
 from core.commands.orchestrator import Orchestrator
 from core.config import Settings
@@ -69,7 +68,9 @@ class Filestore:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.db = open_database(settings)
-        self.core_lock = CoreLock()
+        # One thread at a time runs core code: the serving thread, or a request waiting off it
+        # (docs/concurrency.md). Nothing waits for the database while holding it.
+        self.core_lock = threading.RLock()
         self.ns = Namespace(self.db)
         self.intents = IntentLog(settings.intents_path, before_compact=self.db.flush_wal)
         self.cache = open_cache(settings.redis_url)

@@ -1,11 +1,11 @@
 """The pyfuse3 Operations: every handler makes one call into core and translates the answer.
 
-Handlers run on the trio thread and call core synchronously: core's statements are short
-and a thread hop costs more than most of them (DESIGN.md section 11). The exception is
-`flush` (close), which commits a written file: it runs on a worker thread that lets other
-requests go on while its transaction is at the database (core.commands.corelock), so concurrent
-writers no longer queue behind each other's round trips. Nothing may escape a handler: `FsError` becomes its errno, anything else is logged with its traceback, counted
-and answered with EIO.
+Handlers run on the trio thread and call core synchronously, holding the core lock: commands
+are answered before their commit (core.journal.pipeline), so no handler waits for the database.
+What must wait runs off the serving thread: fsync and O_SYNC writes wait for their group commit,
+a change waits while the journal's backlog is at its bound, a close uploads to S3 (write-through).
+Nothing may escape a handler: `FsError` becomes its errno, anything else is logged with its
+traceback, counted and answered with EIO. docs/concurrency.md lists the threads and locks.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def _answer(op: str, exc: BaseException) -> FUSEError:
 
 
 def handler(fn):
-    """Run on the serving thread, holding the core lock (core.commands.corelock). A request
+    """Run on the serving thread, holding the core lock (docs/concurrency.md). A request
     handler counts its requests by opcode; a helper (`_name`) is part of one that does."""
     op = fn.__name__
     requests = REQUESTS[op] if not op.startswith("_") else None

@@ -40,7 +40,7 @@ _DAY_NS = 86_400 * 10**9
 
 
 class FileTable:
-    """Open files of one process. Used under the core lock (core.commands.corelock): one thread at a time."""
+    """Open files of one process. Used under the core lock: one thread at a time (docs/concurrency.md)."""
 
     def __init__(self, orchestrator: Orchestrator, ns: Namespace, writeback: WriteBack | None = None):
         self.orch = orchestrator

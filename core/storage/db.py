@@ -1,9 +1,10 @@
-"""Database access: connections, the one transaction helper, and id batches.
+"""Database access: connections, the transaction helper for non-journal statements, id batches.
 
-Every command's transaction goes through `Database.transaction`: the statements are sent as
-one query string (one network round trip for the whole transaction), retried on serialization
-failures and deadlocks by exception class, and an optimistic-version conflict raised by
-`filestore.record_command` (SQLSTATE FS409) surfaces as `Conflict`.
+Journal rows are written by one statement only (core.journal.records, sent by the commit
+pipeline). `Database.transaction` runs the other short statements (an upload's attempt count,
+a failed job's state): sent as one query string (one round trip for the whole transaction),
+retried on serialization failures and deadlocks by exception class; an optimistic-version
+conflict (SQLSTATE FS409) surfaces as `Conflict`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ContextManager
+from typing import Any
 
 import psycopg
 from psycopg import ClientCursor
@@ -59,8 +60,6 @@ class Database:
         self._idle_commands: list[psycopg.Connection] = []
         self._all_commands: list[psycopg.Connection] = []
         self._commands_lock = threading.Lock()
-        # Entered around each command round trip: core.commands.corelock lets other threads run then.
-        self.at_the_database: Callable[[], ContextManager] = contextlib.nullcontext
 
     # -- connections -------------------------------------------------------------------
     @property
@@ -177,7 +176,7 @@ def _run_as_one_query(conn: psycopg.Connection, steps: Sequence[Statement]) -> l
     all of it), so no BEGIN/COMMIT is sent. Measured here: ~200 us per command transaction,
     against ~450 us for the same statements in pipeline mode.
     """
-    if len(steps) == 1:  # the common case: one statement (filestore.record_command), prepared
+    if len(steps) == 1:  # the common case: one statement, prepared
         sql, params = steps[0]
         cur = conn.execute(sql, params)
         return [_rows(cur)]

@@ -321,7 +321,7 @@ class Operations(pyfuse3.Operations):
             found = listing.by_name.get(name)
             if found is None:
                 continue
-            node = self.ns.nodes[found[1]]
+            node = self.ns.node(found[1])  # dropped by another process's announcement: reloaded
             if not pyfuse3.readdir_reply(token, name, self._attrs(node), entry_id):
                 return
             self.lookups[node.id] += 1

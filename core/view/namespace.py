@@ -117,7 +117,7 @@ class Namespace:
 
     def child(self, dir_id: int, name: bytes) -> Node | None:
         found = self.listing(dir_id).by_name.get(name)
-        return self.nodes[found[1]] if found else None
+        return self.node(found[1]) if found else None  # a node dropped by an announcement reloads
 
     def parent_of(self, node_id: int) -> tuple[int, bytes] | None:
         with self.lock:

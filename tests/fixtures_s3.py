@@ -107,7 +107,9 @@ def pending_uploads(db) -> int:
 
 
 def wait_uploaded(t: S3Tracked, timeout: float = 60) -> None:
-    """Write-back (D34): wait until every upload recorded at close has landed."""
+    """Write-back (D34): wait until every upload recorded at close has landed (the closes'
+    records committed first: an upload starts once its write command is in the journal)."""
+    t.settle()
     wait_until(lambda: pending_uploads(t.db) == 0, timeout=timeout, message="pending uploads to land")
 
 

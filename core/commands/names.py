@@ -79,7 +79,7 @@ def _add_name(t: Template, command: str, who: Principal, parent_id: int, name: b
         change.insert(node, parent_id=parent_id, name=name_arg(name))
 
         def apply():
-            t.ns.link(parent_id, name, entry_id, node)
+            t.ns.link(parent_id, name, entry_id, node, new_dir=kind == "dir")
             touch_cached(parent, st.ctime_ns)
             if kind == "dir":
                 parent.nlink += 1

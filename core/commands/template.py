@@ -104,9 +104,15 @@ class Template:
         self.after_answer: list[AfterAnswer] = []
         self.adoption: Adoption | None = None
         self.served_rollups: ServedRollups | None = None
+        # Changes cut off midway (an S3 directory rename whose deletes failed): finished and
+        # adopted before the next command, once the backend answers again; their intents stay
+        # open meanwhile, so a restart finishes them instead.
+        self.unfinished: list[tuple[Backend, Intent]] = []
 
     # == the template ==================================================================
     def run(self, cmd: Command, execute: Callable[[], Any], record: Callable[[Any], Recorded]) -> Any:
+        if self.unfinished:
+            self.finish_unfinished()
         backend_label = cmd.backend.name if cmd.backend else "-"
         started = time.perf_counter()
         if cmd.backend is not None:
@@ -114,12 +120,12 @@ class Template:
         try:
             outcome = execute()
         except PartlyDone as exc:
-            # Started and cut off (an S3 directory rename midway): what the backend holds now
-            # is adopted at once (journaled as recover, with this intent's request id).
-            log.error("%s %s: cut off midway (%s); the backend's state is adopted", cmd.name, cmd.path, exc)
+            # Started and cut off (an S3 directory rename midway): finished and adopted before
+            # the next command once the backend answers (journaled as recover, this request id).
+            log.error("%s %s: cut off midway (%s); finished when the backend answers", cmd.name, cmd.path, exc)
             metrics.EXECUTOR_OUTCOMES.labels(backend_label, cmd.name, "partial").inc()
-            if self.adoption is not None and cmd.backend is not None:
-                self.adoption.adopt_now(cmd.backend, Intent(cmd.request_id, cmd.name, cmd.backend.id, cmd.paths))
+            if cmd.backend is not None:
+                self.unfinished.append((cmd.backend, Intent(cmd.request_id, cmd.name, cmd.backend.id, cmd.paths)))
             raise FsError(errno.EIO, str(exc)) from exc
         except ExecutorError as exc:
             metrics.EXECUTOR_OUTCOMES.labels(backend_label, cmd.name, "error").inc()
@@ -149,6 +155,18 @@ class Template:
                              "backend": backend_label})
         metrics.COMMAND_SECONDS.labels(cmd.name, backend_label, "answered").observe(time.perf_counter() - started)
         return value
+
+    def finish_unfinished(self) -> None:
+        """Finish and adopt changes cut off midway, oldest first; stop at the first that still
+        cannot be finished (the backend is still failing): the next command tries again."""
+        while self.unfinished and self.adoption is not None:
+            backend, intent = self.unfinished[0]
+            try:
+                self.adoption.adopt_now(backend, intent)
+            except (ExecutorError, FsError) as exc:
+                log.info("%s %s: still unfinished (%s)", intent.command, intent.paths, exc)
+                return
+            self.unfinished.pop(0)
 
     def refuse(self, cmd: Command, code: int, message: str = "") -> FsError:
         """Journal a refused command (through the pipeline, like every row) and return the

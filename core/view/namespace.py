@@ -143,14 +143,16 @@ class Namespace:
         raise FsError(errno.ELOOP, "directory cycle")
 
     # -- changes applied as commands are answered -------------------------------------
-    def link(self, parent_id: int, name: bytes, entry_id: int, node: Node) -> None:
+    def link(self, parent_id: int, name: bytes, entry_id: int, node: Node, *, new_dir: bool = False) -> None:
+        """A name added (or moved here). `new_dir`: a directory just made, whose listing is known
+        to be empty; any other directory's listing is loaded when first needed."""
         with self.lock:
             self.nodes[node.id] = node
             listing = self.listings.get(parent_id)
             if listing is not None:
                 listing.add(entry_id, name, node.id)
             self._name(node.id, parent_id, name)
-            if node.is_dir:
+            if new_dir:
                 self.listings.setdefault(node.id, Listing())
 
     def unlink(self, parent_id: int, name: bytes, node_id: int) -> None:

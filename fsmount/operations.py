@@ -185,7 +185,7 @@ class Operations(pyfuse3.Operations):
                     pyfuse3.invalidate_inode(inode, attr_only=attr_only)
                 except Exception:  # unknown to the kernel by now, or not mounted yet
                     pass
-        for parent, name in change.names:  # a removed name must not stay in the dentry cache
+        for parent, name in change.names:  # a removed name must not stay cached, nor an added one stay absent
             if parent in self.lookups or parent == ROOT_INODE:
                 try:
                     pyfuse3.invalidate_entry(parent, name)
@@ -445,7 +445,7 @@ class Operations(pyfuse3.Operations):
     @changing
     def setxattr(self, inode, name, value, ctx):
         self._xattrs_served()
-        if not self.fs.keeps_xattrs(inode):
+        if inode != ROOT_INODE and not self.fs.keeps_xattrs(inode):
             raise FUSEError(errno.EOPNOTSUPP)
         self.fs.orch.setxattr(principal(ctx), inode, name, value)
 
@@ -462,7 +462,7 @@ class Operations(pyfuse3.Operations):
     @changing
     def removexattr(self, inode, name, ctx):
         self._xattrs_served()
-        if not self.fs.keeps_xattrs(inode):
+        if inode != ROOT_INODE and not self.fs.keeps_xattrs(inode):
             raise FUSEError(errno.EOPNOTSUPP)
         self.fs.orch.removexattr(principal(ctx), inode, name)
 

@@ -58,7 +58,8 @@ def test_rollup_summaries_are_shared_and_invalidated_in_redis(tracked, tmp_path,
         (tracked.path / "s" / "f").write_bytes(b"y" * 100)
         node = tracked.node("s")
         key = f"filestore:rollup:{node['backend_id']}:{node['id']}"
-        wait_until(lambda: os.stat(b.mountpoint / "local" / "s").st_size == 100, timeout=5,
+        wait_until(lambda: os.path.exists(b.mountpoint / "local" / "s") and
+                   os.stat(b.mountpoint / "local" / "s").st_size == 100, timeout=5,
                    message="B serves the folded value")
         assert json.loads(client.get(key))["size_bytes"] == 100  # B cached it in Redis
         assert 0 < client.ttl(key) <= 300

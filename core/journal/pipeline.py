@@ -116,7 +116,7 @@ class Batch:
         return any(e.replayed for e in self.entries)
 
     def touched(self) -> tuple[set[int], set[int], set[tuple[int, bytes]]]:
-        """Nodes, directories and removed names (directory, name) the group changed."""
+        """Nodes, directories and names (directory, name) removed or added that the group changed."""
         nodes: set[int] = set()
         dirs: set[int] = set()
         names: set[tuple[int, bytes]] = set()
@@ -129,7 +129,7 @@ class Batch:
                 change = record.change
                 nodes |= change.nodes_touched()
                 dirs |= change.dirs_touched()
-                names |= change.names_removed()
+                names |= change.names_changed()
         return nodes, dirs, names
 
 
@@ -138,9 +138,9 @@ def _touched_by(payload: dict, nodes: set, dirs: set, names: set) -> None:
     nodes.update(u["node"]["id"] for u in payload.get("u", ()))
     dirs.update(link["parent_id"] for link in payload.get("l", ()))
     dirs.update(t["id"] for t in payload.get("t", ()))
-    for unlink in payload.get("ul", ()):
-        dirs.add(unlink["parent_id"])
-        names.add((unlink["parent_id"], bytes.fromhex(unlink["name"])))
+    for entry in (*payload.get("ul", ()), *payload.get("l", ())):
+        dirs.add(entry["parent_id"])
+        names.add((entry["parent_id"], bytes.fromhex(entry["name"])))
 
 
 class AfterCommit(Protocol):

@@ -119,6 +119,10 @@ class Change:
     def names_removed(self) -> set[tuple[int, bytes]]:
         return {(parent, name) for parent, name, _ in self.unlinks}
 
+    def names_changed(self) -> set[tuple[int, bytes]]:
+        """Names removed or added: other mounts' kernels drop their entries (a negative one too)."""
+        return self.names_removed() | {(link[0], link[1]) for link in self.links}
+
 
 @dataclass
 class Record:

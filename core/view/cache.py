@@ -33,7 +33,7 @@ class Invalidation:
     rollups: list[int] = field(default_factory=list)  # directories with new rollup values
     nodes: list[int] = field(default_factory=list)  # nodes whose attributes or content changed
     dirs: list[int] = field(default_factory=list)  # directories whose entries changed
-    names: list[tuple[int, bytes]] = field(default_factory=list)  # (directory, name) removed or replaced
+    names: list[tuple[int, bytes]] = field(default_factory=list)  # (directory, name) removed, replaced or added
     remote: bool = False  # announced by another process
     everything: bool = False  # announcements may have been missed: drop all
 

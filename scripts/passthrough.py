@@ -49,13 +49,14 @@ STATVFS_FIELDS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_f
 
 
 COUNTING = False          # set by --counts: REQUESTS[handler name] += 1 on every request
-REQUESTS: Counter[str] = Counter()
+REQUESTS: dict[str, int] = {}  # a plain dict with every handler's name in it: the cheapest increment
 
 
 def oserrors(fn):
     """OSError -> FUSEError(errno); anything else -> EIO (printed): a bug must not kill the mount.
     Counts the request first when COUNTING."""
     name = fn.__name__
+    REQUESTS[name] = 0
 
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
@@ -290,7 +291,7 @@ def dump_counts(path: str, dumps: int) -> None:
     """REQUESTS as JSON in path, replaced atomically (a reader never sees half a file)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"pid": os.getpid(), "dumps": dumps, "requests": dict(REQUESTS)}, f)
+        json.dump({"pid": os.getpid(), "dumps": dumps, "requests": {k: n for k, n in REQUESTS.items() if n}}, f)
     os.replace(tmp, path)
 
 

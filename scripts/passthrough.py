@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A bare pyfuse3 + trio passthrough filesystem: a BENCHMARK REFERENCE ONLY, not part of the product.
 
-    python scripts/passthrough.py SOURCE MOUNTPOINT
+    python scripts/passthrough.py [--counts FILE] SOURCE MOUNTPOINT
 
 mounts SOURCE at MOUNTPOINT and serves in the foreground until unmounted (`fusermount3 -u MOUNTPOINT`);
 SIGTERM, SIGINT and SIGHUP unmount cleanly. `scripts/bench` runs its workloads through it to measure
@@ -16,11 +16,20 @@ links rather than full paths, so that renaming a directory is O(1) and a path is
 parents. readdir answers with attributes (readdirplus); its entry ids are positions in a sorted listing
 taken at opendir.
 Not supported: hard links (link), mknod, extended attributes, rename flags (EINVAL).
+
+--counts FILE counts the FUSE requests that reach Python, per handler (pyfuse3's method names: lookup,
+getattr, create, flush, release, forget, getxattr...; the unsupported ones too, which answer ENOSYS),
+and writes them to FILE as JSON {"pid", "dumps", "requests": {name: count}}: once when serving starts
+(dumps 0), then on every SIGUSR1 (dumps + 1), each time by an atomic rename. `scripts/bench` reads the
+counts before and after each timed phase to set the passthrough's requests beside the mount's. Without
+--counts nothing is counted. Requests libfuse answers itself (INIT, DESTROY, INTERRUPT, and opcodes
+pyfuse3 does not handle, such as fallocate or lseek) are not seen.
 """
 from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import signal
 import stat as stat_mod
@@ -39,10 +48,20 @@ STATVFS_FIELDS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_f
                   "f_namemax")
 
 
+COUNTING = False          # set by --counts: REQUESTS[handler name] += 1 on every request
+REQUESTS: dict[str, int] = {}  # a plain dict with every handler's name in it: the cheapest increment
+
+
 def oserrors(fn):
-    """OSError -> FUSEError(errno); anything else -> EIO (printed): a bug must not kill the mount."""
+    """OSError -> FUSEError(errno); anything else -> EIO (printed): a bug must not kill the mount.
+    Counts the request first when COUNTING."""
+    name = fn.__name__
+    REQUESTS[name] = 0
+
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
+        if COUNTING:
+            REQUESTS[name] += 1
         try:
             return await fn(*args, **kwargs)
         except FUSEError:
@@ -262,35 +281,58 @@ class Passthrough(pyfuse3.Operations):
 
 HANDLERS = ("lookup forget getattr setattr readlink opendir readdir releasedir mkdir symlink rmdir unlink "
             "rename open create read write flush fsync release statfs").split()
-for _name in HANDLERS:
+# pyfuse3's defaults (ENOSYS), wrapped too so that they are counted: the kernel asks some of them once
+UNSUPPORTED = ["access", "fsyncdir", "getxattr", "link", "listxattr", "mknod", "poll", "removexattr", "setxattr"]
+for _name in HANDLERS + UNSUPPORTED:
     setattr(Passthrough, _name, oserrors(getattr(Passthrough, _name)))
 
 
-async def _main() -> None:
+def dump_counts(path: str, dumps: int) -> None:
+    """REQUESTS as JSON in path, replaced atomically (a reader never sees half a file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pid": os.getpid(), "dumps": dumps, "requests": {k: n for k, n in REQUESTS.items() if n}}, f)
+    os.replace(tmp, path)
+
+
+async def _main(counts_path: str | None) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(_on_signals, counts_path)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for _ in signals:
-            pyfuse3.terminate()
-            return
+async def _on_signals(counts_path: str | None) -> None:
+    """SIGTERM/SIGINT/SIGHUP: unmount. SIGUSR1 (with --counts): write the counts."""
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    with trio.open_signal_receiver(*stops, *([signal.SIGUSR1] if counts_path else [])) as signals:
+        dumps = 0
+        if counts_path:
+            dump_counts(counts_path, dumps)  # the first file also says that SIGUSR1 is handled now
+        async for signum in signals:
+            if signum in stops:
+                pyfuse3.terminate()
+                return
+            dumps += 1
+            dump_counts(counts_path, dumps)
 
 
 def main(argv: list[str]) -> int:
+    global COUNTING
+    counts_path = None
+    if argv[:1] == ["--counts"] and len(argv) >= 2:
+        counts_path, argv = os.path.abspath(argv[1]), argv[2:]
     if len(argv) != 2:
-        print("usage: passthrough.py SOURCE MOUNTPOINT", file=sys.stderr)
+        print("usage: passthrough.py [--counts FILE] SOURCE MOUNTPOINT", file=sys.stderr)
         return 2
     source, mountpoint = argv
+    COUNTING = counts_path is not None
     options = set(pyfuse3.default_options) | {"fsname=passthrough", "subtype=passthrough"}
     if os.geteuid() == 0:
         options.add("allow_other")
     pyfuse3.init(Passthrough(source), mountpoint, options)
     try:
-        trio.run(_main)
+        trio.run(_main, counts_path)
     finally:
         pyfuse3.close(unmount=True)
     return 0

@@ -341,7 +341,9 @@ def assert_clean_log(log_path: Path, request) -> None:
         return
     # pyfuse3 logs a reply to a request the kernel dropped (its caller was interrupted or
     # killed) as an error: that is the kernel's doing, not the mount's
-    benign = ("fuse_reply_* failed with No such file or directory",)
+    benign = ("fuse_reply_* failed with No such file or directory",
+              # watchdog 7.0 at unmount: an inotify event arrives after its emitter stopped
+              "queue_events() called when the thread is inactive")
     bad = [line for line in log_path.read_text(errors="replace").splitlines()
            if ("Traceback" in line or " ERROR " in line or line.startswith("ERROR"))
            and not any(b in line for b in benign)]

@@ -58,9 +58,11 @@ def test_rollup_summaries_are_shared_and_invalidated_in_redis(tracked, tmp_path,
         (tracked.path / "s" / "f").write_bytes(b"y" * 100)
         node = tracked.node("s")
         key = f"filestore:rollup:{node['backend_id']}:{node['id']}"
+        # B serves A's change once A's group committed and its announcement arrived, and the
+        # folded (exact) value, which it shares in Redis, once A's fold is announced too
         wait_until(lambda: os.path.exists(b.mountpoint / "local" / "s") and
-                   os.stat(b.mountpoint / "local" / "s").st_size == 100, timeout=5,
-                   message="B serves the folded value")
+                   os.stat(b.mountpoint / "local" / "s").st_size == 100 and client.get(key) is not None,
+                   timeout=5, message="B serves the folded value and shares it")
         assert json.loads(client.get(key))["size_bytes"] == 100  # B cached it in Redis
         assert 0 < client.ttl(key) <= 300
         (tracked.path / "s" / "g").write_bytes(b"z" * 11)  # A's fold deletes the key and announces it

@@ -110,7 +110,7 @@ CREATE TABLE IF NOT EXISTS filestore.journal_entries (
     gid              integer,
     pid              integer,
     request_id       uuid NOT NULL UNIQUE,
-    idempotency_key  text UNIQUE,
+    idempotency_key  text,
     correlation_id   text,
     txid             xid8 NOT NULL DEFAULT pg_current_xact_id(),
     created_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -131,6 +131,11 @@ COMMENT ON COLUMN filestore.journal_entries.actor IS 'Who ran it: fuse (a proces
 COMMENT ON COLUMN filestore.journal_entries.uid IS 'Principal: uid of the calling process (NULL for the reconciler).';
 COMMENT ON COLUMN filestore.journal_entries.request_id IS 'Unique id of this command, also written to the local intent log before the physical change (core.intents) so recovery can tell finished from unfinished work.';
 COMMENT ON COLUMN filestore.journal_entries.idempotency_key IS 'Caller-chosen key: a retried command with the same key returns the first result and changes nothing.';
+-- Unique where given: a partial index, so that the commands without a key (all of the mount's)
+-- cost no index entry (schema 7; before, a UNIQUE constraint).
+ALTER TABLE filestore.journal_entries DROP CONSTRAINT IF EXISTS journal_entries_idempotency_key_key;
+CREATE UNIQUE INDEX IF NOT EXISTS journal_idempotency_key_idx ON filestore.journal_entries (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 COMMENT ON COLUMN filestore.journal_entries.txid IS 'Transaction that wrote the row; the event relay uses it so rows that commit out of id order are never skipped.';
 
 CREATE TABLE IF NOT EXISTS filestore.snapshots (
@@ -194,7 +199,8 @@ CREATE TABLE IF NOT EXISTS filestore.counter_watermark (
 );
 COMMENT ON TABLE filestore.counter_watermark IS
     'One row: the transaction id below which the journal has been folded into filestore.counters.';
-CREATE INDEX IF NOT EXISTS journal_txid_idx ON filestore.journal_entries (txid);
+-- journal_txid_idx (txid) is covered by journal_txid_id_idx (txid, id): one index less per command.
+DROP INDEX IF EXISTS filestore.journal_txid_idx;
 
 -- Superseded by the checks inside filestore.record_command.
 DROP FUNCTION IF EXISTS filestore.expect_rows(bigint, bigint, text);
@@ -217,144 +223,46 @@ COMMENT ON FUNCTION filestore.rollup_totals IS
     'Exact recursive totals of a directory now: its rollups row plus its pending rollup_deltas.';
 
 -- The one write path of every journal writer (core.journal.pipeline; docs/architecture.md D36):
--- a group of commands, each one JSON object, recorded in order in ONE statement, so a group
--- commit is one round trip and the server plans it once (PL/pgSQL caches plans). Names travel
--- hex-encoded; node rows as JSON objects of nodes columns. A command's keys (absent = empty):
+-- a group of commands, each one JSON object, recorded in order in ONE statement
+-- (filestore.record_commands), so a group commit is one round trip and the server plans it once
+-- (PL/pgSQL caches plans). Names travel hex-encoded; node rows as JSON objects of nodes
+-- columns. A command's keys (absent = empty):
 --   j  journal_entries columns (without id, txid, timestamps)      n  [nodes row] to insert
 --   u  [{"node": nodes row, "expected": version}] (FS409 if the version moved)
 --   ul [{"parent_id", "name", "node_id"}] entries to delete (FS409 if absent)
 --   l  [{"parent_id", "name", "node_id", "entry_id"}] entries to add
---   t  [{"id", "time_ns"}] directories whose mtime/ctime change
+--   t  [{"id", "time_ns"}] directories whose mtime/ctime change (applied once per group: record_commands)
 --   s  [{"node_id", "version", "data"}] snapshots                  x  [{"node_id", "name", "value"|null}] user xattrs
 --   d  [{"dirs", "size", "files", "dirs_count"}] rollup deltas      m  [{"node_id", "from", "to"}] directories moved
 --   up [filestore.uploads row] write-backs recorded                 upd [{"node_id", "spool"}] write-backs landed
 DROP FUNCTION IF EXISTS filestore.record_command(jsonb, jsonb, jsonb, jsonb, jsonb, jsonb, jsonb, jsonb, jsonb);
 DROP FUNCTION IF EXISTS filestore.record_command(jsonb, jsonb, jsonb, jsonb, jsonb, jsonb, jsonb);
-CREATE OR REPLACE FUNCTION filestore.record_one(p jsonb) RETURNS bigint
-LANGUAGE plpgsql AS $$
-DECLARE
-    item jsonb;
-    n filestore.nodes;
-    jid bigint;
-    moved record;
-    v_deltas jsonb := coalesce(p->'d', '[]'::jsonb);
-BEGIN
-    IF p ? 'n' THEN
-        FOR item IN SELECT * FROM jsonb_array_elements(p->'n') LOOP
-            n := jsonb_populate_record(NULL::filestore.nodes, item);
-            INSERT INTO filestore.nodes (id, backend_id, kind, size, mode, uid, gid, rdev, atime_ns, mtime_ns,
-                                         ctime_ns, symlink_target, checksum, state, version)
-            VALUES (n.id, n.backend_id, n.kind, n.size, n.mode, n.uid, n.gid, n.rdev, n.atime_ns, n.mtime_ns,
-                    n.ctime_ns, decode(item->>'symlink_target', 'hex'), n.checksum, n.state, n.version);
-            IF n.kind = 'dir' THEN  -- a new directory is empty: its rollup is exactly zero
-                INSERT INTO filestore.rollups (node_id, backend_id, last_calculated_at, consistency_state)
-                VALUES (n.id, n.backend_id, now(), 'exact') ON CONFLICT (node_id) DO NOTHING;
-            END IF;
-        END LOOP;
-    END IF;
-    IF p ? 'u' THEN
-        FOR item IN SELECT * FROM jsonb_array_elements(p->'u') ORDER BY (value->'node'->>'id')::bigint LOOP
-            n := jsonb_populate_record(NULL::filestore.nodes, item->'node');
-            UPDATE filestore.nodes SET size = n.size, mode = n.mode, uid = n.uid, gid = n.gid, rdev = n.rdev,
-                   atime_ns = n.atime_ns, mtime_ns = n.mtime_ns, ctime_ns = n.ctime_ns, checksum = n.checksum,
-                   state = n.state, version = n.version, updated_at = now()
-             WHERE id = n.id AND version = (item->>'expected')::bigint;
-            IF NOT FOUND THEN
-                RAISE EXCEPTION 'filestore conflict: node % changed since version %', n.id, item->>'expected'
-                    USING ERRCODE = 'FS409';
-            END IF;
-        END LOOP;
-    END IF;
-    IF p ? 'ul' THEN
-        FOR item IN SELECT * FROM jsonb_array_elements(p->'ul') LOOP
-            DELETE FROM filestore.entries WHERE parent_id = (item->>'parent_id')::bigint
-               AND name = decode(item->>'name', 'hex') AND node_id = (item->>'node_id')::bigint;
-            IF NOT FOUND THEN
-                RAISE EXCEPTION 'filestore conflict: entry % in % changed', item->>'name', item->>'parent_id'
-                    USING ERRCODE = 'FS409';
-            END IF;
-        END LOOP;
-    END IF;
-    IF p ? 'l' THEN
-        INSERT INTO filestore.entries (id, parent_id, name, node_id)
-        SELECT coalesce((e->>'entry_id')::bigint, nextval('filestore.entry_ids')), (e->>'parent_id')::bigint,
-               decode(e->>'name', 'hex'), (e->>'node_id')::bigint
-          FROM jsonb_array_elements(p->'l') AS e;
-    END IF;
-    IF p ? 't' THEN
-        UPDATE filestore.nodes d SET mtime_ns = t.time_ns, ctime_ns = t.time_ns, updated_at = now()
-          FROM (SELECT (e->>'id')::bigint AS id, max((e->>'time_ns')::bigint) AS time_ns
-                  FROM jsonb_array_elements(p->'t') AS e GROUP BY 1) AS t
-         WHERE d.id = t.id;
-    END IF;
-    IF p ? 'm' THEN
-        -- A moved directory takes its whole subtree along: its exact totals (row + pending
-        -- deltas, read in one snapshot) plus itself leave the old ancestors and join the new.
-        FOR item IN SELECT * FROM jsonb_array_elements(p->'m') LOOP
-            SELECT * INTO moved FROM filestore.rollup_totals((item->>'node_id')::bigint);
-            v_deltas := v_deltas || (
-                SELECT coalesce(jsonb_agg(jsonb_build_object(
-                           'dirs', item->side, 'size', sign * moved.size_bytes, 'files', sign * moved.file_count,
-                           'dirs_count', sign * (moved.dir_count + 1))), '[]'::jsonb)
-                  FROM (VALUES ('from', -1), ('to', 1)) AS s(side, sign)
-                 WHERE jsonb_array_length(item->side) > 0);
-        END LOOP;
-    END IF;
-    IF jsonb_array_length(v_deltas) > 0 THEN
-        INSERT INTO filestore.rollup_deltas (dirs, size_bytes, file_count, dir_count)
-        SELECT ARRAY(SELECT jsonb_array_elements_text(d->'dirs')::bigint), (d->>'size')::bigint,
-               (d->>'files')::bigint, (d->>'dirs_count')::bigint
-          FROM jsonb_array_elements(v_deltas) AS d;
-    END IF;
-    INSERT INTO filestore.journal_entries (command, status, backend_id, node_id, path, args, result, error,
-                                           errno, actor, uid, gid, pid, request_id, idempotency_key, rollup)
-    VALUES (p->'j'->>'command', p->'j'->>'status', (p->'j'->>'backend_id')::int,
-            (p->'j'->>'node_id')::bigint, p->'j'->>'path', coalesce(p->'j'->'args', '{}'::jsonb),
-            p->'j'->'result', p->'j'->>'error', (p->'j'->>'errno')::int, p->'j'->>'actor',
-            (p->'j'->>'uid')::int, (p->'j'->>'gid')::int, (p->'j'->>'pid')::int,
-            (p->'j'->>'request_id')::uuid, p->'j'->>'idempotency_key',
-            CASE WHEN jsonb_array_length(v_deltas) > 0 THEN (
-                SELECT jsonb_agg(jsonb_build_object('dirs', d->'dirs', 'size_bytes', d->'size',
-                                                    'file_count', d->'files', 'dir_count', d->'dirs_count'))
-                  FROM jsonb_array_elements(v_deltas) AS d) END)
-    RETURNING id INTO jid;
-    IF p ? 's' THEN
-        INSERT INTO filestore.snapshots (node_id, version, journal_id, data)
-        SELECT (s->>'node_id')::bigint, (s->>'version')::bigint, jid, s->'data'
-          FROM jsonb_array_elements(p->'s') AS s;
-    END IF;
-    IF p ? 'x' THEN
-        DELETE FROM filestore.xattrs x USING jsonb_array_elements(p->'x') AS e
-         WHERE e->>'value' IS NULL AND x.node_id = (e->>'node_id')::bigint AND x.name = decode(e->>'name', 'hex');
-        INSERT INTO filestore.xattrs (node_id, name, value)
-        SELECT (e->>'node_id')::bigint, decode(e->>'name', 'hex'), decode(e->>'value', 'hex')
-          FROM jsonb_array_elements(p->'x') AS e WHERE e->>'value' IS NOT NULL
-        ON CONFLICT (node_id, name) DO UPDATE SET value = EXCLUDED.value;
-    END IF;
-    IF p ? 'upd' THEN
-        DELETE FROM filestore.uploads u USING jsonb_array_elements(p->'upd') AS e
-         WHERE u.node_id = (e->>'node_id')::bigint AND u.spool = e->>'spool';
-    END IF;
-    IF p ? 'up' THEN
-        INSERT INTO filestore.uploads (node_id, backend_id, spool, owner, path, size, mtime_ns, request_id)
-        SELECT (e->>'node_id')::bigint, (e->>'backend_id')::int, e->>'spool', e->>'owner',
-               decode(e->>'path', 'hex'), (e->>'size')::bigint, (e->>'mtime_ns')::bigint, (e->>'request_id')::uuid
-          FROM jsonb_array_elements(p->'up') AS e;
-    END IF;
-    RETURN jid;
-END $$;
-COMMENT ON FUNCTION filestore.record_one IS
-    'Records one command atomically: new nodes, version-checked node updates (SQLSTATE FS409 on conflict), entries removed and added, directory times, the journal row, its snapshots, rollup deltas, xattrs and write-back rows. Called by filestore.record_commands only.';
+DROP FUNCTION IF EXISTS filestore.record_one(jsonb);
 
 -- A group commit: the commands in order, relatime updates of reads (no journal row), and with
 -- p_sync the commit waits for the WAL flush (fsync, O_SYNC, syncfs, umount; the commit record
--- of an xid flushed synchronously covers all earlier WAL).
+-- of an xid flushed synchronously covers all earlier WAL). What depends on the commands before
+-- it is done command by command, in order: version-checked updates, entries removed and added,
+-- moved directories' totals, xattrs and write-back rows. Everything else is one statement for
+-- the whole group: new nodes, journal rows, snapshots, rollup deltas, directory times. Measured
+-- for a small file (create + write) at 20 commands a group: ~0.8 ms of server time per file
+-- when every command updated its directory's row and ran its own statements, ~0.1 ms so.
 CREATE OR REPLACE FUNCTION filestore.record_commands(p_commands jsonb, p_atimes jsonb DEFAULT '[]',
                                                      p_sync boolean DEFAULT false)
 RETURNS TABLE (request_id uuid, journal_id bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
-    item jsonb;
+    v_item jsonb;
+    v_pos bigint;
+    v_e jsonb;
+    v_n filestore.nodes;
+    v_moved record;
+    v_deltas jsonb;
+    v_moves jsonb := '{}'::jsonb;  -- position -> the deltas its moved directories took along
+    v_in_order boolean;  -- a directory moves in this group
+    v_nodes boolean;
+    v_touches boolean;
+    v_deltas_any boolean;
 BEGIN
     IF p_sync THEN
         PERFORM set_config('synchronous_commit', 'on', true);
@@ -366,14 +274,155 @@ BEGIN
                  GROUP BY 1) AS a
          WHERE n.id = a.id AND n.atime_ns < a.t;
     END IF;
-    FOR item IN SELECT * FROM jsonb_array_elements(p_commands) LOOP
-        request_id := (item->'j'->>'request_id')::uuid;
-        journal_id := filestore.record_one(item);
-        RETURN NEXT;
+    IF jsonb_array_length(p_commands) = 0 THEN
+        RETURN;
+    END IF;
+    SELECT bool_or(c ? 'n'), bool_or(c ? 'm'), bool_or(c ? 't'), bool_or(c ? 'd')
+      INTO v_nodes, v_in_order, v_touches, v_deltas_any FROM jsonb_array_elements(p_commands) AS c;
+
+    -- New nodes, all at once: no command refers to a node that a later one creates.
+    IF v_nodes THEN
+    INSERT INTO filestore.nodes (id, backend_id, kind, size, mode, uid, gid, rdev, atime_ns, mtime_ns, ctime_ns,
+                                 symlink_target, checksum, state, version)
+    SELECT r.id, r.backend_id, r.kind, r.size, r.mode, r.uid, r.gid, r.rdev, r.atime_ns, r.mtime_ns, r.ctime_ns,
+           decode(x->>'symlink_target', 'hex'), r.checksum, r.state, r.version
+      FROM jsonb_array_elements(p_commands) AS c, jsonb_array_elements(c->'n') AS x,
+           jsonb_populate_record(NULL::filestore.nodes, x) AS r
+     WHERE c ? 'n';
+    INSERT INTO filestore.rollups (node_id, backend_id, last_calculated_at, consistency_state)
+    SELECT (x->>'id')::bigint, (x->>'backend_id')::int, now(), 'exact'  -- a new directory is empty: exactly zero
+      FROM jsonb_array_elements(p_commands) AS c, jsonb_array_elements(c->'n') AS x
+     WHERE c ? 'n' AND x->>'kind' = 'dir'
+    ON CONFLICT (node_id) DO NOTHING;
+    END IF;
+
+    -- In order. A moved directory takes its exact totals (row + pending deltas) along, which must
+    -- include the deltas of the commands before it: with a move in the group, deltas go in order too.
+    FOR v_item, v_pos IN SELECT value, ordinality FROM jsonb_array_elements(p_commands) WITH ORDINALITY LOOP
+        IF v_item ? 'u' THEN
+            FOR v_e IN SELECT * FROM jsonb_array_elements(v_item->'u') ORDER BY (value->'node'->>'id')::bigint LOOP
+                v_n := jsonb_populate_record(NULL::filestore.nodes, v_e->'node');
+                UPDATE filestore.nodes SET size = v_n.size, mode = v_n.mode, uid = v_n.uid, gid = v_n.gid, rdev = v_n.rdev,
+                       atime_ns = v_n.atime_ns, mtime_ns = v_n.mtime_ns, ctime_ns = v_n.ctime_ns, checksum = v_n.checksum,
+                       state = v_n.state, version = v_n.version, updated_at = now()
+                 WHERE id = v_n.id AND version = (v_e->>'expected')::bigint;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'filestore conflict: node % changed since version %', v_n.id, v_e->>'expected'
+                        USING ERRCODE = 'FS409';
+                END IF;
+            END LOOP;
+        END IF;
+        IF v_item ? 'ul' THEN
+            FOR v_e IN SELECT * FROM jsonb_array_elements(v_item->'ul') LOOP
+                DELETE FROM filestore.entries WHERE parent_id = (v_e->>'parent_id')::bigint
+                   AND name = decode(v_e->>'name', 'hex') AND node_id = (v_e->>'node_id')::bigint;
+                IF NOT FOUND THEN
+                    RAISE EXCEPTION 'filestore conflict: entry % in % changed', v_e->>'name', v_e->>'parent_id'
+                        USING ERRCODE = 'FS409';
+                END IF;
+            END LOOP;
+        END IF;
+        IF v_item ? 'l' THEN
+            INSERT INTO filestore.entries (id, parent_id, name, node_id)
+            SELECT coalesce((x->>'entry_id')::bigint, nextval('filestore.entry_ids')), (x->>'parent_id')::bigint,
+                   decode(x->>'name', 'hex'), (x->>'node_id')::bigint
+              FROM jsonb_array_elements(v_item->'l') AS x;
+        END IF;
+        IF v_in_order THEN
+            v_deltas := '[]'::jsonb;
+            IF v_item ? 'm' THEN
+                FOR v_e IN SELECT * FROM jsonb_array_elements(v_item->'m') LOOP
+                    SELECT * INTO v_moved FROM filestore.rollup_totals((v_e->>'node_id')::bigint);
+                    v_deltas := v_deltas || (
+                        SELECT coalesce(jsonb_agg(jsonb_build_object(
+                                   'dirs', v_e->side, 'size', sign * v_moved.size_bytes, 'files', sign * v_moved.file_count,
+                                   'dirs_count', sign * (v_moved.dir_count + 1))), '[]'::jsonb)
+                          FROM (VALUES ('from', -1), ('to', 1)) AS s(side, sign)
+                         WHERE jsonb_array_length(v_e->side) > 0);
+                END LOOP;
+                v_moves := jsonb_set(v_moves, ARRAY[v_pos::text], v_deltas);
+            END IF;
+            INSERT INTO filestore.rollup_deltas (dirs, size_bytes, file_count, dir_count)
+            SELECT ARRAY(SELECT jsonb_array_elements_text(d->'dirs')::bigint), (d->>'size')::bigint,
+                   (d->>'files')::bigint, (d->>'dirs_count')::bigint
+              FROM jsonb_array_elements(coalesce(v_item->'d', '[]'::jsonb) || v_deltas) AS d;
+        END IF;
+        IF v_item ? 'x' THEN
+            DELETE FROM filestore.xattrs x USING jsonb_array_elements(v_item->'x') AS v
+             WHERE v->>'value' IS NULL AND x.node_id = (v->>'node_id')::bigint AND x.name = decode(v->>'name', 'hex');
+            INSERT INTO filestore.xattrs (node_id, name, value)
+            SELECT (v->>'node_id')::bigint, decode(v->>'name', 'hex'), decode(v->>'value', 'hex')
+              FROM jsonb_array_elements(v_item->'x') AS v WHERE v->>'value' IS NOT NULL
+            ON CONFLICT (node_id, name) DO UPDATE SET value = EXCLUDED.value;
+        END IF;
+        IF v_item ? 'upd' THEN
+            DELETE FROM filestore.uploads u USING jsonb_array_elements(v_item->'upd') AS v
+             WHERE u.node_id = (v->>'node_id')::bigint AND u.spool = v->>'spool';
+        END IF;
+        IF v_item ? 'up' THEN
+            INSERT INTO filestore.uploads (node_id, backend_id, spool, owner, path, size, mtime_ns, request_id)
+            SELECT (v->>'node_id')::bigint, (v->>'backend_id')::int, v->>'spool', v->>'owner',
+                   decode(v->>'path', 'hex'), (v->>'size')::bigint, (v->>'mtime_ns')::bigint, (v->>'request_id')::uuid
+              FROM jsonb_array_elements(v_item->'up') AS v;
+        END IF;
     END LOOP;
+
+    IF v_deltas_any AND NOT v_in_order THEN
+        INSERT INTO filestore.rollup_deltas (dirs, size_bytes, file_count, dir_count)
+        SELECT ARRAY(SELECT jsonb_array_elements_text(d->'dirs')::bigint), (d->>'size')::bigint,
+               (d->>'files')::bigint, (d->>'dirs_count')::bigint
+          FROM jsonb_array_elements(p_commands) AS c, jsonb_array_elements(c->'d') AS d
+         WHERE c ? 'd';
+    END IF;
+
+    -- Journal rows, in order (their ids follow it), and their snapshots.
+    RETURN QUERY
+    WITH cmds AS (
+        SELECT value AS c, ordinality AS pos FROM jsonb_array_elements(p_commands) WITH ORDINALITY
+    ), rows AS (
+        INSERT INTO filestore.journal_entries (command, status, backend_id, node_id, path, args, result, error,
+                                               errno, actor, uid, gid, pid, request_id, idempotency_key, rollup)
+        SELECT j->>'command', j->>'status', (j->>'backend_id')::int, (j->>'node_id')::bigint, j->>'path',
+               coalesce(j->'args', '{}'::jsonb), j->'result', j->>'error', (j->>'errno')::int, j->>'actor',
+               (j->>'uid')::int, (j->>'gid')::int, (j->>'pid')::int, (j->>'request_id')::uuid, j->>'idempotency_key',
+               (SELECT jsonb_agg(jsonb_build_object('dirs', d->'dirs', 'size_bytes', d->'size',
+                                                    'file_count', d->'files', 'dir_count', d->'dirs_count'))
+                  FROM jsonb_array_elements(coalesce(cmds.c->'d', '[]'::jsonb) ||
+                                            coalesce(v_moves->(cmds.pos::text), '[]'::jsonb)) AS d)
+          FROM cmds, LATERAL (SELECT cmds.c->'j' AS j) AS jj
+         ORDER BY cmds.pos
+        RETURNING id, journal_entries.request_id AS rid
+    ), snaps AS (
+        INSERT INTO filestore.snapshots (node_id, version, journal_id, data)
+        SELECT (s->>'node_id')::bigint, (s->>'version')::bigint, rows.id, s->'data'
+          FROM cmds JOIN rows ON rows.rid = (cmds.c->'j'->>'request_id')::uuid,
+               jsonb_array_elements(cmds.c->'s') AS s
+         WHERE cmds.c ? 's'
+    )
+    SELECT rows.rid, rows.id FROM rows;
+
+    -- Directory times, once per directory per group: the last command's time stands, as if
+    -- each had been written in turn (they carry no version), unless a later command of the
+    -- group wrote the directory's row itself (its values already include the times before it).
+    -- A row updated by every command of a group grows a chain of row versions that each later
+    -- update walks.
+    IF NOT v_touches THEN
+        RETURN;
+    END IF;
+    UPDATE filestore.nodes d SET mtime_ns = t.time_ns, ctime_ns = t.time_ns, updated_at = now()
+      FROM (SELECT DISTINCT ON (id) id, time_ns, pos
+              FROM (SELECT (e.value->>'id')::bigint AS id, (e.value->>'time_ns')::bigint AS time_ns, c.pos
+                      FROM jsonb_array_elements(p_commands) WITH ORDINALITY AS c(cmd, pos),
+                           jsonb_array_elements(c.cmd->'t') AS e(value)
+                     WHERE c.cmd ? 't') AS touches
+             ORDER BY id, pos DESC) AS t
+     WHERE d.id = t.id
+       AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_commands) WITH ORDINALITY AS c(cmd, pos),
+                                     jsonb_array_elements(c.cmd->'u') AS u(value)
+                        WHERE c.pos > t.pos AND c.cmd ? 'u' AND (u.value->'node'->>'id')::bigint = t.id);
 END $$;
 COMMENT ON FUNCTION filestore.record_commands IS
-    'The one write path of journal rows (core.journal.records.statement): a group of commands recorded in order in one transaction, with the relatime updates of reads. p_sync: the commit waits for the WAL to be flushed.';
+    'The one write path of journal rows (core.journal.records.statement): a group of commands recorded in order in one transaction (new nodes, version-checked node updates raising SQLSTATE FS409 on conflict, entries removed and added, directory times, journal rows, snapshots, rollup deltas, xattrs and write-back rows), with the relatime updates of reads. p_sync: the commit waits for the WAL to be flushed.';
 
 -- == Extended attributes (issue 4) =====================================================
 CREATE TABLE IF NOT EXISTS filestore.xattrs (

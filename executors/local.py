@@ -49,11 +49,18 @@ class _OpenHow(ctypes.Structure):
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _have_openat2 = True
+# Declared once: ctypes converts undeclared arguments by inspecting them on every call, which
+# on a file's landing (renameat2) cost as much as the system call.
+_libc.renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+_libc.renameat2.restype = ctypes.c_int
+_syscall_openat2 = _libc.syscall
+_syscall_openat2.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t)
+_syscall_openat2.restype = ctypes.c_long
 
 
 def _openat2(dir_fd: int, path: bytes, flags: int) -> int:
     how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(_SYS_OPENAT2, dir_fd, path, ctypes.byref(how), ctypes.sizeof(how))
+    fd = _syscall_openat2(_SYS_OPENAT2, dir_fd, path, ctypes.addressof(how), ctypes.sizeof(how))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
@@ -98,6 +105,7 @@ class LocalExecutor:
         except OSError as exc:
             raise from_os_error(exc) from exc
         self.owns_files = os.geteuid() == 0  # only root can give files to their callers
+        self._creator = (os.geteuid(), os.getegid())  # owner of what the daemon creates in the staging area
         self._staging_fd = -1  # a read-only backend never stages, and may live on a read-only disk
         if not read_only:
             with _os_errors():
@@ -414,7 +422,7 @@ class LocalExecutor:
         with self._dir(parent) as pfd, _os_errors():
             sname = staging_id.encode()
             os.chmod(sname, mode, dir_fd=self._staging_fd)
-            if self.owns_files:
+            if self.owns_files and (uid, gid) != self._creator:  # the staging file is the daemon's
                 os.chown(sname, uid, gid, dir_fd=self._staging_fd)
             if times_ns is not None:
                 os.utime(sname, ns=times_ns, dir_fd=self._staging_fd)

@@ -58,7 +58,7 @@ def write(t: Template, who: Principal, node_id: int, *, land: Callable[[], Stat]
 
         def apply():
             t.ns.put(after)
-            metrics.BYTES_WRITTEN.labels(backend.name).inc(written)
+            metrics.bound(metrics.BYTES_WRITTEN, backend.name).inc(written)
             return after
         return change, apply
 
@@ -132,7 +132,7 @@ def finish_create(t: Template, pending: PendingCreate, *, land: Callable[[bytes,
         def apply():
             t.ns.put(final)
             if write_cmd is not None:
-                metrics.BYTES_WRITTEN.labels(backend.name).inc(write.get("bytes", 0))
+                metrics.bound(metrics.BYTES_WRITTEN, backend.name).inc(write.get("bytes", 0))
             return final
         return pairs, apply
 

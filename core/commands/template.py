@@ -123,15 +123,15 @@ class Template:
             # Started and cut off (an S3 directory rename midway): finished and adopted before
             # the next command once the backend answers (journaled as recover, this request id).
             log.error("%s %s: cut off midway (%s); finished when the backend answers", cmd.name, cmd.path, exc)
-            metrics.EXECUTOR_OUTCOMES.labels(backend_label, cmd.name, "partial").inc()
+            metrics.bound(metrics.EXECUTOR_OUTCOMES, backend_label, cmd.name, "partial").inc()
             if cmd.backend is not None:
                 self.unfinished.append((cmd.backend, Intent(cmd.request_id, cmd.name, cmd.backend.id, cmd.paths)))
             raise FsError(errno.EIO, str(exc)) from exc
         except ExecutorError as exc:
-            metrics.EXECUTOR_OUTCOMES.labels(backend_label, cmd.name, "error").inc()
-            metrics.COMMAND_SECONDS.labels(cmd.name, backend_label, "failed").observe(time.perf_counter() - started)
+            metrics.bound(metrics.EXECUTOR_OUTCOMES, backend_label, cmd.name, "error").inc()
+            metrics.bound(metrics.COMMAND_SECONDS, cmd.name, backend_label, "failed").observe(time.perf_counter() - started)
             raise self.refuse(cmd, errno_for(exc), str(exc)) from exc
-        metrics.EXECUTOR_OUTCOMES.labels(backend_label, cmd.name, "ok").inc()
+        metrics.bound(metrics.EXECUTOR_OUTCOMES, backend_label, cmd.name, "ok").inc()
         crash_point(f"after_execute:{cmd.name}")
 
         recorded, apply = record(outcome)
@@ -153,7 +153,7 @@ class Template:
             log.debug("%s %s answered", cmd.name, cmd.path,
                       extra={"request_id": str(cmd.request_id), "command": cmd.name, "path": cmd.path,
                              "backend": backend_label})
-        metrics.COMMAND_SECONDS.labels(cmd.name, backend_label, "answered").observe(time.perf_counter() - started)
+        metrics.bound(metrics.COMMAND_SECONDS, cmd.name, backend_label, "answered").observe(time.perf_counter() - started)
         return value
 
     def finish_unfinished(self) -> None:

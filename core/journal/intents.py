@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+
+import orjson
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -36,10 +38,8 @@ class Intent:
     paths: tuple[bytes, ...]
 
     def line(self) -> bytes:
-        return json.dumps({
-            "id": str(self.request_id), "cmd": self.command, "backend": self.backend_id,
-            "paths": [p.hex() for p in self.paths],
-        }).encode() + b"\n"
+        return orjson.dumps({"id": str(self.request_id), "cmd": self.command, "backend": self.backend_id,
+                             "paths": [p.hex() for p in self.paths]}) + b"\n"
 
     @classmethod
     def parse(cls, line: bytes) -> "Intent":
@@ -58,7 +58,7 @@ class Unfinished:
 
 
 def _answer_line(request_ids: Sequence[uuid.UUID], payloads: Sequence[str]) -> bytes:
-    return ('{"done":' + json.dumps([str(r) for r in request_ids]) + ',"records":[' +
+    return ('{"done":' + orjson.dumps([str(r) for r in request_ids]).decode() + ',"records":[' +
             ",".join(payloads) + "]}\n").encode()
 
 

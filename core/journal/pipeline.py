@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import psycopg
@@ -85,19 +85,24 @@ class Entry:
     logged: bool = False  # its payloads are in the intent log (replayed after a crash)
     seq: int = 0
     queued_at: float = 0.0
-    done: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False  # committed, or resolved without its records (waiters look at it)
     error: BaseException | None = None  # set when a waited entry could not be recorded
     replayed: bool = False  # from the intent log at start: its records are not parsed
+    _touched: set[int] | None = None
 
     @property
     def request_ids(self) -> list[uuid.UUID]:
         return [r.request_id for r in self.records]
 
     def touched(self) -> set[int]:
-        out: set[int] = set()
-        for r in self.records:
-            out |= r.change.nodes_touched() | r.change.dirs_touched()
-        return out
+        """Nodes and directories its records change (computed once: at submit and at commit)."""
+        if self._touched is None:
+            out: set[int] = set()
+            if not self.replayed:
+                for r in self.records:
+                    out |= r.change.nodes_touched() | r.change.dirs_touched()
+            self._touched = out
+        return self._touched
 
 
 @dataclass
@@ -212,15 +217,14 @@ class Pipeline:
         return entry
 
     def _enqueue(self, entry: Entry) -> None:
-        touched = entry.touched() if not entry.replayed else set()
+        touched = entry.touched()
         with self._cond:
             entry.seq = self._next_seq
             self._next_seq += 1
             entry.queued_at = time.monotonic()
             self._queue.append(entry)
             self._holding.update(touched)
-            metrics.COMMIT_BACKLOG.set(len(self._queue))
-            self._cond.notify_all()
+            self._cond.notify()
 
     def record_atime(self, node_id: int, atime_ns: int) -> None:
         """A read's relatime update: no command, no journal row; sent with the next group."""
@@ -276,8 +280,9 @@ class Pipeline:
     # == waiting ==========================================================================
     def wait(self, entry: Entry, timeout: float | None = None) -> None:
         """Until the entry is committed (or resolved); raises what kept it from the journal."""
-        if not entry.done.wait(timeout):
-            raise TimeoutError("commit still pending")
+        with self._cond:
+            if not self._cond.wait_for(lambda: entry.finished, timeout):
+                raise TimeoutError("commit still pending")
         if entry.error is not None:
             raise entry.error
 
@@ -301,8 +306,7 @@ class Pipeline:
     def after_own_commit(self, records: list[Record]) -> None:
         """Records committed by a transaction of their own (a recalculation, an import): the
         same after-commit effects as a group's."""
-        entry = Entry(records, [], replayed=False)
-        entry.done.set()
+        entry = Entry(records, [], replayed=False, finished=True)
         self._notify(Batch([entry]))
 
     # == stopping =========================================================================
@@ -353,8 +357,7 @@ class Pipeline:
         with self._cond:
             for entry in group:
                 self._queue.popleft()
-                if not entry.replayed:
-                    self._holding.subtract(entry.touched())
+                self._holding.subtract(entry.touched())
             self._holding = +self._holding  # drop the zero counts
             self._committed_seq = last
             if sync:
@@ -396,7 +399,7 @@ class Pipeline:
                         self._best_effort_atimes(atimes)
                         atimes = []
                     for entry in pending:
-                        if not entry.done.is_set():
+                        if not entry.finished:
                             self._commit_alone(entry)
                     if sync:
                         self._send([], [], True)  # the WAL flush the group would have waited for
@@ -419,7 +422,10 @@ class Pipeline:
         if group:
             self._notify(Batch(group, sync))
         for entry in group:
-            entry.done.set()
+            entry.finished = True
+        if any(not e.logged for e in group):  # someone may wait for it (core code waits on logged ones never)
+            with self._cond:
+                self._cond.notify_all()
 
     def _notify(self, batch: Batch) -> None:
         for listener in self.listeners:
@@ -463,14 +469,15 @@ class Pipeline:
                     [r.journal.command for r in entry.records], _first_line(error))
         adopted = Entry(replacement, [], entry.backend_id, entry.paths, logged=entry.logged, seq=entry.seq,
                         queued_at=entry.queued_at)
-        adopted.done = entry.done
-        self._finished_without(entry)  # its intents: resolved by the replacement's commit
         self._finished([adopted], False)
+        self._finished_without(entry)  # its intents were resolved by the replacement's commit
 
     def _finished_without(self, entry: Entry) -> None:
         if self.intents is not None and entry.logged:
             self.intents.resolved(entry.request_ids)
-        entry.done.set()
+        entry.finished = True
+        with self._cond:
+            self._cond.notify_all()
 
     def _best_effort_atimes(self, atimes: list[tuple[int, int]]) -> None:
         try:

@@ -64,3 +64,16 @@ def refresh_queue_gauges(stats: dict) -> None:
     r = stats.get("filestore_reconcile_queue")
     if r is not None:
         RECONCILE_BACKLOG.set(r["depth"] + r["running"])
+
+
+_BOUND: dict[tuple, object] = {}
+
+
+def bound(metric, *labels: str):
+    """metric.labels(*labels), remembered: `labels()` takes a lock and builds a key on every
+    call, which on a command's path cost more than the measurement itself."""
+    key = (id(metric), labels)
+    child = _BOUND.get(key)
+    if child is None:
+        child = _BOUND[key] = metric.labels(*labels)
+    return child

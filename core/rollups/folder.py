@@ -33,6 +33,21 @@ COUNTER_INTERVAL = 1.0  # the counters trail the journal by about this much
 FOLD_INTERVAL = 1.0  # without pokes: deltas written by other processes fold this often
 
 
+class Served:
+    """A directory's totals as this mount serves them, changed in place by each command."""
+
+    __slots__ = ("size_bytes", "file_count", "dir_count", "state", "last_calculated_at")
+
+    def __init__(self, size_bytes: int, file_count: int, dir_count: int, state: str,
+                 last_calculated_at: float | None):
+        self.size_bytes, self.file_count, self.dir_count = size_bytes, file_count, dir_count
+        self.state, self.last_calculated_at = state, last_calculated_at
+
+    @classmethod
+    def of(cls, value: totals.Totals) -> "Served":
+        return cls(value.size_bytes, value.file_count, value.dir_count, value.state, value.last_calculated_at)
+
+
 class RollupView:
     """Directory totals for serving `stat`, exact as this mount has answered.
 
@@ -52,27 +67,27 @@ class RollupView:
         self.cache = cache
         self.parent_of = parent_of
         self.pipeline = pipeline
-        self._values: dict[int, totals.Totals] = {}
+        self._values: dict[int, Served] = {}
         self._in_flight: dict[int, list[int]] = {}  # directory -> [bytes, files, dirs] answered, not committed
         # Directories with deltas of this process not folded yet: the shared cache holds folded
         # values only, which lack them (a fold deletes the keys it changes and clears this).
         self._unfolded: set[int] = set()
         cache.subscribe(self.forget)
 
-    def get(self, backend_id: int, dir_id: int) -> totals.Totals | None:
+    def get(self, backend_id: int, dir_id: int) -> Served | None:
         found = self._values.get(dir_id)
         if found is not None:
             return found
         shared = self.cache.get(backend_id, dir_id) if dir_id not in self._unfolded else None
         if shared is not None:
-            found = self._values[dir_id] = totals.Totals(**shared)
+            found = self._values[dir_id] = Served.of(totals.Totals(**shared))
             return found
         found = self._load(dir_id)
         if found is not None and found.state == "exact":  # nothing pending: what every process agrees on
-            self.cache.put(backend_id, dir_id, found.__dict__)
+            self.cache.put(backend_id, dir_id, {k: getattr(found, k) for k in Served.__slots__})
         return found
 
-    def _load(self, dir_id: int) -> totals.Totals | None:
+    def _load(self, dir_id: int) -> Served | None:
         # `ls -l` asks for every subdirectory in turn: load the directory's siblings at once.
         parent = self.parent_of(dir_id)
         try:
@@ -85,8 +100,8 @@ class RollupView:
             log.debug("rollups of %s not loaded: %s", dir_id, exc)
             return None
         for node_id, values in loaded.items():
-            self._values.setdefault(node_id, values)
-        return loaded.get(dir_id)
+            self._values.setdefault(node_id, Served.of(values))
+        return self._values.get(dir_id)
 
     def exact(self, dir_id: int) -> totals.Totals:
         """Exact now, read again: the database's totals and this mount's answered deltas."""
@@ -109,7 +124,7 @@ class RollupView:
         for change in changes:
             for node in change.new_nodes:  # a new directory is empty: nothing to load, ever
                 if node.is_dir:
-                    self._values.setdefault(node.id, totals.Totals(0, 0, 0, "exact", time.time()))
+                    self._values.setdefault(node.id, Served(0, 0, 0, "exact", time.time()))
             for dir_id, delta in change.rollup.items():
                 self._add(dir_id, delta, change.view_moves, record=False)
                 touched.add(dir_id)
@@ -134,9 +149,10 @@ class RollupView:
                 moved[i] += delta[i]
         held = self._values.get(dir_id)
         if held is not None:
-            self._values[dir_id] = replace(held, size_bytes=held.size_bytes + delta[0],
-                                           file_count=held.file_count + delta[1],
-                                           dir_count=held.dir_count + delta[2], state="pending")
+            held.size_bytes += delta[0]
+            held.file_count += delta[1]
+            held.dir_count += delta[2]
+            held.state = "pending"
 
     def after_commit(self, batch) -> None:
         """AfterCommit: the group's deltas are in the database now, no longer in flight. (Runs

@@ -263,6 +263,8 @@ DECLARE
     v_nodes boolean;
     v_touches boolean;
     v_deltas_any boolean;
+    v_ordered boolean;
+    v_missing bigint;
 BEGIN
     IF p_sync THEN
         PERFORM set_config('synchronous_commit', 'on', true);
@@ -277,8 +279,16 @@ BEGIN
     IF jsonb_array_length(p_commands) = 0 THEN
         RETURN;
     END IF;
-    SELECT bool_or(c ? 'n'), bool_or(c ? 'm'), bool_or(c ? 't'), bool_or(c ? 'd')
-      INTO v_nodes, v_in_order, v_touches, v_deltas_any FROM jsonb_array_elements(p_commands) AS c;
+    SELECT bool_or(c ? 'n'), bool_or(c ? 'm'), bool_or(c ? 't'), bool_or(c ? 'd'),
+           bool_or(c ? 'ul' OR c ? 'x' OR c ? 'up' OR c ? 'upd')
+      INTO v_nodes, v_in_order, v_touches, v_deltas_any, v_ordered FROM jsonb_array_elements(p_commands) AS c;
+    -- Command by command only when one may depend on another: entries removed (a later one may
+    -- add the name again), a directory moved, a node changed twice, xattrs, write-back rows.
+    -- Otherwise (creates and writes of different files: the common group) each kind of change
+    -- is one statement for the group.
+    v_ordered := v_ordered OR v_in_order OR (
+        SELECT count(*) <> count(DISTINCT u->'node'->>'id')
+          FROM jsonb_array_elements(p_commands) AS c, jsonb_array_elements(c->'u') AS u WHERE c ? 'u');
 
     -- New nodes, all at once: no command refers to a node that a later one creates.
     IF v_nodes THEN
@@ -296,9 +306,35 @@ BEGIN
     ON CONFLICT (node_id) DO NOTHING;
     END IF;
 
+    IF NOT v_ordered THEN
+        WITH expected AS (
+            SELECT r.*, (u->>'expected')::bigint AS expected
+              FROM jsonb_array_elements(p_commands) AS c, jsonb_array_elements(c->'u') AS u,
+                   jsonb_populate_record(NULL::filestore.nodes, u->'node') AS r
+             WHERE c ? 'u' ORDER BY r.id
+        ), changed AS (
+            UPDATE filestore.nodes d SET size = e.size, mode = e.mode, uid = e.uid, gid = e.gid, rdev = e.rdev,
+                   atime_ns = e.atime_ns, mtime_ns = e.mtime_ns, ctime_ns = e.ctime_ns, checksum = e.checksum,
+                   state = e.state, version = e.version, updated_at = now()
+              FROM expected e WHERE d.id = e.id AND d.version = e.expected
+            RETURNING d.id
+        )
+        SELECT (SELECT count(*) FROM expected) - (SELECT count(*) FROM changed) INTO v_missing;
+        IF v_missing > 0 THEN
+            RAISE EXCEPTION 'filestore conflict: % node(s) changed since the version expected', v_missing
+                USING ERRCODE = 'FS409';
+        END IF;
+        INSERT INTO filestore.entries (id, parent_id, name, node_id)
+        SELECT coalesce((x->>'entry_id')::bigint, nextval('filestore.entry_ids')), (x->>'parent_id')::bigint,
+               decode(x->>'name', 'hex'), (x->>'node_id')::bigint
+          FROM jsonb_array_elements(p_commands) AS c, jsonb_array_elements(c->'l') AS x
+         WHERE c ? 'l';
+    END IF;
+
     -- In order. A moved directory takes its exact totals (row + pending deltas) along, which must
     -- include the deltas of the commands before it: with a move in the group, deltas go in order too.
-    FOR v_item, v_pos IN SELECT value, ordinality FROM jsonb_array_elements(p_commands) WITH ORDINALITY LOOP
+    FOR v_item, v_pos IN SELECT value, ordinality FROM jsonb_array_elements(p_commands) WITH ORDINALITY
+                          WHERE v_ordered LOOP
         IF v_item ? 'u' THEN
             FOR v_e IN SELECT * FROM jsonb_array_elements(v_item->'u') ORDER BY (value->'node'->>'id')::bigint LOOP
                 v_n := jsonb_populate_record(NULL::filestore.nodes, v_e->'node');

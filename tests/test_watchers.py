@@ -156,7 +156,7 @@ class Recorded:
 def test_watchers_feed_the_queue_from_one_thread_and_skip_known_paths(root):
     backend = Backend(7, "local", "local", str(root), False, 1, executor=LocalExecutor(root))
     queue = Recorded()
-    watchers = Watchers(queue, [backend], known=lambda b, rel, st: rel == b"mine.txt")
+    watchers = Watchers(queue, [backend], known=lambda b, rel, st, *listing: rel == b"mine.txt")
     watchers.start()
     before = threading.active_count()
     stop = threading.Event()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.1
 DEBOUNCE_SECONDS = 0.3
+RECHECK_SECONDS = 0.2  # inline: how long a path that differs from the mount's view is looked at again
 # A read this large means the kernel's queue (fs.inotify.max_queued_events, 16,384 by default)
 # fills faster than one read per FLUSH_SECONDS empties it: read again at once.
 BUSY_EVENTS = 2048
@@ -44,6 +46,7 @@ class Watchers:
         # dropped here instead of costing a queued job each (claimed, looked at, finished).
         self.known = known
         self._pending: dict[str, dict[str, Any]] = {}
+        self._waiting: dict[str, tuple[dict[str, Any], float]] = {}  # key -> (payload, first looked at)
         self._lock = threading.Lock()
         self._trees: list[tuple[Backend, TreeWatch]] = []
 
@@ -74,7 +77,7 @@ class Watchers:
         finally:
             try:
                 self.read()
-                self.flush()
+                self.flush(final=True)
             finally:
                 self.close()
 
@@ -96,19 +99,46 @@ class Watchers:
             tree.close()
         self._trees = []
 
-    def flush(self) -> None:
+    def flush(self, *, final: bool = False) -> None:
+        """Queue the pending paths, less those the mount already holds (inline). A path that
+        differs from the mount's view is looked at again at the next flushes for RECHECK_SECONDS
+        before it costs a job: most are the mount's own change caught between the disk and its
+        namespace (a file being created while its directory is compared); the job's debounce is
+        shortened by as much, so a real drift is not seen later."""
         with self._lock:
             pending, self._pending = self._pending, {}
-        if self.known is not None:
-            pending = {key: payload for key, payload in pending.items() if not self._known_safely(payload)}
-        if not pending:
+        if self.known is None:
+            self._enqueue(pending, DEBOUNCE_SECONDS)
+            return
+        now = time.monotonic()
+        for key, payload in pending.items():
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting[0].update(payload)
+            else:
+                self._waiting[key] = (payload, now)
+        at_once, rechecked = {}, {}
+        for key, (payload, since) in list(self._waiting.items()):
+            if self._known_safely(payload):
+                del self._waiting[key]
+            elif final or payload.get("from") or payload.get("source") == "audit":
+                del self._waiting[key]
+                at_once[key] = payload
+            elif now - since >= RECHECK_SECONDS:
+                del self._waiting[key]
+                rechecked[key] = payload
+        self._enqueue(at_once, DEBOUNCE_SECONDS)
+        self._enqueue(rechecked, DEBOUNCE_SECONDS - RECHECK_SECONDS)
+
+    def _enqueue(self, due: dict[str, dict[str, Any]], delay: float) -> None:
+        if not due:
             return
         try:
-            self.queue.enqueue_many(RECONCILE, list(pending.items()), delay=DEBOUNCE_SECONDS)
+            self.queue.enqueue_many(RECONCILE, list(due.items()), delay=delay)
         except Exception as exc:  # the database is away: keep the events and try again
-            log.warning("could not queue %d watched change(s): %s", len(pending), exc)
+            log.warning("could not queue %d watched change(s): %s", len(due), exc)
             with self._lock:
-                for key, payload in pending.items():
+                for key, payload in due.items():
                     self._pending.setdefault(key, {}).update(payload)
 
     def _known_safely(self, payload: dict[str, Any]) -> bool:

@@ -56,7 +56,8 @@ class TreeWatch:
         self._dirs: dict[int, tuple[int, bytes]] = {}  # wd -> (parent wd, name); the root's parent: -1
         self._children: dict[int, dict[bytes, int]] = {}  # wd -> {name: wd of a watched subdirectory}
         self._paths: dict[int, bytes] = {}  # wd -> path relative to the root (a cache, dropped on moves)
-        self._moved_from: dict[int, tuple[int, bytes, bytes, bool, bool]] = {}  # cookie -> wd, name, path, dir, old
+        # cookie -> (path, the directory's watch or None, seen by an earlier read)
+        self._moved_from: dict[int, tuple[bytes, int | None, bool]] = {}
         self._full_reported = False
         try:
             self._root_wd = self._watch_tree(b"", _NO_PARENT, b"", strict=True)
@@ -95,16 +96,18 @@ class TreeWatch:
                 continue
             rel = (where + b"/" + name if where else name) if name else where
             is_dir = bool(mask & _ISDIR)
-            if mask & _MOVED_FROM:
-                self._moved_from[cookie] = (wd, name, rel, is_dir, False)
+            if mask & _MOVED_FROM:  # (its name may be taken again before the pair is seen)
+                self._moved_from[cookie] = (rel, self._children.get(wd, {}).get(name) if is_dir else None, False)
                 continue
             extra = changes.setdefault(rel, {})
             if mask & _MOVED_TO:
                 source = self._moved_from.pop(cookie, None)
                 if source is not None:
-                    extra["from"] = source[2].hex()
-                    if is_dir:
-                        self._relink(source[0], source[1], wd, name, rel)
+                    extra["from"] = source[0].hex()
+                    if is_dir and source[1] is not None:
+                        self._link(source[1], wd, name)
+                    elif is_dir:  # was not watched (the watch limit): watch it now
+                        self._watch_tree(rel, wd, name)
                 elif is_dir:
                     self._watch_tree(rel, wd, name)
                 if is_dir:
@@ -112,14 +115,13 @@ class TreeWatch:
             elif mask & _CREATE and is_dir:
                 self._watch_tree(rel, wd, name, found=changes)
                 extra["deep"] = True
-        for cookie, (wd, name, rel, is_dir, old) in list(self._moved_from.items()):
+        for cookie, (rel, moved, old) in list(self._moved_from.items()):
             if not old:  # its IN_MOVED_TO may be in the next read
-                self._moved_from[cookie] = (wd, name, rel, is_dir, True)
+                self._moved_from[cookie] = (rel, moved, True)
                 continue
             del self._moved_from[cookie]  # moved out of the tree, or into a staging area
             changes.setdefault(rel, {})
-            if is_dir:
-                self._unwatch(self._children.get(wd, {}).get(name))
+            self._unwatch(moved)
         return len(events), changes
 
     # -- the map of watches ------------------------------------------------------------------
@@ -188,13 +190,6 @@ class TreeWatch:
         self._dirs[wd] = (parent, name)
         if parent != _NO_PARENT:
             self._children.setdefault(parent, {})[name] = wd
-
-    def _relink(self, old_parent: int, old_name: bytes, parent: int, name: bytes, rel: bytes) -> None:
-        wd = self._children.get(old_parent, {}).get(old_name)
-        if wd is None:  # was not watched (the watch limit): watch it now
-            self._watch_tree(rel, parent, name)
-        else:
-            self._link(wd, parent, name)
 
     def _detach(self, wd: int, entry: tuple[int, bytes]) -> None:
         siblings = self._children.get(entry[0])

@@ -22,7 +22,7 @@ from core.observe import metrics
 from core.repair.reconcile import job_key, job_payload
 from core.repair.tree_watch import TreeWatch
 from core.storage.queue import RECONCILE, JobQueue
-from executors.base import NotFound, Stat
+from executors.base import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,14 @@ class Watchers:
     """The watches of every local backend, feeding filestore_reconcile_queue."""
 
     def __init__(self, queue: JobQueue, backends: list[Backend],
-                 known: Callable[[Backend, bytes, Stat], bool] | None = None):
+                 known: Callable[..., bool] | None = None):
         self.queue = queue
         self.backends = [b for b in backends if b.kind == "local"]
-        # Inline: the mount's own view of a path. Most events a mount's watcher sees are its own
-        # writes, already committed and in its namespace by the time of the flush: those are
-        # dropped here instead of costing a queued job each (claimed, looked at, finished).
+        # Inline: the mount's own view of a path. Most events a mount's watcher sees are its
+        # own writes, already committed and in its namespace by the time of the flush: those
+        # are dropped here instead of costing a queued job each (claimed, looked at, finished).
+        # Called as known(backend, rel, stat) or, for a directory to look at deep, with the
+        # directory's listing on the disk as a fourth argument (name -> Stat).
         self.known = known
         self._pending: dict[str, dict[str, Any]] = {}
         self._waiting: dict[str, tuple[dict[str, Any], float]] = {}  # key -> (payload, first looked at)

@@ -20,7 +20,7 @@ CONTENT = b"written through the mount\n"
 
 def counter(metrics_text: str, name: str, **labels: str) -> float:
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    found = re.search(rf"^{name}{{{want}}} (\S+)$", metrics_text, re.M)
+    found = re.search(rf"^{name}{{{want}}} (\S+)$", metrics_text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
 
 

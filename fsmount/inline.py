@@ -54,13 +54,16 @@ class Inline:
                 "inline_loops": self.loops is not None, "http_port": self.server.port if self.server else None,
                 **ctx.stats})
 
-    def known(self, backend, rel: bytes, st) -> bool:
+    def known(self, backend, rel: bytes, st, contents: dict | None = None) -> bool:
         """Does the namespace already hold what the disk shows (`st`, or None: nothing there)?
         Read from a worker thread without the trio thread: only listings already loaded are used
         (no query, no lock); a miss or a difference just sends the job to the database comparison.
         A path gone from the disk is known when this mount removed it a moment ago and its
         listing no longer has it (`rm -r` through the mount: one event per entry, none worth a
-        job); a reconciled change not shown yet is in the listing, so it is looked at."""
+        job); a reconciled change not shown yet is in the listing, so it is looked at.
+        With `contents` (name -> Stat on the disk) a directory is known only if its loaded
+        listing has the same names with the same attributes: what a job looking at it deep
+        compares (a directory the watcher saw created, which it could not watch at once)."""
         ns = self.fs.ns
         if st is None and not self.fs.removed_here(backend.id, rel):
             return False
@@ -76,7 +79,20 @@ class Inline:
         if st is None:
             return False
         node = ns.nodes.get(node_id)
-        return node is not None and not differs(node, st, backend.executor.owns_files)
+        owns = backend.executor.owns_files
+        if node is None or differs(node, st, owns):
+            return False
+        if contents is None:
+            return True
+        children = ns.listings.get(node_id)
+        if children is None or children.by_name.keys() != contents.keys():
+            return False
+        for name, child_st in contents.items():
+            found = children.by_name.get(name)  # (read while the trio thread may change it)
+            child = ns.nodes.get(found[1]) if found is not None else None
+            if child is None or differs(child, child_st, owns):
+                return False
+        return True
 
     def show(self, applied: Applied) -> None:
         """Make the mount show a reconciled change: namespace first, then the kernel's caches."""

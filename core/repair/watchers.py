@@ -1,110 +1,56 @@
-"""Watchers: watchdog observers on local backend roots, turning file system events into jobs.
+"""Watchers: inotify on local backend roots (core.repair.tree_watch), turning changes into jobs.
 
 An event is not drift yet: it only says "look at this path". It becomes a reconcile job,
 coalesced per path, that runs after a short debounce and decides by comparing the disk with
 the committed node (core.repair.reconcile), which is what keeps the mount's own writes from ever
-being reported. Events are collected for FLUSH_SECONDS and written as one statement, so a
-burst of writes costs one INSERT, not one per event. The executor's staging area is ignored:
-a staged file is the mount's work in progress; its landing rename shows up as a creation.
+being reported. One thread reads every backend's queued events each FLUSH_SECONDS, in one
+read(2) per backend, and writes the paths as one statement, so a burst of writes costs one
+INSERT, not one per event. The executor's staging area is not watched at all: a staged file is
+the mount's work in progress; its landing rename shows up as a creation.
 """
 from __future__ import annotations
 
 import logging
-import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
-
-from watchdog.events import (
-    DirAttribEvent,
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirModifiedEvent,
-    DirMovedEvent,
-    FileAttribEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
 
 from core.journal.recovery import stat_or_none
 from core.model import Backend
 from core.observe import metrics
 from core.repair.reconcile import job_key, job_payload
+from core.repair.tree_watch import TreeWatch
 from core.storage.queue import RECONCILE, JobQueue
-from executors.base import Stat
-from executors.local import STAGING_NAME
+from executors.base import NotFound
 
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.1
 DEBOUNCE_SECONDS = 0.3
-_IGNORED = {"opened", "closed_no_write", "closed"}
-# Asked of inotify itself, so that opens and closes (every read through the mount makes two)
-# never reach Python: a change is always also a create, modify, attrib, move or delete.
-_WANTED = [FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileAttribEvent,
-           DirCreatedEvent, DirDeletedEvent, DirModifiedEvent, DirMovedEvent, DirAttribEvent]
-
-
-class _Backlog(FileSystemEventHandler):
-    """Turns one backend's events into (key, payload) pairs waiting for the next flush."""
-
-    def __init__(self, backend: Backend, sink: "Watchers"):
-        self.backend = backend
-        self.root = os.fsencode(backend.root).rstrip(b"/")
-        self.sink = sink
-
-    def _rel(self, path: str | bytes) -> bytes | None:
-        raw = os.fsencode(path)
-        if raw == self.root:
-            return b""
-        if not raw.startswith(self.root + b"/"):
-            return None
-        rel = raw[len(self.root) + 1:]
-        if STAGING_NAME in rel.split(b"/"):  # ours, or that of a backend nested in this one
-            return None
-        return rel
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in _IGNORED:
-            return
-        metrics.WATCH_EVENTS.labels(self.backend.name).inc()
-        src = self._rel(event.src_path)
-        extra: dict[str, Any] = {"source": "watcher"}
-        if event.is_directory and event.event_type in ("created", "moved"):
-            extra["deep"] = True  # its contents arrived with it
-        if event.event_type == "moved":
-            dest = self._rel(event.dest_path)
-            if dest is None:  # moved into the staging area or out of the tree: gone from src
-                if src is not None:
-                    self.sink.add(self.backend.id, src, extra)
-                return
-            if src is not None:
-                extra["from"] = src.hex()
-            self.sink.add(self.backend.id, dest, extra)
-            return
-        if src is not None:
-            self.sink.add(self.backend.id, src, extra)
+RECHECK_SECONDS = 0.2  # inline: how long a path that differs from the mount's view is looked at again
+# A read this large means the kernel's queue (fs.inotify.max_queued_events, 16,384 by default)
+# fills faster than one read per FLUSH_SECONDS empties it: read again at once.
+BUSY_EVENTS = 2048
 
 
 class Watchers:
-    """One observer for every local backend, feeding filestore_reconcile_queue."""
+    """The watches of every local backend, feeding filestore_reconcile_queue."""
 
     def __init__(self, queue: JobQueue, backends: list[Backend],
-                 known: Callable[[Backend, bytes, Stat], bool] | None = None):
+                 known: Callable[..., bool] | None = None):
         self.queue = queue
         self.backends = [b for b in backends if b.kind == "local"]
         # Inline: the mount's own view of a path. Most events a mount's watcher sees are its
         # own writes, already committed and in its namespace by the time of the flush: those
         # are dropped here instead of costing a queued job each (claimed, looked at, finished).
+        # Called as known(backend, rel, stat) or, for a directory to look at deep, with the
+        # directory's listing on the disk as a fourth argument (name -> Stat).
         self.known = known
         self._pending: dict[str, dict[str, Any]] = {}
+        self._waiting: dict[str, tuple[dict[str, Any], float]] = {}  # key -> (payload, first looked at)
         self._lock = threading.Lock()
-        self._observer = Observer()
+        self._trees: list[tuple[Backend, TreeWatch]] = []
 
     def add(self, backend_id: int, rel: bytes, extra: dict[str, Any]) -> None:
         key = job_key(backend_id, rel)
@@ -113,43 +59,115 @@ class Watchers:
             payload.update(extra)
 
     def start(self) -> None:
-        """Watch from now on (synchronous: events after this call are seen)."""
-        for backend in self.backends:
-            self._observer.schedule(_Backlog(backend, self), backend.root, recursive=True, event_filter=_WANTED)
-        self._observer.start()
-        log.info("watching %d local backend(s)", len(self.backends))
+        """Watch from now on (synchronous: changes after this call are seen). Raises OSError
+        when a root cannot be watched, or a tree has more directories than the watch limit."""
+        try:
+            for backend in self.backends:
+                self._trees.append((backend, TreeWatch(backend.root)))
+        except BaseException:
+            self.close()
+            raise
+        log.info("watching %d local backend(s), %d directories", len(self._trees),
+                 sum(tree.watched for _, tree in self._trees))
 
     def run(self, stop: threading.Event) -> None:
+        busy = False
         try:
-            while not stop.wait(FLUSH_SECONDS):
+            while not stop.wait(0 if busy else FLUSH_SECONDS):
+                busy = self.read()
                 self.flush()
         finally:
-            self._observer.stop()
-            self._observer.join(10)
-            self.flush()
+            try:
+                self.read()
+                self.flush(final=True)
+            finally:
+                self.close()
 
-    def flush(self) -> None:
+    def read(self) -> bool:
+        """Take every backend's queued events into the pending jobs; True if a queue was busy."""
+        busy = False
+        for backend, tree in self._trees:
+            count, changes = tree.read()
+            if not count:
+                continue
+            metrics.WATCH_EVENTS.labels(backend.name).inc(count)
+            busy = busy or count >= BUSY_EVENTS
+            for rel, extra in changes.items():
+                self.add(backend.id, rel, {"source": "watcher", **extra})
+        return busy
+
+    def close(self) -> None:
+        for _, tree in self._trees:
+            tree.close()
+        self._trees = []
+
+    def flush(self, *, final: bool = False) -> None:
+        """Queue the pending paths, less those the mount already holds (inline). A path that
+        differs from the mount's view is looked at again at the next flushes for RECHECK_SECONDS
+        before it costs a job: most are the mount's own change caught between the disk and its
+        namespace (a file being created while its directory is compared); the job's debounce is
+        shortened by as much, so a real drift is not seen later."""
         with self._lock:
             pending, self._pending = self._pending, {}
-        if self.known is not None:
-            pending = {key: payload for key, payload in pending.items() if not self._known(payload)}
-        if not pending:
+        if self.known is None:
+            self._enqueue(pending, DEBOUNCE_SECONDS)
+            return
+        now = time.monotonic()
+        for key, payload in pending.items():
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting[0].update(payload)
+            else:
+                self._waiting[key] = (payload, now)
+        at_once, rechecked = {}, {}
+        for key, (payload, since) in list(self._waiting.items()):
+            if self._known_safely(payload):
+                del self._waiting[key]
+            elif final or payload.get("from") or payload.get("source") == "audit":
+                del self._waiting[key]
+                at_once[key] = payload
+            elif now - since >= RECHECK_SECONDS:
+                del self._waiting[key]
+                rechecked[key] = payload
+        self._enqueue(at_once, DEBOUNCE_SECONDS)
+        self._enqueue(rechecked, DEBOUNCE_SECONDS - RECHECK_SECONDS)
+
+    def _enqueue(self, due: dict[str, dict[str, Any]], delay: float) -> None:
+        if not due:
             return
         try:
-            self.queue.enqueue_many(RECONCILE, list(pending.items()), delay=DEBOUNCE_SECONDS)
+            self.queue.enqueue_many(RECONCILE, list(due.items()), delay=delay)
         except Exception as exc:  # the database is away: keep the events and try again
-            log.warning("could not queue %d watched change(s): %s", len(pending), exc)
+            log.warning("could not queue %d watched change(s): %s", len(due), exc)
             with self._lock:
-                for key, payload in pending.items():
+                for key, payload in due.items():
                     self._pending.setdefault(key, {}).update(payload)
 
+    def _known_safely(self, payload: dict[str, Any]) -> bool:
+        try:
+            return self._known(payload)
+        except Exception as exc:  # e.g. EACCES from the disk: let the job look
+            log.debug("%s: %s", payload, exc)
+            return False
+
     def _known(self, payload: dict[str, Any]) -> bool:
-        """Does the disk show what the mount already holds, a removal included? (A move or a
-        directory arriving with content is always looked at.)"""
-        if payload.get("deep") or payload.get("from"):
+        """Does the disk show what the mount already holds, a removal included? A directory to
+        look at deep is compared with its listing (the mount's own mkdir: it was watched up to one
+        read later, and what happened in it meanwhile must not be missed); a move or an audit is
+        always looked at."""
+        if payload.get("from") or payload.get("source") == "audit":
             return False
         backend = next((b for b in self.backends if b.id == payload["backend"]), None)
         if backend is None:
             return False
         rel = bytes.fromhex(payload["path"])
-        return self.known(backend, rel, stat_or_none(backend, rel))
+        st = stat_or_none(backend, rel)
+        if not payload.get("deep"):
+            return self.known(backend, rel, st)
+        if st is None or st.kind != "dir":
+            return False
+        try:
+            listing = dict(backend.executor.listdir(rel))
+        except (NotFound, OSError):
+            return False
+        return self.known(backend, rel, st, listing)

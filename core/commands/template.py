@@ -128,6 +128,8 @@ class Template:
                 self.unfinished.append((cmd.backend, Intent(cmd.request_id, cmd.name, cmd.backend.id, cmd.paths)))
             raise FsError(errno.EIO, str(exc)) from exc
         except ExecutorError as exc:
+            if errno_for(exc) == errno.EIO:  # not an answer a filesystem gives to bad input: say why
+                log.warning("%s %s failed on the backend: %s", cmd.name, cmd.path, exc)
             metrics.bound(metrics.EXECUTOR_OUTCOMES, backend_label, cmd.name, "error").inc()
             metrics.bound(metrics.COMMAND_SECONDS, cmd.name, backend_label, "failed").observe(time.perf_counter() - started)
             raise self.refuse(cmd, errno_for(exc), str(exc)) from exc

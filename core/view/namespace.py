@@ -53,7 +53,9 @@ class Namespace:
         self.lock = threading.RLock()
         self.nodes: dict[int, Node] = {}
         self.listings: dict[int, Listing] = {}
-        self.parents: dict[int, tuple[int, bytes]] = {}  # one name of each node: (parent, name)
+        # One name of each node: (parent, name); None for a node whose last name this process
+        # removed (the database may not have the removal committed yet: never ask it then).
+        self.parents: dict[int, tuple[int, bytes] | None] = {}
         # The other names of hard-linked nodes, as far as this process has seen them: when the
         # name in `parents` goes, another takes its place without asking the database (which
         # may not have the removal committed yet).
@@ -164,15 +166,22 @@ class Namespace:
             if others is not None:
                 others.discard((parent_id, name))
             if self.parents.get(node_id) == (parent_id, name):
-                del self.parents[node_id]
                 if others:
                     self.parents[node_id] = others.pop()
+                else:
+                    node = self.nodes.get(node_id)
+                    if node is not None and (node.is_dir or node.nlink <= 1):  # its last name: none now
+                        self.parents[node_id] = None
+                    else:
+                        del self.parents[node_id]
             if others is not None and not others:
                 del self.more_names[node_id]
 
     def _name(self, node_id: int, parent_id: int, name: bytes) -> None:
-        known = self.parents.setdefault(node_id, (parent_id, name))
-        if known != (parent_id, name):
+        known = self.parents.get(node_id)
+        if known is None:  # unknown, or nameless until now (linked again)
+            self.parents[node_id] = (parent_id, name)
+        elif known != (parent_id, name):
             self.more_names.setdefault(node_id, set()).add((parent_id, name))
 
     def forget_listing(self, dir_id: int) -> None:

@@ -374,3 +374,19 @@ def test_recalculation_jobs_run_from_the_rollup_queue(tracked):
     assert (row["node_id"], row["actor"], row["args"]["reason"]) == (q, "rollups", "repair")
     wait_until(lambda: tracked.db.execute("SELECT count(*) FROM filestore.jobs").fetchone()[0] == 0,
                message="the queue drained")
+
+
+def test_a_file_written_after_its_unlink_moves_no_rollup(tracked):
+    """Writes through a descriptor of an unlinked file change nothing named: no write command,
+    no delta for the directory it was in (its removal may not be committed when they come)."""
+    os.makedirs(tracked.path / "u")
+    (tracked.path / "u" / "f").write_bytes(b"kept")
+    (tracked.path / "u" / "other").write_bytes(b"1234")
+    since = tracked.last_journal_id()
+    fd = os.open(tracked.path / "u" / "f", os.O_RDWR)
+    os.unlink(tracked.path / "u" / "f")
+    os.pwrite(fd, b" and more", 4)
+    os.ftruncate(fd, 2)
+    os.close(fd)
+    assert [j["command"] for j in tracked.journal(since)] == ["unlink"]
+    assert du_json(tracked, "local:/u") == {"u": (4, 1, 0)}

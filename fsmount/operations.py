@@ -399,21 +399,18 @@ class Operations(pyfuse3.Operations):
         """close(2): what changed is recorded and answered at once; its commit follows in the
         pipeline's next group. A close that uploads to S3 runs off the serving thread."""
         REQUESTS["flush"].inc()
-        kind = await self._closing(fh)
-        if kind == "slow":
+        if await self._flush_here(fh):
             await self._flush_slowly(fh)
-        elif kind == "record":
-            await self._flush(fh)
-
-    @handler
-    def _closing(self, fh):
-        if not self.files.needs_commit(fh):
-            return "nothing"
-        return "slow" if self.files.commits_slowly(fh) else "record"
 
     @changing
-    def _flush(self, fh):
+    def _flush_here(self, fh):
+        """Record what changed, here; True if it must wait for S3 (then off this thread)."""
+        if not self.files.needs_commit(fh):
+            return False
+        if self.files.commits_slowly(fh):
+            return True
         self.files.flush(fh)
+        return False
 
     @blocking
     def _flush_slowly(self, fh):

@@ -89,10 +89,7 @@ def changing(fn):
     @functools.wraps(fn)
     async def wrapper(self, *args, **kwargs):
         if not self.fs.pipeline.room():
-            try:
-                await trio.to_thread.run_sync(self.fs.pipeline.wait_for_room, limiter=WAITERS)
-            except Exception as exc:
-                raise _answer(op, exc) from None
+            await self._wait_for_room(op)
         return await locked(self, *args, **kwargs)
     return wrapper
 
@@ -399,10 +396,16 @@ class Operations(pyfuse3.Operations):
         """close(2): what changed is recorded and answered at once; its commit follows in the
         pipeline's next group. A close that uploads to S3 runs off the serving thread."""
         REQUESTS["flush"].inc()
+        if not self.fs.pipeline.room() and await self._has_changes(fh):  # a reader's close never waits
+            await self._wait_for_room("flush")
         if await self._flush_here(fh):
             await self._flush_slowly(fh)
 
-    @changing
+    @handler
+    def _has_changes(self, fh):
+        return self.files.needs_commit(fh)
+
+    @handler
     def _flush_here(self, fh):
         """Record what changed, here; True if it must wait for S3 (then off this thread)."""
         if not self.files.needs_commit(fh):
@@ -426,6 +429,12 @@ class Operations(pyfuse3.Operations):
     @handler
     def _fsync(self, fh, datasync):
         self.files.fsync(fh, datasync)
+
+    async def _wait_for_room(self, op: str) -> None:
+        try:
+            await trio.to_thread.run_sync(self.fs.pipeline.wait_for_room, limiter=WAITERS)
+        except Exception as exc:
+            raise _answer(op, exc) from None
 
     async def _durable(self, op: str) -> None:
         try:

@@ -49,6 +49,8 @@ from core.storage.db import RETRYABLE, Database, _first_line
 
 log = logging.getLogger(__name__)
 
+ATIME_SECONDS = 1.0  # relatime updates of reads wait this long for a group to ride with
+
 
 def _setting(name: str, default: float) -> float:
     try:
@@ -183,6 +185,7 @@ class Pipeline:
         self._cond = threading.Condition()
         self._queue: collections.deque[Entry] = collections.deque()
         self._atimes: dict[int, int] = {}
+        self._atimes_since = 0.0
         self._next_seq = 1
         self._committed_seq = 0
         self._durable_seq = 0
@@ -227,11 +230,13 @@ class Pipeline:
             self._cond.notify()
 
     def record_atime(self, node_id: int, atime_ns: int) -> None:
-        """A read's relatime update: no command, no journal row; sent with the next group."""
+        """A read's relatime update: no command, no journal row; sent with the next group, or
+        within ATIME_SECONDS when no command comes (a reader alone wakes nobody)."""
         with self._cond:
+            if not self._atimes:
+                self._atimes_since = time.monotonic()
             if atime_ns > self._atimes.get(node_id, 0):
                 self._atimes[node_id] = atime_ns
-            self._cond.notify_all()
 
     # == back-pressure ===================================================================
     def room(self) -> bool:
@@ -339,10 +344,15 @@ class Pipeline:
     def _commit_next(self) -> bool:
         """Commit the next group; False once stopped."""
         with self._cond:
-            while not self._queue and not self._atimes and self._sync_wanted <= self._durable_seq \
-                    and not self._stopping:
-                self._cond.wait()
-            if self._stopping and not self._queue and self._sync_wanted <= self._durable_seq:
+            while not self._queue and self._sync_wanted <= self._durable_seq and not self._stopping:
+                if self._atimes:
+                    left = self._atimes_since + ATIME_SECONDS - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                else:
+                    self._cond.wait(ATIME_SECONDS)
+            if self._stopping and not self._queue and not self._atimes and self._sync_wanted <= self._durable_seq:
                 return False
             urgent = self._sync_wanted > self._durable_seq or self._stopping
         if not urgent and self.settings.delay and len(self._queue) < self.settings.max_group:

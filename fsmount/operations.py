@@ -174,7 +174,11 @@ class Operations(pyfuse3.Operations):
         if change.everything:
             targets = [(inode, False) for inode in list(self.lookups)]
         else:
-            targets = [(d, True) for d in change.rollups if self.recursive_dir_sizes]
+            # A fold here moves no exact total (this mount serves them with its own changes in
+            # already): the kernel's attributes stay; another process's new totals show within
+            # the attribute timeout, or at once when announced from elsewhere.
+            folded_here = change.folded and not change.remote
+            targets = [(d, True) for d in change.rollups if self.recursive_dir_sizes and not folded_here]
             targets += [(n, False) for n in (*change.nodes, *change.dirs)]
         for inode, attr_only in targets:
             if inode in self.lookups:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 FOLD_DELAY = 0.25
 COUNTER_INTERVAL = 1.0  # the counters trail the journal by about this much
 FOLD_INTERVAL = 1.0  # without pokes: deltas written by other processes fold this often
+RELOAD_SECONDS = 2.0  # a directory's served totals are read again after a local fold at most this often
 
 
 class Served:
@@ -72,6 +73,7 @@ class RollupView:
         # Directories with deltas of this process not folded yet: the shared cache holds folded
         # values only, which lack them (a fold deletes the keys it changes and clears this).
         self._unfolded: set[int] = set()
+        self._reloaded: dict[int, float] = {}  # directory -> when a fold here last dropped it
         cache.subscribe(self.forget)
 
     def get(self, backend_id: int, dir_id: int) -> Served | None:
@@ -170,10 +172,22 @@ class RollupView:
                         del self._in_flight[dir_id]
 
     def forget(self, change: Invalidation) -> None:
+        """New rollup values somewhere: read them again on next use. A fold in this process
+        moves pending deltas into rows and leaves every exact total as it was, except for the
+        deltas other processes wrote (the CLI, in inline mode); such directories are read again
+        at most every RELOAD_SECONDS, so that folding under a stream of this mount's own
+        commands does not make `stat` query the database after every fold."""
         if change.everything:
             self._values.clear()
             self._unfolded = set(self._in_flight)
+        now = time.monotonic()
         for dir_id in change.rollups:
+            if change.folded and not change.remote:
+                if now - self._reloaded.get(dir_id, 0.0) < RELOAD_SECONDS:
+                    continue
+                self._reloaded[dir_id] = now
+                if len(self._reloaded) > 100_000:
+                    self._reloaded.clear()
             self._values.pop(dir_id, None)
             if dir_id not in self._in_flight:
                 self._unfolded.discard(dir_id)
@@ -215,12 +229,12 @@ class RollupFolder:
     def fold_now(self) -> int:
         with self.db.pool.connection() as conn:
             changed = totals.fold_all(conn)
-            pending, lag = totals.oldest_pending_age(conn)
-            if time.monotonic() - self._counted_at >= COUNTER_INTERVAL:
+            if time.monotonic() - self._counted_at >= COUNTER_INTERVAL:  # the lag and the counters: each second
+                pending, lag = totals.oldest_pending_age(conn)
+                metrics.ROLLUP_PENDING.set(pending)
+                metrics.ROLLUP_LAG.set(lag)
                 counters.fold(conn)
                 self._counted_at = time.monotonic()
-        metrics.ROLLUP_PENDING.set(pending)
-        metrics.ROLLUP_LAG.set(lag)
         stale = [dir_id for dir_id, _, created in changed if created]
         if stale and self.queue is not None:
             enqueue_recalculation(self.queue, stale, "no rollup row")

@@ -36,6 +36,7 @@ class Invalidation:
     names: list[tuple[int, bytes]] = field(default_factory=list)  # (directory, name) removed, replaced or added
     remote: bool = False  # announced by another process
     everything: bool = False  # announcements may have been missed: drop all
+    folded: bool = False  # new rollup rows from a fold in this process (the exact totals did not move)
 
     def as_json(self, origin: str) -> str:
         return json.dumps({"origin": origin, "rollups": self.rollups, "nodes": self.nodes, "dirs": self.dirs,
@@ -71,7 +72,7 @@ class InlineCache:
         for key in keys:
             self._items.pop(key, None)
             ids.append(key[1])
-        self._tell(Invalidation(rollups=ids))
+        self._tell(Invalidation(rollups=ids, folded=True))
 
     def announce(self, nodes: Iterable[int], dirs: Iterable[int], names: Iterable[tuple[int, bytes]] = ()) -> None:
         """A command changed these: nobody else holds them in this mode."""
@@ -132,7 +133,7 @@ class RedisCache(InlineCache):
         keys = list(keys)
         if not keys:
             return
-        change = Invalidation(rollups=[n for _, n in keys])
+        change = Invalidation(rollups=[n for _, n in keys], folded=True)
         try:
             pipe = self.client.pipeline(transaction=False)
             pipe.delete(*(self._key(b, n) for b, n in keys))

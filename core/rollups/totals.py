@@ -66,8 +66,10 @@ def fold(conn: psycopg.Connection, limit: int = FOLD_BATCH) -> tuple[list[tuple[
     a recount can make it exact, so the caller queues one. One round trip: the shared lock and
     the fold are one implicit transaction (an autocommit connection, two statements)."""
     if conn.autocommit:
-        rows = conn.execute(f"SELECT pg_advisory_xact_lock_shared({FOLD_LOCK:d});\n"
-                            + _FOLD % {"limit": int(limit)}).fetchall()
+        cur = conn.execute(f"SELECT pg_advisory_xact_lock_shared({FOLD_LOCK:d});\n"
+                           + _FOLD % {"limit": int(limit)})
+        cur.nextset()  # the first result is the lock's
+        rows = cur.fetchall()
     else:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (FOLD_LOCK,))

@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 import os
+import random
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from executors.base import TYPE_BITS
 
 ROOT_INODE = 1  # the mount root: a virtual directory listing the backends
+
+_IDS = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _IDS.seed(os.urandom(32)))  # no shared ids after fork
+
+
+def new_request_id() -> uuid.UUID:
+    """A new request id (a random UUID): from a generator seeded once, not a getrandom(2) call
+    for each of the two or three ids a small file takes on the serving thread."""
+    return uuid.UUID(int=_IDS.getrandbits(128), version=4)
 
 
 @dataclass(frozen=True)

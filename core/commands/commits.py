@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from core.commands.content import PendingCreate
 from core.commands.template import write_args
 from core.faults import crash_point
-from core.model import Backend, Principal
+from core.model import Backend, Principal, new_request_id
 from core.view.namespace import Namespace
 from executors.base import Stat
 from executors.local import stat_from
@@ -109,7 +109,7 @@ class ContentCommits:
         node = self.ns.node(of.node_id)
         staging_id = of.staging_id
         write_back = self._writes_back(of.backend, staging_id, durable)
-        request_id = of.request_id or uuid.uuid4()
+        request_id = of.request_id or new_request_id()
         kept = []
 
         def land(parent_rel: bytes, name: bytes) -> Stat:

@@ -23,7 +23,6 @@ import errno
 import itertools
 import os
 import time
-import uuid
 
 from core.commands.commits import ContentCommits, OpenFile
 from core.commands.orchestrator import Orchestrator
@@ -31,7 +30,7 @@ from core.commands.writeback import WriteBack
 from core.errors import FsError, translated
 from core.faults import crash_point
 from core.journal.intents import Intent
-from core.model import S_ISGID, Backend, Node, Principal, drops_sgid
+from core.model import S_ISGID, Backend, Node, Principal, drops_sgid, new_request_id
 from core.view.namespace import Namespace
 from executors.base import ExecutorError, PermissionDenied, Stat
 from executors.local import stat_from
@@ -269,7 +268,7 @@ class FileTable:
         node = self.ns.node(of.node_id)
         if drops_sgid(node, of.who):
             self.orch.setattr(of.who, of.node_id, mode=node.mode & ~S_ISGID)
-        of.request_id = uuid.uuid4()
+        of.request_id = new_request_id()
         if self.ns.parent_of(of.node_id) is not None:  # unlinked files change nothing named
             backend, rel = self.ns.path_of(of.node_id)
             self.orch.intents.record(Intent(of.request_id, "write", backend.id, (rel,)))
@@ -278,8 +277,8 @@ class FileTable:
     def _stage(self, of: OpenFile, *, copy: bool = False) -> None:
         """A staging file for new content; with `copy`, holding the current content first
         (backends without in-place writes)."""
-        request_id = uuid.uuid4()
-        staging_id = f"{os.getpid()}.{request_id}"
+        rid = new_request_id()
+        staging_id = f"{os.getpid()}.{rid}"
         executor = of.backend.executor
         with translated():
             if copy:
@@ -288,7 +287,7 @@ class FileTable:
                 fd = executor.stage(staging_id, copy_of=rel, copy_size=node.size, etag=node.checksum)
             else:
                 fd = executor.stage(staging_id)
-        of.request_id, of.staging_id, of.fd = request_id, staging_id, fd
+        of.request_id, of.staging_id, of.fd = rid, staging_id, fd
 
     def _truncate(self, of: OpenFile, size: int) -> None:
         node = self.ns.node(of.node_id)

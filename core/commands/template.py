@@ -29,7 +29,7 @@ from core.faults import crash_point
 from core.journal.intents import Intent, IntentLog
 from core.journal.pipeline import Pipeline
 from core.journal.records import Change, Journal, Record
-from core.model import Backend, Node, Principal
+from core.model import Backend, Node, Principal, new_request_id
 from core.observe import metrics
 from core.rollups import deltas
 from core.storage import store
@@ -55,7 +55,7 @@ class Command:
     args: dict[str, Any] = field(default_factory=dict)
     paths: tuple[bytes, ...] = ()  # backend-relative paths the physical change touches
     idempotency_key: str | None = None
-    request_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    request_id: uuid.UUID = field(default_factory=new_request_id)
 
 
 class OpenContent(Protocol):

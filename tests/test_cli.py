@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import is_mounted, require_fuse, run_cli
+from conftest import FILESTORE, REPO, is_mounted, require_fuse, run_cli
 
 UNREACHABLE = "postgresql://x@127.0.0.1:1/x"  # nothing listens on port 1
 
@@ -237,6 +237,22 @@ def test_journal_json_limit_and_since(tracked):
     text = tracked.cli("journal", "--limit", "4")
     assert [int(line.split()[0]) for line in text.stdout.splitlines()] == ids[-4:]
 
+
+
+def test_a_reader_that_stops_early_gets_no_error(tracked):
+    """`filestore journal | head -1`: the command ends quietly, as a tool killed by SIGPIPE."""
+    for i in range(5):
+        (tracked.path / f"p{i}").write_bytes(b"x")
+    tracked.settle()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        done = subprocess.run([*FILESTORE, "journal"], env=tracked.env, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60, cwd=REPO)
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == 128 + signal.SIGPIPE
 
 def test_detached_mount_and_umount(cli, env, tmp_path):
     require_fuse()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 
 import click
@@ -28,6 +29,11 @@ def one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:
+            # The reader went away (`filestore journal | head`): quiet, as a tool killed by
+            # SIGPIPE; stdout goes to /dev/null so that the flush at exit does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + 13)
         except ConfigError as exc:
             fail(str(exc))
         except FsError as exc:

@@ -120,7 +120,9 @@ class FileTable:
         if node.kind == "file" and self.writeback.is_s3(self.ns.backend_of(node)):
             self.writeback.wait(node_id)
 
-    def retain(self, node_id: int) -> None:
+    RETAIN_COPY_BYTES = 1 << 20  # S3: a replaced file up to this size is kept whole (one GET)
+
+    def retain(self, node_id: int, *, replaced: bool = False) -> None:
         """Called before a command removes a regular file's last name (unlink, rename over).
 
         A reader that looked the name up just before may open the inode just after, as a
@@ -136,12 +138,21 @@ class FileTable:
         if not backend.executor.in_place:
             if of is not None:
                 self._keep_open_copy(of, node, rel)
-                return
-            # Not open here: what a reader that looked the name up may still open. Content not
-            # uploaded yet is kept (a descriptor onto its spool file: no copy); an object is
-            # remembered (key and ETag): it is read while S3 still holds it there (a file
-            # renamed over it whose upload is pending, or its chunks in the read cache).
+            # What a reader that looked the name up may still open. Content not uploaded yet
+            # is kept (a descriptor onto its spool file: no copy); a small file replaced by a
+            # rename (an editor's save, a config swapped in) is downloaded whole, as a reader
+            # may be opening it now; any other object is remembered (key and ETag): it is read
+            # while S3 still holds it there, or from the read cache.
             source = self.writeback.spool_fd(node_id) if self.writeback is not None else None
+            if source is None and replaced and node.checksum is not None and node.size <= self.RETAIN_COPY_BYTES:
+                staging_id = f"{os.getpid()}.retained-{uuid.uuid4()}"
+                try:
+                    source = backend.executor.stage(staging_id, copy_of=rel, copy_size=node.size,
+                                                    etag=node.checksum, whole=True)
+                except ExecutorError:
+                    source = None
+                finally:
+                    backend.executor.discard(staging_id)  # the name goes, the descriptor keeps it
             if source is not None:
                 self._retained[node_id] = source
             elif node.checksum is not None:

@@ -63,7 +63,7 @@ def rename(t: Template, who: Principal, old_parent_id: int, old_name: bytes, new
             raise t.refuse(cmd, errno.EISDIR)
         if dst.is_dir and t.ns.listing(dst.id).by_name:
             raise t.refuse(cmd, errno.ENOTEMPTY)
-        t.retain(dst.id)
+        t.files.retain(dst.id, replaced=True)
     _move(t, cmd, src, dst, old, new, noreplace)
 
 

@@ -387,6 +387,10 @@ class WriteBack:
                                              stop=lambda: self._stale(upload, rel))
             except Superseded:
                 st = None
+            except ExecutorError:
+                if not self._stale(upload, rel):
+                    raise  # retried with backoff
+                st = None  # moved or removed meanwhile: what failed matters no more
             crash_point("writeback:after_upload")
             with self.guard:
                 if st is None or self._stale(upload, rel):

@@ -9,6 +9,7 @@ import struct
 import subprocess
 
 import pytest
+from fixtures_posix import stored as backend_holds
 
 
 def stored(tracked, node_id: int) -> dict[bytes, bytes]:
@@ -247,6 +248,7 @@ def test_xattrs_on_every_backend_kind_are_journaled_and_survive_a_restart(fs):
     on both kinds."""
     path = fs.path / "f"
     path.write_bytes(b"x")
+    assert backend_holds(fs, "f") == b"x"  # S3: once its upload landed (journaled), before `since`
     since = fs.last_journal_id()
     os.setxattr(path, "user.colour", b"blue")
     rows = fs.journal(since)

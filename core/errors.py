@@ -33,7 +33,7 @@ def errno_for(exc: Exception) -> int:
         base.NotEmpty: _errno.ENOTEMPTY, base.NotADirectory: _errno.ENOTDIR,
         base.IsADirectory: _errno.EISDIR, base.PermissionDenied: _errno.EACCES,
         base.NotPermitted: _errno.EPERM,
-        base.NoSpace: _errno.ENOSPC, base.NameTooLong: _errno.ENAMETOOLONG,
+        base.NoSpace: _errno.ENOSPC, base.FileTooLarge: _errno.EFBIG, base.NameTooLong: _errno.ENAMETOOLONG,
         base.InvalidArgument: _errno.EINVAL, base.CrossDevice: _errno.EXDEV,
         base.ReadOnly: _errno.EROFS, base.OutsideRoot: _errno.EACCES,
         base.Unsupported: _errno.EOPNOTSUPP, base.Transient: _errno.EAGAIN,

@@ -21,6 +21,8 @@ class PermissionDenied(ExecutorError): ...
 class NotPermitted(ExecutorError):
     """The operation is not allowed at all for this caller (ownership changes, say)."""
 class NoSpace(ExecutorError): ...
+class FileTooLarge(ExecutorError):
+    """A size past what the backend can hold (EFBIG): ext4's 16 TiB, S3's 5 TiB objects."""
 class NameTooLong(ExecutorError): ...
 class InvalidArgument(ExecutorError): ...
 class CrossDevice(ExecutorError): ...
@@ -35,6 +37,9 @@ class RetriesExhausted(Transient):
 class PartlyDone(RetriesExhausted):
     """A change that was started, could not be finished and could not be undone (a directory
     rename on S3 cut off midway): the caller sees EIO, and recovery finishes it from the intent."""
+class Superseded(ExecutorError):
+    """An upload stopped on purpose midway (its file was renamed or removed meanwhile): its
+    caller sends it again to the new name, or drops it."""
 class IllegalName(InvalidArgument):
     """A name the backend cannot hold (not UTF-8 on S3): EILSEQ, refused before any upload."""
 
@@ -44,7 +49,7 @@ _OS_FAILURES = {
     errno.ENOENT: NotFound, errno.EEXIST: AlreadyExists, errno.ENOTEMPTY: NotEmpty,
     errno.ENOTDIR: NotADirectory, errno.EISDIR: IsADirectory, errno.EACCES: PermissionDenied,
     errno.EPERM: NotPermitted, errno.ENOSPC: NoSpace, errno.EDQUOT: NoSpace,
-    errno.ENAMETOOLONG: NameTooLong, errno.EINVAL: InvalidArgument, errno.EXDEV: CrossDevice,
+    errno.ENAMETOOLONG: NameTooLong, errno.EFBIG: FileTooLarge, errno.EINVAL: InvalidArgument, errno.EXDEV: CrossDevice,
     errno.EROFS: ReadOnly, errno.ELOOP: OutsideRoot,
     errno.EOPNOTSUPP: Unsupported, errno.EAGAIN: Transient, errno.EINTR: Transient,
     errno.EBUSY: Transient,
@@ -149,7 +154,11 @@ class Executor(Protocol):
     def open_file(self, rel: bytes, *, write: bool) -> int: ...
     def reader(self, rel: bytes, *, size: int, etag: str | None, cache_key: str | None): ...
     def stage(self, staging_id: str, *, copy_of: bytes | None = None, copy_size: int | None = None,
-              etag: str | None = None) -> int: ...
+              etag: str | None = None, copy_fd: int | None = None, whole: bool = False) -> int:
+        """A staging (spool) file; `copy_of` a path's content (`whole`: all of it fetched now,
+        never left to fetch later), or `copy_fd` a local file's."""
+    def check_size(self, size: int) -> None:
+        """FileTooLarge for a size the backend cannot hold, before anything changes."""
     def prepare(self, staging_id: str, fd: int, offset: int, length: int) -> None: ...
     def prepare_truncate(self, staging_id: str, fd: int, size: int) -> None: ...
     def land(self, staging_id: str, parent: bytes, name: bytes, *, mode: int, uid: int, gid: int,
@@ -171,5 +180,7 @@ class WriteBackStore(Protocol):
     def pending_ids(self) -> list[str]: ...
     def pending_stat(self, pending_id: str) -> os.stat_result | None: ...
     def open_pending(self, pending_id: str) -> int | None: ...
-    def upload_pending(self, pending_id: str, rel: bytes, *, mode: int, uid: int, gid: int) -> Stat: ...
+    def upload_pending(self, pending_id: str, rel: bytes, *, mode: int, uid: int, gid: int,
+                       times_ns: tuple[int, int] | None = None, stop=None) -> Stat:
+        """Send a kept file to `rel`; `stop()` is asked between parts: True raises Superseded."""
     def drop_pending(self, pending_id: str) -> None: ...

@@ -298,6 +298,9 @@ class LocalExecutor:
             else:
                 os.rename(src_name, dst_name, src_dir_fd=sfd, dst_dir_fd=dfd)
 
+    def check_size(self, size: int) -> None:
+        """The disk decides (ftruncate answers EFBIG past the filesystem's limit)."""
+
     def set_attrs(self, rel: bytes, *, mode: int | None = None, uid: int | None = None,
                   gid: int | None = None, size: int | None = None,
                   times_ns: tuple[int, int] | None = None) -> Stat:
@@ -405,11 +408,11 @@ class LocalExecutor:
 
     # -- staging ----------------------------------------------------------------------
     def stage(self, staging_id: str, *, copy_of: bytes | None = None, copy_size: int | None = None,
-              etag: str | None = None) -> int:
+              etag: str | None = None, copy_fd: int | None = None, whole: bool = False) -> int:
         """A new, empty staging file opened read-write; `staging_id` names it. (Changes to an
-        existing file are written in place, so nothing is ever copied here: `copy_of` is for
-        backends without `in_place`.)"""
-        if copy_of is not None:
+        existing file are written in place, so nothing is ever copied here: `copy_of` and
+        `copy_fd` are for backends without `in_place`.)"""
+        if copy_of is not None or copy_fd is not None:
             raise Unsupported("changes to an existing file are written in place")
         with _os_errors():
             return os.open(staging_id.encode(), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import stat as stat_mod
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,6 +62,7 @@ from .s3_common import (
     _ns_from_meta,
     _ns_to_meta,
     _s3_errors,
+    now_ns,
     parse_root,
 )
 from .s3_content import ContentTransfers, _Sparse
@@ -145,7 +145,7 @@ class S3Executor(ContentTransfers):
     # -- metadata ---------------------------------------------------------------------
     def _meta(self, kind: str, mode: int, uid: int, gid: int, mtime_ns: int | None = None,
               atime_ns: int | None = None, rdev: int = 0) -> dict[str, str]:
-        now = time.time_ns()
+        now = now_ns()
         meta = {"mode": str(TYPE_BITS[kind] | (mode & 0o7777)), "uid": str(uid), "gid": str(gid),
                 "mtime": _ns_to_meta(mtime_ns or now), "atime": _ns_to_meta(atime_ns or mtime_ns or now)}
         if rdev:
@@ -162,7 +162,7 @@ class S3Executor(ContentTransfers):
         else:
             kind, mode = "file", stat_mod.S_IMODE(raw_mode) if raw_mode else 0o644
         modified = head.get("LastModified")
-        fallback = int(modified.timestamp() * 1e9) if modified is not None else time.time_ns()
+        fallback = int(modified.timestamp() * 1e9) if modified is not None else now_ns()
         mtime = _ns_from_meta(meta.get("mtime")) or fallback
         size = int(head.get("ContentLength", head.get("Size", 0)) or 0)
         target = self._get_body(key) if kind == "symlink" else None
@@ -173,7 +173,7 @@ class S3Executor(ContentTransfers):
                     target=target, checksum=None if is_dir else _etag(head.get("ETag")))
 
     def _implied_dir(self) -> Stat:
-        now = time.time_ns()
+        now = now_ns()
         return Stat("dir", 0, 0o755, self.default_uid, self.default_gid, 0, now, now, now)
 
     def _head(self, key: str) -> dict | None:
@@ -394,6 +394,8 @@ class S3Executor(ContentTransfers):
                   times_ns: tuple[int, int] | None = None) -> Stat:
         """Metadata is rewritten by copying the object onto itself (a marker for a directory);
         a size change rewrites the content."""
+        if size is not None:
+            self.check_size(size)
         rel = rel.strip(b"/")
         current = self.stat(rel)
         is_dir = current.kind == "dir"
@@ -403,10 +405,10 @@ class S3Executor(ContentTransfers):
         new_gid = current.gid if gid is None else gid
         atime, mtime = times_ns if times_ns is not None else (current.atime_ns, current.mtime_ns)
         if size is not None and times_ns is None:
-            atime = mtime = time.time_ns()
+            atime = mtime = now_ns()
         meta = self._meta(current.kind, new_mode, new_uid, new_gid, mtime, atime, current.rdev)
         if not key:  # the bucket root has no object to hold its attributes
-            return Stat("dir", 0, new_mode, new_uid, new_gid, 0, atime, mtime, time.time_ns())
+            return Stat("dir", 0, new_mode, new_uid, new_gid, 0, atime, mtime, now_ns())
         etag = None
         if is_dir:
             self._put(key, b"", meta)
@@ -416,7 +418,7 @@ class S3Executor(ContentTransfers):
         else:
             etag = self._copy(key, key, None, current.size, meta=meta)
         return Stat(current.kind, current.size, new_mode, new_uid, new_gid, current.rdev if not is_dir else 0,
-                    atime, mtime, time.time_ns(), target=current.target, checksum=etag)
+                    atime, mtime, now_ns(), target=current.target, checksum=etag)
 
     def stat_node(self, rel: bytes) -> Stat:
         return self.stat(rel)  # objects are never followed: a symlink is an object of its own

@@ -2,6 +2,7 @@
 errors, and the s3fs/rclone metadata convention (see executors/s3.py)."""
 from __future__ import annotations
 
+import time
 from collections import namedtuple
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from .base import ExecutorError, InvalidArgument, NameTooLong, NotFound, Permiss
 MiB = 1 << 20
 GiB = 1 << 30
 MAX_KEY_BYTES = 1024
+CLOCK_REALTIME_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)  # Linux; Python 3.11 does not name it
 MAX_COPY_OBJECT = 5 * GiB  # CopyObject's limit; above it, a multipart copy (UploadPartCopy)
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _DENIED = {"403", "AccessDenied", "Forbidden"}
@@ -77,6 +79,13 @@ def _ns_from_meta(raw: str | None) -> int | None:
 
 def _ns_to_meta(ns: int) -> str:
     return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+
+
+def now_ns() -> int:
+    """The time S3 changes are stamped with: the kernel's coarse clock, as a native filesystem
+    stamps them (current_time()), so that a time the kernel takes for UTIME_NOW is never
+    before a ctime this backend gave a moment earlier."""
+    return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
 
 
 def _etag(value: str | None) -> str | None:

@@ -13,13 +13,15 @@ import base64
 import hashlib
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .base import AlreadyExists, ExecutorError, NotFound, RetriesExhausted, Stat, from_os_error
-from .s3_common import _etag, _s3_errors
+from .base import (AlreadyExists, ExecutorError, FileTooLarge, NotFound, RetriesExhausted, Stat, Superseded,
+                   from_os_error)
+from .s3_common import _etag, _s3_errors, now_ns
+
+MAX_OBJECT = 5 << 40  # S3's largest object: 5 TiB
 
 # Multipart uploads carry a CRC32 per part (a composite checksum the server checks part by
 # part). Without one, S3 now computes a full-object CRC64NVME at completion, and moto's server
@@ -98,12 +100,20 @@ class ContentTransfers:
 
         return self._multipart(dst_key, meta, ranges, one, expected=None)
 
-    def _multipart(self, key: str, meta: dict[str, str], items: list, one, expected: str | None) -> str:
+    def _multipart(self, key: str, meta: dict[str, str], items: list, one, expected: str | None,
+                   stop=None) -> str:
         with _s3_errors(f"CREATE MULTIPART {key}"):
             upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta,
                                                             ChecksumAlgorithm=PART_CHECKSUM)["UploadId"]
+
+        def part(item):
+            if stop is not None and stop():
+                raise Superseded(f"upload of {key} stopped")
+            return one(upload_id, item)
         try:
-            parts = list(self.pool.map(lambda item: one(upload_id, item), items))
+            parts = list(self.pool.map(part, items))
+            if stop is not None and stop():  # the last moment it can still be left incomplete
+                raise Superseded(f"upload of {key} stopped")
             with _s3_errors(f"COMPLETE MULTIPART {key}"):
                 resp = self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                              MultipartUpload={"Parts": parts})
@@ -120,7 +130,7 @@ class ContentTransfers:
 
     def _resize(self, key: str, etag: str | None, old_size: int, size: int, meta: dict[str, str]) -> str:
         """truncate(2) of an object: what stays of a large one is copied server-side."""
-        staging_id = f"{os.getpid()}.resize-{threading.get_ident()}-{time.time_ns()}"
+        staging_id = f"{os.getpid()}.resize-{threading.get_ident()}-{now_ns()}"
         fd = self.stage(staging_id)
         try:
             if etag and min(old_size, size) >= self.multipart_threshold:
@@ -139,33 +149,45 @@ class ContentTransfers:
 
     # -- staging: a local spool file, uploaded when it lands ------------------------------
     def stage(self, staging_id: str, *, copy_of: bytes | None = None, copy_size: int | None = None,
-              etag: str | None = None) -> int:
+              etag: str | None = None, copy_fd: int | None = None, whole: bool = False) -> int:
         """A new spool file opened read-write; with `copy_of`, standing for the object's current
-        content: downloaded for a small object; for a large one (known `etag`), a sparse file
-        whose parts are fetched only when read or changed (`prepare`), so that landing it uploads
-        the changed parts and copies the others server-side."""
+        content: downloaded for a small object (or with `whole`, any object: it is about to
+        go); for a large one (known `etag`), a sparse file whose parts are fetched only when
+        read or changed (`prepare`), so that landing it uploads the changed parts and copies
+        the others server-side. With `copy_fd`, a copy of that local file (its holes kept)."""
         try:
             fd = os.open(self.spool / staging_id, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise from_os_error(exc) from exc
         try:
-            if copy_of is not None:
+            if copy_fd is not None:
+                _copy_local(copy_fd, fd)
+            elif copy_of is not None:
                 key = self._key(copy_of)
                 if copy_size is None or etag is None:
                     head = self._head(key)
                     if head is None:
                         raise NotFound(key)
                     copy_size, etag = head["ContentLength"], _etag(head["ETag"])
-                if copy_size >= self.multipart_threshold:
+                if copy_size >= self.multipart_threshold and not whole:
                     os.ftruncate(fd, copy_size)
                     self._sparse[staging_id] = _Sparse(key, etag, copy_size, self._part_of(copy_size))
                 else:
                     self._download_into(fd, key, copy_size)
+                    os.ftruncate(fd, copy_size)
+        except OSError as exc:
+            os.close(fd)
+            self.discard(staging_id)
+            raise from_os_error(exc) from exc
         except BaseException:
             os.close(fd)
             self.discard(staging_id)
             raise
         return fd
+
+    def check_size(self, size: int) -> None:
+        if size > MAX_OBJECT:
+            raise FileTooLarge(f"{size} bytes: S3 objects hold at most {MAX_OBJECT}")
 
     def _part_of(self, size: int) -> int:
         return max(self.part_size, -(-size // 10000))  # S3 allows 10,000 parts
@@ -237,15 +259,16 @@ class ContentTransfers:
             if own:
                 os.close(fd)
         self.discard(staging_id)
-        return Stat("file", st.st_size, mode & 0o7777, uid, gid, 0, atime, mtime, time.time_ns(), checksum=etag)
+        return Stat("file", st.st_size, mode & 0o7777, uid, gid, 0, atime, mtime, now_ns(), checksum=etag)
 
-    def _upload(self, fd: int, key: str, meta: dict[str, str], *, new: bool = False) -> str:
+    def _upload(self, fd: int, key: str, meta: dict[str, str], *, new: bool = False, stop=None) -> str:
         size = os.fstat(fd).st_size
+        self.check_size(size)
         if size < self.multipart_threshold:
             return self._put(key, os.pread(fd, size, 0), meta, new=new)
         if new and self._head(key) is not None:  # a HEAD is noise beside a multipart upload
             raise AlreadyExists(key)
-        return self._upload_parts(fd, key, meta, size, self._part_of(size))
+        return self._upload_parts(fd, key, meta, size, self._part_of(size), stop=stop)
 
     def _upload_changed_parts(self, fd: int, staging_id: str, sp: "_Sparse", key: str, meta: dict[str, str],
                               size: int) -> str:
@@ -264,7 +287,7 @@ class ContentTransfers:
         return etag
 
     def _upload_parts(self, fd: int, key: str, meta: dict[str, str], size: int, part: int,
-                      source: "_Sparse | None" = None, copies: set[int] = frozenset()) -> str:
+                      source: "_Sparse | None" = None, copies: set[int] = frozenset(), stop=None) -> str:
         """A multipart upload from the spool file, parts in parallel. Each uploaded part's ETag
         is checked against its MD5 before the upload is completed (a bad part aborts it, and the
         old object stays); the object's ETag, the MD5 of the parts' MD5s, after."""
@@ -291,7 +314,7 @@ class ContentTransfers:
                 raise RetriesExhausted(f"part {number} of {key}: ETag does not match the content sent")
             return _part(number, resp)
 
-        upload = self._multipart(key, meta, items, one, expected=None)
+        upload = self._multipart(key, meta, items, one, expected=None, stop=stop)
         expected = hashlib.md5(b"".join(digests[n] for n, _, _ in items)).hexdigest() + f"-{len(items)}"
         if upload != expected:
             raise RetriesExhausted(f"multipart upload of {key}: ETag {upload}, expected {expected}")
@@ -345,10 +368,12 @@ class ContentTransfers:
         except FileNotFoundError:
             return None
 
-    def upload_pending(self, pending_id: str, rel: bytes, *, mode: int, uid: int, gid: int) -> Stat:
+    def upload_pending(self, pending_id: str, rel: bytes, *, mode: int, uid: int, gid: int,
+                       times_ns: tuple[int, int] | None = None, stop=None) -> Stat:
         """Upload a kept spool file as the object at `rel` (PUT with Content-MD5, or a verified
-        multipart upload). The file stays until `drop_pending`: the journal records the upload
-        first, so a crash in between uploads it again instead of losing track of it."""
+        multipart upload, which `stop()` answering True between parts abandons: Superseded).
+        The file stays until `drop_pending`: the journal records the upload first, so a crash
+        in between uploads it again instead of losing track of it."""
         key = self._key(rel)
         try:
             fd = os.open(self.pending_dir / pending_id, os.O_RDONLY | os.O_CLOEXEC)
@@ -356,12 +381,12 @@ class ContentTransfers:
             raise from_os_error(exc) from exc
         try:
             st = os.fstat(fd)
-            meta = self._meta("file", mode, uid, gid, st.st_mtime_ns, st.st_atime_ns)
-            etag = self._upload(fd, key, meta)
+            atime, mtime = times_ns if times_ns is not None else (st.st_atime_ns, st.st_mtime_ns)
+            meta = self._meta("file", mode, uid, gid, mtime, atime)
+            etag = self._upload(fd, key, meta, stop=stop)
         finally:
             os.close(fd)
-        return Stat("file", st.st_size, mode & 0o7777, uid, gid, 0, st.st_atime_ns, st.st_mtime_ns,
-                    time.time_ns(), checksum=etag)
+        return Stat("file", st.st_size, mode & 0o7777, uid, gid, 0, atime, mtime, now_ns(), checksum=etag)
 
     def drop_pending(self, pending_id: str) -> None:
         try:
@@ -379,3 +404,23 @@ class ContentTransfers:
     def staged(self) -> list[str]:
         return sorted(os.listdir(self.spool))
 
+
+
+def _copy_local(src: int, dst: int) -> None:
+    """Copy a local file's data, region by region (SEEK_DATA/SEEK_HOLE): its holes stay holes,
+    so a sparse 10 GiB spool file costs what it holds."""
+    size = os.fstat(src).st_size
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: nothing but a hole up to the end
+            break
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        while start < end:
+            copied = os.copy_file_range(src, dst, end - start, start, start)
+            if copied == 0:
+                break
+            start += copied
+        offset = end
+    os.ftruncate(dst, size)

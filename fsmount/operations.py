@@ -276,7 +276,7 @@ class Operations(pyfuse3.Operations):
     @changing
     def setattr(self, inode, attr, fields, fh, ctx):
         size = attr.st_size if fields.update_size else None
-        if size is not None and self.files.truncate_open(inode, size):
+        if size is not None and self.files.truncate_open(inode, size, fh):
             size = None
         changes = dict(
             mode=stat_mod.S_IMODE(attr.st_mode) if fields.update_mode else None,

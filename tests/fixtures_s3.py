@@ -10,7 +10,10 @@ import os
 import random
 import socket
 import stat
+import subprocess
+import sys
 import threading
+import time
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -29,17 +32,44 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """moto's ThreadedMotoServer on a free loopback port, for the whole session."""
-    from moto.server import ThreadedMotoServer
-
+def s3_endpoint(tmp_path_factory):
+    """moto's server on a free loopback port, for the whole session, in a process of its own:
+    in the test process it would share the GIL with the tests, and a test whose thread is held
+    in the kernel with the GIL (a write through a shared mapping of a file in the mount, which
+    waits for the mount, which waits for S3) would stop it."""
     for key, value in S3_ENV.items():
         os.environ.setdefault(key, value)
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    server = subprocess.Popen([sys.executable, "-c", MOTO_SERVER, str(port)], stdout=log, stderr=log,
+                              start_new_session=True)
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto's server did not start ({server.returncode})") from None
+            time.sleep(0.05)
+    yield url
+    server.terminate()
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+MOTO_SERVER = """
+import sys, threading
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
+server.start()
+threading.Event().wait()
+"""
 
 
 def s3_client(endpoint: str):
@@ -87,11 +117,11 @@ TEST_OPTIONS = {"part_size": 5 << 20, "multipart_threshold": 6 << 20, "chunk_siz
 
 
 def start_s3_mount(tmp_path: Path, env: dict, db, endpoint: str, bucket: str, *, options: dict | None = None,
-                   prefix: str = "data", read_only: bool = False) -> S3Tracked:
+                   prefix: str = "data", read_only: bool = False, xattrs: bool = False) -> S3Tracked:
     """Register `s3://bucket/prefix` as backend `s3` (importing what is there) and mount it."""
     env.update(S3_ENV)
     run_cli(env, "backend", "add", "s3", f"s3://{bucket}/{prefix}", "--endpoint-url", endpoint,
-            *(["--read-only"] if read_only else []))
+            *(["--read-only"] if read_only else []), *(["--xattrs"] if xattrs else []))
     opts = {**TEST_OPTIONS, **(options or {})}
     db.execute("UPDATE filestore.backend_mounts SET options = options || %s::jsonb WHERE name = 's3'",
                (json.dumps(opts),))

@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 import pytest
-from fixtures_posix import ALICE, Run, meta, wait_tick
+from fixtures_posix import ALICE, Run, meta, renameat2, wait_tick
 
 SCENARIOS: dict[str, dict] = {}
 
@@ -323,6 +323,20 @@ def grow_and_shrink(r: Run):
 
 
 @scenario("truncate")
+def huge_sizes(r: Run):
+    """A size past what the filesystem holds is EFBIG (ext4: 16 TiB; an S3 object: 5 TiB),
+    by path and through a descriptor, and changes nothing."""
+    write(r.p("f"), b"abc")
+    r.do("truncate to 999,999,999,999,999", os.truncate, r.p("f"), 999_999_999_999_999)
+    fd = os.open(r.p("f"), os.O_RDWR)
+    r.do("ftruncate to 999,999,999,999,999", os.ftruncate, fd, 999_999_999_999_999)
+    os.write(fd, b"x")
+    r.do("ftruncate after a write", os.ftruncate, fd, 999_999_999_999_999)
+    os.close(fd)
+    r.do("content", read, r.p("f"), keep=bytes)
+
+
+@scenario("truncate")
 def truncate_new_open_file(r: Run):
     fd = os.open(r.p("n"), os.O_RDWR | os.O_CREAT, 0o644)
     os.write(fd, b"abcdef")
@@ -368,33 +382,36 @@ def directory_cases(r: Run):
     r.note("nlink", (os.stat(r.p("empty")).st_nlink, os.stat(r.root).st_nlink))
 
 
-def _renameat2(old, new, flags: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
 @scenario("rename")
 def renameat2_flags(r: Run):
     write(r.p("a"), b"a")
     write(r.p("b"), b"b")
     os.mkdir(r.p("d"))
-    r.do("NOREPLACE onto existing", _renameat2, r.p("a"), r.p("b"), 1)
-    r.do("NOREPLACE onto free", _renameat2, r.p("a"), r.p("c"), 1)
-    r.do("EXCHANGE file and dir", _renameat2, r.p("c"), r.p("d"), 2)
-    r.do("EXCHANGE with missing", _renameat2, r.p("b"), r.p("zz"), 2)
-    r.do("both flags", _renameat2, r.p("b"), r.p("c"), 3)
+    r.do("NOREPLACE onto existing", renameat2, r.p("a"), r.p("b"), 1)
+    r.do("NOREPLACE onto free", renameat2, r.p("a"), r.p("c"), 1)
+    r.do("EXCHANGE file and dir", renameat2, r.p("c"), r.p("d"), 2)
+    r.do("EXCHANGE with missing", renameat2, r.p("b"), r.p("zz"), 2)
+    r.do("both flags", renameat2, r.p("b"), r.p("c"), 3)
     r.note("kinds", {n: stat.S_ISDIR(os.lstat(r.p(n)).st_mode) for n in ("b", "c", "d")})
+
+
+def attempt(fn, *args, **kwargs) -> str:
+    """Call fn; its errno's name instead of an exception (a step whose failure is expected on
+    some backend kinds, fixtures_posix.DIFFERENCES, and which later steps do not depend on)."""
+    try:
+        fn(*args, **kwargs)
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    return "ok"
 
 
 @scenario("rename")
 def hard_link_names(r: Run):
     write(r.p("a"), b"x")
-    os.link(r.p("a"), r.p("b"))
+    r.do("link", os.link, r.p("a"), r.p("b"))
     r.do("rename onto another name of the same file", os.rename, r.p("a"), r.p("b"))
     r.note("both names stay", sorted(os.listdir(r.root)))
-    r.note("nlink", os.stat(r.p("a")).st_nlink)
+    r.do("nlink", os.stat, r.p("a"), keep=lambda st: st.st_nlink)
 
 
 @scenario("rename")
@@ -500,12 +517,15 @@ def hard_links(r: Run):
     write(r.p("a"), b"shared")
     os.mkdir(r.p("d"))
     r.do("link", os.link, r.p("a"), r.p("d", "b"))
-    r.note("same inode", os.stat(r.p("a")).st_ino == os.stat(r.p("d", "b")).st_ino)
-    r.note("nlink", os.stat(r.p("a")).st_nlink)
-    write(r.p("d", "b"), b"changed", os.O_WRONLY | os.O_TRUNC)
-    r.note("content through other name", read(r.p("a")))
-    os.chmod(r.p("a"), 0o600)
-    r.note("mode through other name", oct(stat.S_IMODE(os.stat(r.p("d", "b")).st_mode)))
+    if os.path.exists(r.p("d", "b")):  # not on a backend without hard links (DIFFERENCES)
+        r.note("same inode", os.stat(r.p("a")).st_ino == os.stat(r.p("d", "b")).st_ino)
+        r.note("nlink", os.stat(r.p("a")).st_nlink)
+        write(r.p("d", "b"), b"changed", os.O_WRONLY | os.O_TRUNC)
+        r.note("content through other name", read(r.p("a")))
+        os.chmod(r.p("a"), 0o600)
+        r.note("mode through other name", oct(stat.S_IMODE(os.stat(r.p("d", "b")).st_mode)))
+    else:
+        write(r.p("d", "b"), b"changed")
     r.do("link a dir", os.link, r.p("d"), r.p("d2"))
     r.do("link onto existing", os.link, r.p("a"), r.p("d", "b"))
     r.do("link missing", os.link, r.p("missing"), r.p("x"))
@@ -513,7 +533,7 @@ def hard_links(r: Run):
     r.note("after unlink", (read(r.p("d", "b")), os.stat(r.p("d", "b")).st_nlink))
     os.symlink("d/b", r.p("sym"))
     r.do("link a symlink (not followed)", os.link, r.p("sym"), r.p("sym2"), follow_symlinks=False)
-    r.note("link of a symlink is a symlink", stat.S_ISLNK(os.lstat(r.p("sym2")).st_mode))
+    r.do("link of a symlink is a symlink", os.lstat, r.p("sym2"), keep=lambda st: stat.S_ISLNK(st.st_mode))
     os.mkfifo(r.p("fifo"))
     r.do("link a fifo", os.link, r.p("fifo"), r.p("fifo2"))
 
@@ -589,8 +609,8 @@ def ctime_and_mtime_rules(r: Run):
         ("truncate", lambda: os.truncate(r.p("f"), 1), "f"),
         ("truncate same size", lambda: os.truncate(r.p("f"), 1), "f"),
         ("O_TRUNC open", lambda: os.close(os.open(r.p("f"), os.O_WRONLY | os.O_TRUNC)), "f"),
-        ("link", lambda: os.link(r.p("f"), r.p("f2")), "f"),
-        ("unlink other name", lambda: os.unlink(r.p("f2")), "f"),
+        ("link", lambda: attempt(os.link, r.p("f"), r.p("f2")), "f"),
+        ("unlink other name", lambda: attempt(os.unlink, r.p("f2")), "f"),
         ("rename", lambda: os.rename(r.p("f"), r.p("g")), ("f", "g")),
         ("read", lambda: read(r.p("g")), "g"),
         ("create in dir", lambda: write(r.p("d", "x"), b""), "d"),
@@ -678,6 +698,10 @@ def special_files(r: Run):
 
 # == statfs =================================================================================
 def test_statfs_reports_the_backend_filesystem(sides):
+    if sides.kind == "s3":  # S3 has no capacity: a large constant, as s3fs and rclone report
+        mine = os.statvfs(sides.mount)
+        assert mine.f_namemax == 255 and mine.f_bavail * mine.f_frsize >= 1 << 50
+        return
     mine, disk = os.statvfs(sides.mount), os.statvfs(sides.tracked.backend_root)
     assert mine.f_namemax == 255
     assert mine.f_blocks * mine.f_frsize == disk.f_blocks * disk.f_frsize
@@ -716,6 +740,19 @@ def name_lengths(r: Run):
     r.do("rename to 256", os.rename, r.p("a" * 255), r.p("f" * 256))
     r.do("a path of 4096 bytes", os.stat, r.p(*(["x" * 200] * 21)))
     r.note("listing", sorted(os.listdir(r.root)))
+
+
+@scenario("names")
+def deep_long_paths(r: Run):
+    """Paths of 1,000-2,000 bytes: fine natively (PATH_MAX is 4,096); past 1,024 bytes of key
+    an S3 backend refuses new names (fixtures_posix.DIFFERENCES)."""
+    parts: list[str] = []
+    for i in range(9):
+        parts.append(f"{i}" + "d" * 199)
+        r.do(f"mkdir at depth {i + 1}", os.mkdir, r.p(*parts))
+    r.do("file at the bottom", write, r.p(*parts[:4], "f" * 200), b"x")
+    r.do("rename to a longer path", os.rename, r.p(*parts[:4], "f" * 200), r.p(*parts[:5], "g" * 200))
+    r.note("depth reached", sum(1 for _ in os.walk(r.root)))
 
 
 # == extended attributes ====================================================================
@@ -766,7 +803,7 @@ def user_xattrs(r: Run):
     wait_tick()
     os.setxattr(r.p("f"), "user.t", b"t")
     r.note("setxattr moves ctime only", moved(before, os.stat(r.p("f")))[1:])
-    os.link(r.p("f"), r.p("f2"))
+    r.do("link", os.link, r.p("f"), r.p("f2"))
     r.do("shared by hard links", os.getxattr, r.p("f2"), "user.t", keep=bytes)
     write(r.p("f"), b"rewritten", os.O_WRONLY | os.O_TRUNC)
     r.do("kept by an O_TRUNC rewrite", os.listxattr, r.p("f"), keep=sorted)

@@ -1,5 +1,7 @@
 """Hard links and special files (FIFOs, sockets, devices) through the mount: nodes like any
-other, journaled, with the real thing on the local backend."""
+other, journaled, with the real thing on the local backend. Special files run on S3 backends
+too (an empty object with its type bits, which the kernel serves as a FIFO or socket); hard links
+and RENAME_EXCHANGE are what S3 answers as fixtures_posix.DIFFERENCES says."""
 from __future__ import annotations
 
 import errno
@@ -9,6 +11,7 @@ import subprocess
 
 import pytest
 from conftest import add_backend
+from fixtures_posix import differs
 
 
 def entries_of(tracked, node_id: int) -> list[bytes]:
@@ -93,13 +96,24 @@ def test_link_errors(tracked):
         assert exc.value.errno == expected
 
 
-def test_fifo_is_a_node_and_a_real_fifo(tracked):
+def _object_mode(fs, rel: str) -> int:
+    from fixtures_s3 import s3_client, wait_uploaded
+
+    wait_uploaded(fs)
+    return int(s3_client(fs.endpoint).head_object(Bucket=fs.bucket, Key=f"data/{rel}")["Metadata"]["mode"])
+
+
+def test_fifo_is_a_node_and_a_real_fifo(fs):
+    tracked = fs
     since = tracked.last_journal_id()
     os.mkfifo(tracked.path / "pipe", 0o640)
     st = os.lstat(tracked.path / "pipe")
     assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
-    assert stat.S_ISFIFO(os.lstat(tracked.backend_root / "pipe").st_mode)
-    node = tracked.node("pipe")
+    if fs.kind == "local":
+        assert stat.S_ISFIFO(os.lstat(tracked.backend_root / "pipe").st_mode)
+    else:
+        assert _object_mode(fs, "pipe") == stat.S_IFIFO | 0o640
+    node = tracked.node("pipe", fs.kind if fs.kind == "s3" else "local")
     assert (node["kind"], node["mode"], node["id"]) == ("fifo", 0o640, st.st_ino)
     rows = tracked.journal(since)
     assert commands(rows) == [("mknod", "committed")] and rows[0]["args"]["kind"] == "fifo"
@@ -109,15 +123,22 @@ def test_fifo_is_a_node_and_a_real_fifo(tracked):
         w.write(b"through the pipe")
     assert reader.communicate(timeout=10)[0] == b"through the pipe"
     os.rename(tracked.path / "pipe", tracked.path / "pipe2")
-    assert stat.S_ISFIFO(os.lstat(tracked.backend_root / "pipe2").st_mode)
+    if fs.kind == "local":
+        assert stat.S_ISFIFO(os.lstat(tracked.backend_root / "pipe2").st_mode)
+    else:
+        assert _object_mode(fs, "pipe2") == stat.S_IFIFO | 0o640
     os.unlink(tracked.path / "pipe2")
-    assert not os.path.lexists(tracked.backend_root / "pipe2")
+    assert not os.path.lexists(tracked.path / "pipe2")
+    if fs.kind == "local":
+        assert not os.path.lexists(tracked.backend_root / "pipe2")
 
 
-def test_socket_and_devices(tracked):
+def test_socket_and_devices(fs):
+    tracked = fs
+    backend = "s3" if fs.kind == "s3" else "local"
     os.mknod(tracked.path / "sock", stat.S_IFSOCK | 0o600)
     assert stat.S_ISSOCK(os.lstat(tracked.path / "sock").st_mode)
-    assert tracked.node("sock")["kind"] == "socket"
+    assert tracked.node("sock", backend)["kind"] == "socket"
     if os.geteuid() != 0:
         pytest.skip("devices need root")
     dev = os.makedev(1, 3)
@@ -125,13 +146,38 @@ def test_socket_and_devices(tracked):
     os.mknod(tracked.path / "blk", stat.S_IFBLK | 0o600, os.makedev(7, 0))
     st = os.lstat(tracked.path / "null")
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == dev
-    assert os.lstat(tracked.backend_root / "null").st_rdev == dev
+    if fs.kind == "local":
+        assert os.lstat(tracked.backend_root / "null").st_rdev == dev
     assert stat.S_ISBLK(os.lstat(tracked.path / "blk").st_mode)
-    row = tracked.node("null")
+    row = tracked.node("null", backend)
     assert (row["kind"], row["rdev"]) == ("chardev", dev)
     tracked.restart()  # kinds and device numbers come back from the database
     st = os.lstat(tracked.path / "null")
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == dev
+
+
+def test_hard_links_and_exchange_answer_as_listed_where_the_backend_has_none(fs):
+    """On a backend listed without hard links (S3), link(2) answers its errno and is journaled
+    as failed, renameat2(RENAME_EXCHANGE) too, and nothing changes."""
+    link, exchange = differs(fs.kind, "link"), differs(fs.kind, "renameat2")
+    if link is None:
+        pytest.skip("this backend kind has hard links and RENAME_EXCHANGE: the tests above")
+    (fs.path / "a").write_bytes(b"x")
+    (fs.path / "b").write_bytes(b"y")
+    from fixtures_s3 import wait_uploaded
+
+    wait_uploaded(fs)
+    since = fs.last_journal_id()
+    with pytest.raises(OSError) as exc:
+        os.link(fs.path / "a", fs.path / "c")
+    assert exc.value.errno == link.errno
+    with pytest.raises(OSError) as exc:
+        _renameat2(fs.path / "a", fs.path / "b", RENAME_EXCHANGE)
+    assert exc.value.errno == exchange.errno
+    assert sorted(os.listdir(fs.path)) == ["a", "b"]
+    assert (fs.path / "a").read_bytes() == b"x" and (fs.path / "b").read_bytes() == b"y"
+    assert [(r["command"], r["status"], r["errno"]) for r in fs.journal(since)] == [
+        ("link", "failed", link.errno), ("rename", "failed", exchange.errno)]
 
 
 def test_tar_round_trip_keeps_hard_links_and_fifos(tracked, native):

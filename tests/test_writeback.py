@@ -106,32 +106,82 @@ def test_fsync_returns_once_the_object_is_in_s3(wb, s3, fault_proxy):
         os.close(fd)
 
 
-def test_renames_and_unlinks_of_pending_files_wait_for_their_uploads(wb, s3, fault_proxy):
+def test_renames_and_unlinks_of_pending_files_do_not_wait_for_their_uploads(wb, s3, fault_proxy):
+    """S3 refuses every PUT: renames (of files and of a directory of pending files), an unlink
+    and a chmod all return at once; the uploads land under the new names once S3 answers,
+    journaled after the renames, and the unlinked file's upload never happens."""
     t = wb
     (t.path / "dir").mkdir()
-    fault_proxy.fail_when = puts_fail
+
+    def file_puts_fail(method: str, path: str) -> bool:  # a directory's marker is copied by the rename
+        return method == "PUT" and not path.endswith("/")
+    fault_proxy.fail_when = file_puts_fail
     (t.path / "a.txt").write_bytes(b"a")
     (t.path / "b.txt").write_bytes(b"b")
     for i in range(10):
         (t.path / "dir" / f"f{i}").write_bytes(b"%d" % i * 100)
     t.settle()
     assert pending_uploads(t.db) == 12
-
-    def change():
-        os.rename(t.path / "a.txt", t.path / "c.txt")
-        os.unlink(t.path / "b.txt")
-        os.rename(t.path / "dir", t.path / "dir2")
-    thread, out = in_thread(change)
-    wait_until(lambda: failed_attempts(t.db) >= 1, timeout=30, message="failed attempts recorded")
+    os.rename(t.path / "a.txt", t.path / "c.txt")
+    os.chmod(t.path / "c.txt", 0o600)
+    os.unlink(t.path / "b.txt")
+    os.rename(t.path / "dir", t.path / "dir2")
+    assert keys(s3, t.bucket) == ["data/dir2/"]  # no upload landed meanwhile
+    assert pending_uploads(t.db) == 11  # the unlink cancelled b.txt's, in its own transaction
+    assert (t.path / "c.txt").read_bytes() == b"a" and (t.path / "dir2" / "f3").read_bytes() == b"3" * 100
     fault_proxy.fail_when = None
-    thread.join(120)
-    assert "error" not in out, out
+    wait_uploaded(t)
     assert keys(s3, t.bucket) == ["data/c.txt", "data/dir2/"] + [f"data/dir2/f{i}" for i in range(10)]
     assert body(s3, t.bucket, "data/c.txt") == b"a"
+    assert s3.head_object(Bucket=t.bucket, Key="data/c.txt")["Metadata"]["mode"] == str(0o100600)
     assert body(s3, t.bucket, "data/dir2/f7") == b"7" * 100
-    assert (t.path / "dir2" / "f3").read_bytes() == b"3" * 100
-    commands = [j["command"] for j in t.journal() if j["path"] in ("a.txt", "c.txt")]
-    assert commands == ["create", "write", "upload", "rename"]
+    rows = t.journal()
+    commands = [j["command"] for j in rows if j["path"] in ("a.txt", "c.txt")]
+    assert commands == ["create", "write", "rename", "setattr", "upload"]
+    unlink = [j for j in rows if j["command"] == "unlink"]
+    assert unlink[0]["path"] == "b.txt" and unlink[0]["args"]["upload"] == "cancelled"
+    assert not any(j["command"] == "upload" and j["path"] == "b.txt" for j in rows)
+
+
+GiB = 1 << 30
+
+
+def test_a_pending_1_gib_file_is_renamed_and_another_unlinked_while_their_uploads_are_held(wb, s3, fault_proxy):
+    """Two sparse 1 GiB files are being sent (their parts held by the proxy, as a slow network
+    would): renaming one and unlinking the other return while the sends are still held; the
+    renamed one lands under its new key only, the unlinked one nowhere, and no multipart
+    upload is left open."""
+    t = wb
+    for name in ("big1", "big2"):
+        with open(t.path / name, "wb") as f:
+            f.truncate(GiB)
+            f.seek(GiB - 5)
+            f.write(name.encode() + b"!")
+            f.seek(0)
+            f.write(b"head-" + name.encode())
+    fault_proxy.hold_when = lambda method, path: method == "PUT" and "partNumber" in path and "/data/big" in path
+    t.settle()
+    wait_until(lambda: fault_proxy.held >= 2, timeout=60, message="both sends to be under way")
+    os.rename(t.path / "big1", t.path / "moved")
+    os.unlink(t.path / "big2")
+    held = fault_proxy.held
+    assert not fault_proxy._released.is_set() and held >= 2  # answered while the sends are held
+    assert sorted(os.listdir(t.path)) == ["moved"]
+    with open(t.path / "moved", "rb") as f:  # read from the spool file meanwhile
+        assert f.read(9) == b"head-big1" and os.pread(f.fileno(), 6, GiB - 6) == b"\0big1!"[-6:]
+    fault_proxy.hold_when = None
+    fault_proxy.release()  # the held parts fail; the renamed file is sent again, to its new key
+    wait_uploaded(t, timeout=240)
+    assert keys(s3, t.bucket) == ["data/moved"]
+    head = s3.head_object(Bucket=t.bucket, Key="data/moved")
+    assert head["ContentLength"] == GiB
+    got = s3.get_object(Bucket=t.bucket, Key="data/moved", Range=f"bytes={GiB - 5}-{GiB - 1}")["Body"].read()
+    assert got == b"big1!"
+    assert not s3.list_multipart_uploads(Bucket=t.bucket).get("Uploads")
+    rows = t.journal()
+    assert [j["command"] for j in rows if j["path"] in ("big1", "moved")] == ["create", "write", "rename", "upload"]
+    assert [j["args"].get("upload") for j in rows if j["command"] == "unlink"] == ["cancelled"]
+    assert not os.listdir(t.pending)
 
 
 def test_a_new_open_for_writing_waits_and_starts_from_the_uploaded_content(wb, s3, fault_proxy):

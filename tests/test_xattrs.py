@@ -9,6 +9,7 @@ import struct
 import subprocess
 
 import pytest
+from fixtures_posix import stored as backend_holds
 
 
 def stored(tracked, node_id: int) -> dict[bytes, bytes]:
@@ -238,3 +239,25 @@ def test_crash_after_the_disk_change_is_adopted_at_restart(tracked, command):
     expected = b"new" if command == "setxattr" else b"old"
     assert os.getxattr(path, "user.v") == expected
     assert stored(tracked, tracked.node("f")["id"]) == {b"user.v": expected}
+
+
+def test_xattrs_on_every_backend_kind_are_journaled_and_survive_a_restart(fs):
+    """The same user.* attributes on a local and an S3 backend (the database holds them; S3
+    objects keep none, so the row says on_disk false there), kept across a rename, a rewrite
+    by rename and a restart. Behaviour shared with native is compared in test_conformance.py
+    on both kinds."""
+    path = fs.path / "f"
+    path.write_bytes(b"x")
+    assert backend_holds(fs, "f") == b"x"  # S3: once its upload landed (journaled), before `since`
+    since = fs.last_journal_id()
+    os.setxattr(path, "user.colour", b"blue")
+    rows = fs.journal(since)
+    assert [(r["command"], r["status"]) for r in rows] == [("setxattr", "committed")]
+    assert rows[0]["args"]["on_disk"] is (fs.kind == "local")
+    os.rename(path, fs.path / "g")
+    (fs.path / "g.tmp").write_bytes(b"new")
+    os.rename(fs.path / "g.tmp", fs.path / "h")
+    fs.restart()
+    assert os.getxattr(fs.path / "g", "user.colour") == b"blue"
+    assert os.listxattr(fs.path / "h") == []
+    assert errno_of(os.getxattr, fs.path / "g", "user.missing") == errno.ENODATA

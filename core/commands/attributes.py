@@ -20,7 +20,7 @@ def setattr(t: Template, who: Principal, node_id: int, *, mode: int | None = Non
             mtime_ns: int | None = None, idempotency_key: str | None = None) -> Node:
     if node_id == ROOT_INODE:
         raise FsError(errno.EPERM)
-    t.settle(node_id)
+    t.files.settle(node_id, content=size is not None)  # a size change starts from uploaded content
     node = t.ns.node(node_id)
     if size is not None and mode is None and drops_sgid(node, who):
         mode = node.mode & ~S_ISGID
@@ -37,10 +37,24 @@ def setattr(t: Template, who: Principal, node_id: int, *, mode: int | None = Non
     if atime_ns is not None or mtime_ns is not None:
         times = (node.atime_ns if atime_ns is None else atime_ns, node.mtime_ns if mtime_ns is None else mtime_ns)
     executor = backend.executor
+    with t.files.clear(backend):  # S3: ordered with the landings of uploads
+        # A file whose S3 upload is pending changes only in the records: its landing applies
+        # the node's attributes as they are then (core.commands.writeback).
+        pending = t.files.pending_upload(node_id) if size is None else None
 
-    def execute() -> Stat:
-        return executor.set_attrs(rel, mode=mode & 0o7777 if mode is not None else None, uid=uid,
-                                  gid=gid, size=size, times_ns=times)
+        def execute() -> Stat:
+            if pending is not None:
+                cmd.args["upload"] = "pending"
+                now = time.time_ns()
+                return Stat(node.kind, node.size, node.mode if mode is None else mode & 0o7777,
+                            node.uid if uid is None else uid, node.gid if gid is None else gid, node.rdev,
+                            times[0] if times else node.atime_ns, times[1] if times else node.mtime_ns, now)
+            return executor.set_attrs(rel, mode=mode & 0o7777 if mode is not None else None, uid=uid,
+                                      gid=gid, size=size, times_ns=times)
+        return _record_setattr(t, cmd, node_id, mode, uid, gid, size, times, execute)
+
+
+def _record_setattr(t: Template, cmd: Command, node_id: int, mode, uid, gid, size, times, execute) -> Node:
 
     def record(st: Stat):
         current = t.ns.node(node_id)
@@ -107,13 +121,13 @@ def _xattr_change(t: Template, command: str, who: Principal, node_id: int, name:
     t.settle(node_id)
     executor = backend.executor
 
-    def execute() -> Stat:
+    def execute() -> Stat | None:
         # The database holds the attribute; the disk keeps a copy where it can (D18).
         try:
             st = executor.set_xattr(rel, name, value) if value is not None else executor.remove_xattr(rel, name)
             cmd.args["on_disk"] = True
         except (Unsupported, NoSpace):
-            st = executor.stat_node(rel)
+            st = None  # nothing changed on the backend (S3 keeps none: its object may not exist yet)
             cmd.args["on_disk"] = False
         return st
 

@@ -9,6 +9,7 @@ A durable commit (fsync, O_SYNC) flushes the data here; its caller then waits fo
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -62,12 +63,18 @@ class ContentCommits:
 
     def commit(self, of: OpenFile, *, durable: bool) -> None:
         """Record what the file changed; with `durable`, its data is on disk first."""
+        if of.pending is None and self.ns.parent_of(of.node_id) is None:
+            # Unlinked while open: the content dies with the last handle (a spool file holding
+            # it stays with the open file until then); nothing to record.
+            if of.request_id is not None:
+                self.orch.intents.resolved([of.request_id])
+            if durable and of.fd is not None:
+                os.fsync(of.fd)
+            of.request_id, of.ranges, of.attrs = None, [], {}
+            return
         try:
             if of.pending is not None:
                 self._created(of, durable=durable)
-            elif self.ns.parent_of(of.node_id) is None:
-                # Unlinked while open: the content dies with the last handle; nothing to record.
-                self.orch.intents.resolved([of.request_id])
             else:
                 self._written(of, durable=durable)
         except BaseException:
@@ -118,16 +125,23 @@ class ContentCommits:
                 upload, st = self.writeback.keep(of.backend, node, staging_id, of.fd, rel, request_id)
                 kept.append(upload)
                 return st
-            if staging_id is None:
-                return executor.create_file(parent_rel, name, node.mode, node.uid, node.gid)
-            st = executor.land(staging_id, parent_rel, name, mode=node.mode, uid=node.uid, gid=node.gid,
-                               times_ns=None, durable=durable, noreplace=True)
+            rel = parent_rel + b"/" + name if parent_rel else name
+            with self._key_clear(of.backend, rel):  # S3: a stale upload to that key lands first
+                if staging_id is None:
+                    return executor.create_file(parent_rel, name, node.mode, node.uid, node.gid)
+                st = executor.land(staging_id, parent_rel, name, mode=node.mode, uid=node.uid, gid=node.gid,
+                                   times_ns=None, durable=durable, noreplace=True)
             crash_point("after_land")
             return st
 
         write = write_args(of.ranges, staged=True, durable=durable, attrs=of.attrs) if staging_id else None
         self.orch.finish_create(of.pending, land=land, write=write, writer=of.who, request_id=request_id,
                                 upload=(lambda: kept[0].row) if write_back else None)
+
+    def _key_clear(self, backend: Backend, rel: bytes):
+        if self.writeback is None:
+            return contextlib.nullcontext()
+        return self.writeback.clear(backend, keys=(rel,))
 
     def _writes_back(self, backend: Backend, staging_id: str | None, durable: bool) -> bool:
         wb = self.writeback

@@ -19,6 +19,7 @@ reader (ranged GETs, read-ahead, an on-disk cache keyed by node id and ETag).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -26,7 +27,7 @@ import time
 
 from core.commands.commits import ContentCommits, OpenFile
 from core.commands.orchestrator import Orchestrator
-from core.commands.writeback import WriteBack
+from core.commands.writeback import SpoolReader, WriteBack
 from core.errors import FsError, translated
 from core.faults import crash_point
 from core.journal.intents import Intent
@@ -50,6 +51,8 @@ class FileTable:
         # Descriptors of files whose last name was removed while the kernel may still hold
         # them (looked up, not yet forgotten): an open of such an inode works, as natively.
         self._retained: dict[int, int] = {}
+        # S3 objects of such files (backend-relative path, size, ETag), read while S3 holds them
+        self._retained_objects: dict[int, tuple[bytes, int, str]] = {}
         self._handles: dict[int, OpenFile] = {}
         self._next = itertools.count(1)
 
@@ -62,25 +65,50 @@ class FileTable:
         self._by_node[pending.node.id] = of
         return self._new_handle(of), pending.node
 
-    def settle(self, node_id: int) -> None:
+    def settle(self, node_id: int, *, content: bool = False) -> None:
         """Put a file created here, or staged content, on the backend before another command
         changes the file (rename, link, unlink, setattr...): a hard link made to a file whose
-        rewrite is staged would otherwise be split from it when the staged content lands."""
+        rewrite is staged would otherwise be split from it when the staged content lands.
+        Content written back to S3 and not uploaded yet stays pending: names and attributes
+        change without waiting for it (core.commands.writeback); with `content` (a size
+        change), the upload lands first."""
         of = self._by_node.get(node_id)
         if of is not None:
-            if of.pending is not None or of.staging_id is not None:
+            if of.pending is not None or (of.staging_id is not None and of.dirty):
                 self.commits.commit(of, durable=False)
-            if of.fd is None and not of.fresh:
+            if of.fd is None and not of.fresh and of.backend.executor.in_place:
                 # The command may remove the name (unlink, rename over): an open file stays
                 # readable and writable until its last close, so take its descriptor now.
                 self._descriptor(of)
-        self._await_upload(node_id)
+        if content:
+            self._await_upload(node_id)
 
-    def settle_tree(self, backend: Backend) -> None:
-        """Before a directory moves or goes on S3 (which lists the objects under it): pending
-        uploads of that backend land first."""
+    def settle_tree(self, backend: Backend, rel: bytes = b"") -> None:
+        """Before a directory at `rel` moves or goes on S3 (which lists the objects under it):
+        uploads still being sent under it for files no longer there finish first (commands
+        take `clear(under=...)`, which also orders them with the landings)."""
         if self.writeback is not None:
-            self.writeback.wait_backend(backend)
+            self.writeback.wait_stale_under(backend, rel)
+
+    # -- write-back: what commands on names and attributes ask (core.commands.writeback) --
+    def clear(self, backend: Backend, *, keys: tuple[bytes, ...] = (), under: tuple[bytes, ...] = ()):
+        """A context that orders a command on a backend that writes back with the uploads (see
+        WriteBack.clear); a plain no-op elsewhere."""
+        if self.writeback is None:
+            return contextlib.nullcontext()
+        return self.writeback.clear(backend, keys=keys, under=under)
+
+    def pending_upload(self, node_id: int):
+        """This mount's pending upload of the node (S3 content not uploaded yet), if any."""
+        return self.writeback.pending_upload(node_id) if self.writeback is not None else None
+
+    def cancel_upload(self, node_id: int) -> None:
+        if self.writeback is not None:
+            self.writeback.cancel(node_id)
+
+    def moved(self) -> None:
+        if self.writeback is not None:
+            self.writeback.moved()
 
     def _await_upload(self, node_id: int) -> None:
         """Content of an S3 file recorded but not uploaded yet (here or by another mount) lands
@@ -91,23 +119,70 @@ class FileTable:
         if node.kind == "file" and self.writeback.is_s3(self.ns.backend_of(node)):
             self.writeback.wait(node_id)
 
-    def retain(self, node_id: int) -> None:
+    RETAIN_COPY_BYTES = 1 << 20  # S3: a replaced file up to this size is kept whole (one GET)
+
+    def retain(self, node_id: int, *, replaced: bool = False) -> None:
         """Called before a command removes a regular file's last name (unlink, rename over).
 
         A reader that looked the name up just before may open the inode just after, as a
         native open holds the inode it resolved; keep a descriptor until the kernel forgets.
         """
         node = self.ns.node(node_id)
-        if node.kind != "file" or node.nlink > 1 or node_id in self._retained:
+        if node.kind != "file" or node.nlink > 1 or node_id in self._retained or node_id in self._retained_objects:
             return
         of = self._by_node.get(node_id)
         if of is not None and of.fresh:
             return
         backend, rel = self.ns.path_of(node_id)
+        if not backend.executor.in_place:
+            if of is not None:
+                self._keep_open_copy(of, node, rel)
+            # What a reader that looked the name up may still open. Content not uploaded yet
+            # is kept (a descriptor onto its spool file: no copy); a small file replaced by a
+            # rename (an editor's save, a config swapped in) is downloaded whole, as a reader
+            # may be opening it now; any other object is remembered (key and ETag): it is read
+            # while S3 still holds it there, or from the read cache.
+            source = self.writeback.spool_fd(node_id) if self.writeback is not None else None
+            if source is None and replaced and node.checksum is not None and node.size <= self.RETAIN_COPY_BYTES:
+                staging_id = f"{os.getpid()}.retained-{new_request_id()}"
+                try:
+                    source = backend.executor.stage(staging_id, copy_of=rel, copy_size=node.size,
+                                                    etag=node.checksum, whole=True)
+                except ExecutorError:
+                    source = None
+                finally:
+                    backend.executor.discard(staging_id)  # the name goes, the descriptor keeps it
+            if source is not None:
+                self._retained[node_id] = source
+            elif node.checksum is not None:
+                self._retained_objects[node_id] = (rel, node.size, node.checksum)
+            return
         try:
             self._retained[node_id] = backend.executor.open_file(rel, write=not backend.read_only)
         except ExecutorError:
             pass  # nothing to keep: the removal itself will report what is wrong
+
+    def _keep_open_copy(self, of: OpenFile, node: Node, rel: bytes) -> None:
+        """A file open here whose object is about to go (S3 has no descriptor onto an object):
+        its content is copied into a spool file the open file keeps until its last close, so
+        it stays readable and writable as POSIX wants. The copy is local when the content is
+        written back and not uploaded yet, else downloaded (whole: the object will be gone)."""
+        if of.staging_id is not None:
+            return  # it holds its content already
+        staging_id = f"{os.getpid()}.kept-{new_request_id()}"
+        executor = of.backend.executor
+        source = self.writeback.spool_fd(node.id) if self.writeback is not None else None
+        with translated():
+            try:
+                fd = executor.stage(staging_id, copy_fd=source) if source is not None else \
+                    executor.stage(staging_id, copy_of=rel, copy_size=node.size, etag=node.checksum, whole=True)
+            finally:
+                if source is not None:
+                    os.close(source)
+        if of.reader is not None:
+            of.reader.close()
+            of.reader = None
+        of.staging_id, of.fd = staging_id, fd
 
     def unrecorded_in(self, dir_id: int) -> list[tuple[int, bytes, Node]]:
         """Files created in this directory by this process and not recorded yet (namespace
@@ -123,6 +198,7 @@ class FileTable:
 
     def forget(self, node_id: int) -> None:
         """The kernel dropped its last reference to the inode: a retained descriptor goes."""
+        self._retained_objects.pop(node_id, None)
         fd = self._retained.pop(node_id, None)
         if fd is not None:
             os.close(fd)
@@ -218,6 +294,15 @@ class FileTable:
                 executor.prepare(of.staging_id, of.fd, offset, length)
 
     def _reader(self, of: OpenFile):
+        if of.reader is None and self.ns.parent_of(of.node_id) is None:
+            # a file whose last name went just before it was opened (core.commands.files.retain)
+            node = self.ns.node(of.node_id)
+            if of.node_id in self._retained:
+                of.reader = SpoolReader(os.dup(self._retained[of.node_id]))
+            elif of.node_id in self._retained_objects:
+                rel, size, etag = self._retained_objects[of.node_id]
+                with translated():
+                    of.reader = of.backend.executor.reader(rel, size=size, etag=etag, cache_key=f"{node.id}.{etag}")
         if of.reader is None:
             node = self.ns.node(of.node_id)
             wb = self.writeback
@@ -258,6 +343,12 @@ class FileTable:
         if of.fresh and of.fd is None:
             self._stage(of)
             return
+        node = self.ns.node(of.node_id)
+        if drops_sgid(node, of.who) and self.ns.parent_of(of.node_id) is not None:
+            self.orch.setattr(of.who, of.node_id, mode=node.mode & ~S_ISGID)
+        if of.staging_id is not None:  # a spool file holding the content already (kept open copy)
+            of.request_id = new_request_id()
+            return
         self._await_upload(of.node_id)  # the copy must start from the uploaded content
         if not of.backend.executor.in_place:
             self._stage(of, copy=True)
@@ -265,9 +356,6 @@ class FileTable:
         fd = self._descriptor(of)
         if not of.writable:
             raise FsError(errno.EACCES)
-        node = self.ns.node(of.node_id)
-        if drops_sgid(node, of.who):
-            self.orch.setattr(of.who, of.node_id, mode=node.mode & ~S_ISGID)
         of.request_id = new_request_id()
         if self.ns.parent_of(of.node_id) is not None:  # unlinked files change nothing named
             backend, rel = self.ns.path_of(of.node_id)
@@ -281,7 +369,12 @@ class FileTable:
         staging_id = f"{os.getpid()}.{rid}"
         executor = of.backend.executor
         with translated():
-            if copy:
+            if copy and of.node_id in self._retained and self.ns.parent_of(of.node_id) is None:
+                fd = executor.stage(staging_id, copy_fd=self._retained[of.node_id])
+            elif copy and of.node_id in self._retained_objects and self.ns.parent_of(of.node_id) is None:
+                rel, size, etag = self._retained_objects[of.node_id]
+                fd = executor.stage(staging_id, copy_of=rel, copy_size=size, etag=etag, whole=True)
+            elif copy:
                 backend, rel = self.ns.path_of(of.node_id)
                 node = self.ns.node(of.node_id)
                 fd = executor.stage(staging_id, copy_of=rel, copy_size=node.size, etag=node.checksum)
@@ -291,6 +384,8 @@ class FileTable:
 
     def _truncate(self, of: OpenFile, size: int) -> None:
         node = self.ns.node(of.node_id)
+        with translated():
+            of.backend.executor.check_size(size)
         if size == 0 and not of.dirty and of.fd is None and node.nlink <= 1:
             if of.fresh:
                 return  # already empty
@@ -302,10 +397,16 @@ class FileTable:
         os.ftruncate(of.fd, size)
         of.ranges.append((size, 0))
 
-    def truncate_open(self, node_id: int, size: int) -> bool:
-        """Apply a size change to the open content of a node, if this process has it open."""
+    def truncate_open(self, node_id: int, size: int, handle: int | None = None) -> bool:
+        """Apply a size change to the open content of a node, if this process has changes to
+        it open, or through a handle (ftruncate) of a backend without in-place writes (S3:
+        the change goes into the spool file and is recorded at close, as a write would be)."""
         of = self._by_node.get(node_id)
-        if of is None or not (of.dirty or of.fresh):
+        if of is None:
+            return False
+        through_handle = handle is not None and self._handles.get(handle) is of and of.writable \
+            and not of.backend.executor.in_place
+        if not (of.dirty or of.fresh or through_handle or (of.staging_id is not None and of.fd is not None)):
             return False
         self._truncate(of, size)
         return True

@@ -62,6 +62,10 @@ def _add_name(t: Template, command: str, who: Principal, parent_id: int, name: b
     executor = backend.executor
 
     def execute() -> Stat:
+        with t.files.clear(backend, keys=(rel,)):  # S3: a stale upload to that key lands first
+            return put()
+
+    def put() -> Stat:
         if kind == "dir":
             return executor.mkdir(parent_rel, name, mode, uid, gid)
         if kind == "file":
@@ -157,12 +161,23 @@ def _remove_name(t: Template, command: str, who: Principal, parent_id: int, name
             raise t.refuse(cmd, errno.ENOTDIR)
         if t.ns.listing(node.id).by_name:
             raise t.refuse(cmd, errno.ENOTEMPTY)
-        t.settle_tree(backend)
     if command == "unlink":
         t.retain(node.id)
     executor = backend.executor
+    # S3: an rmdir lists the prefix, so uploads still being sent under it for files no longer
+    # there finish first; an unlink of a file whose upload is pending cancels it (writeback).
+    with t.files.clear(backend, under=(rel,) if command == "rmdir" else ()):
+        upload = t.files.pending_upload(node.id) if command == "unlink" and node.nlink <= 1 else None
+        _remove(t, cmd, command, node, parent, parent_id, parent_rel, name, rel, executor, upload)
+        if upload is not None:
+            t.files.cancel_upload(node.id)
 
+
+def _remove(t: Template, cmd: Command, command: str, node: Node, parent: Node, parent_id: int, parent_rel: bytes,
+            name: bytes, rel: bytes, executor, upload) -> None:
     def execute() -> None:
+        if upload is not None and upload.sending == rel:
+            return  # the send under way to that key deletes it once it stops (writeback)
         (executor.rmdir if command == "rmdir" else executor.unlink)(parent_rel, name)
 
     def record(_):
@@ -173,6 +188,9 @@ def _remove_name(t: Template, command: str, who: Principal, parent_id: int, name
                                 state="DELETED" if links <= 0 else current.state)
         change = Change(unlinks=[(parent_id, name, node.id)], touches=[(parent_id, now)])
         change.update(after, current.version, parent_id=parent_id, name=name_arg(name), removed_entry=True)
+        if upload is not None:  # its content never lands: the row goes with this command
+            change.uploads_landed.append((node.id, upload.pending_id))
+            cmd.args["upload"] = "cancelled"
 
         def apply():
             t.ns.unlink(parent_id, name, node.id)

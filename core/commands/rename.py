@@ -45,8 +45,6 @@ def rename(t: Template, who: Principal, old_parent_id: int, old_name: bytes, new
     cmd.node_id = src.id if src is not None else None
     _check(t, cmd, src, backend, src_backend, new)
     t.settle(src.id)
-    if src.is_dir:
-        t.settle_tree(backend)  # an S3 directory rename copies every object under it
     dst = t.ns.child(new_parent_id, new_name)
     if dst is not None:
         t.settle(dst.id)
@@ -65,12 +63,14 @@ def rename(t: Template, who: Principal, old_parent_id: int, old_name: bytes, new
             raise t.refuse(cmd, errno.EISDIR)
         if dst.is_dir and t.ns.listing(dst.id).by_name:
             raise t.refuse(cmd, errno.ENOTEMPTY)
-        t.retain(dst.id)
+        t.files.retain(dst.id, replaced=True)
     _move(t, cmd, src, dst, old, new, noreplace)
 
 
 def _check(t: Template, cmd: Command, src: Node | None, backend, src_backend, new: Side) -> None:
     """What refuses a rename before anything is touched (each journaled as failed)."""
+    if src is None:  # the kernel looked it up; a name its cache still holds may be gone here
+        raise t.refuse(cmd, errno.ENOENT)
     if src_backend.id != backend.id:
         raise t.refuse(cmd, errno.EXDEV, "rename across backends")
     check_name(new.name)
@@ -82,14 +82,42 @@ def _check(t: Template, cmd: Command, src: Node | None, backend, src_backend, ne
         raise t.refuse(cmd, exc.errno, str(exc)) from None
     if new.name == STAGING_NAME:
         raise t.refuse(cmd, errno.EINVAL, "name reserved for the executor's staging area")
-    if src is None:
-        raise t.refuse(cmd, errno.ENOENT)
 
 
 def _move(t: Template, cmd: Command, src: Node, dst: Node | None, old: Side, new: Side, noreplace: bool) -> None:
+    """On S3, a file whose upload is pending is renamed as it is: the object it had (if any)
+    goes, and the upload lands under the new key (core.commands.writeback); a directory waits
+    only for uploads still being sent under either name for files no longer there; a file
+    copied onto a key waits for a send still under way to that key."""
+    files = t.files
+    for _ in range(3):
+        copies = not src.is_dir and files.pending_upload(src.id) is None
+        keys = (new.rel,) if copies else ()
+        under = (old.rel, new.rel) if src.is_dir else ()
+        with files.clear(cmd.backend, keys=keys, under=under):
+            moving = None if src.is_dir else files.pending_upload(src.id)
+            if moving is None and not copies and not src.is_dir:
+                continue  # it landed meanwhile: now the copy onto the key needs it clear
+            replaced = files.pending_upload(dst.id) if dst is not None and dst.nlink <= 1 else None
+            _moved(t, cmd, src, dst, old, new, noreplace, moving, replaced)
+            if replaced is not None:
+                files.cancel_upload(dst.id)
+            files.moved()
+            return
+    raise t.refuse(cmd, errno.EIO, "uploads kept landing under the rename")
+
+
+def _moved(t: Template, cmd: Command, src: Node, dst: Node | None, old: Side, new: Side, noreplace: bool,
+           moving, replaced_upload) -> None:
     executor = cmd.backend.executor
 
     def execute() -> None:
+        if moving is not None:
+            # Pending content lands under the new name; the object the old one had (if any)
+            # goes now, unless a send to it is under way (it deletes it when it stops).
+            if moving.sending != old.rel:
+                executor.unlink(old.parent_rel, old.name)
+            return
         executor.rename(old.parent_rel, old.name, new.parent_rel, new.name, noreplace=noreplace)
 
     def record(_):
@@ -106,6 +134,11 @@ def _move(t: Template, cmd: Command, src: Node, dst: Node | None, old: Side, new
             change.unlinks.append((new.parent.id, new.name, dst.id))
             change.update(replaced_after, replaced.version, parent_id=new.parent.id, name=name_arg(new.name),
                           removed_entry=True)
+            if replaced_upload is not None:  # its content never lands: the row goes with this command
+                change.uploads_landed.append((dst.id, replaced_upload.pending_id))
+                cmd.args["replaced_upload"] = "cancelled"
+        if moving is not None:
+            cmd.args["upload"] = "pending"  # lands under the new name, journaled after this
         entry_id = t.add_entry(change, new.parent.id, new.name, src.id)
         change.update(moved_after, moved.version, parent_id=new.parent.id, name=name_arg(new.name),
                       from_parent_id=old.parent.id, from_name=name_arg(old.name))

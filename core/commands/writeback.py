@@ -9,12 +9,28 @@ a second transaction journals an `upload` command (actor `writeback`) that sets 
 checksum to the ETag and deletes the row. So the journal stays append-only, and its rollups do
 not move twice (the completion carries no delta: the size was recorded at close).
 
-While a row exists, every process waits for it (bounded, `FILESTORE_S3_WAIT_SECONDS`, then EIO)
-before reading the node from S3 or changing it; this mount reads the spool file instead. A
-crash leaves row and spool file: the next start of the same home uploads them (`resume`).
+Names and attributes change without waiting for an upload (docs/architecture.md D39). The
+object's key is not fixed when the content is recorded: a send goes to the node's name in this
+mount's namespace when it starts, with its attributes then. `unlink` (or a rename over it) of a
+file whose upload is pending cancels the upload (its row goes in that command's transaction); a
+rename retargets it (the send that starts next goes to the new key); `chmod`, `chown` and
+`utimes` are recorded only, and the landing applies them. A send already under way when its
+file is renamed or removed is stopped at its next part (a multipart upload), or lands and is
+deleted; then it is sent again to the new key, or dropped. Such a *stale* send is the one thing
+others wait for: a command that puts live content at its key (a new object, a rename onto it),
+and an rmdir or directory rename of a directory it is under (a listing would see its object),
+wait until it has finished, bounded by `FILESTORE_S3_WAIT_SECONDS`, then EIO. One lock
+(`guard`) orders the serving thread's commands on S3 backends and the landings: a landing is
+journaled after every command answered before it, under the name the file has then.
+
+Content changes (open for writing, truncate, fsync) of a pending file, and other mounts'
+reads and commands, still wait for its upload (bounded, `FILESTORE_S3_WAIT_SECONDS`, then
+EIO); this mount reads the spool file instead. A crash leaves row and spool file: the next
+start of the same home uploads them (`resume`), to the key of the node's name then.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -36,7 +52,7 @@ from core.storage import store
 from core.storage.db import Conflict, Database
 from core.storage.queue import RECONCILE, JobQueue
 from core.view.namespace import Namespace
-from executors.base import ExecutorError, Stat
+from executors.base import ExecutorError, Stat, Superseded
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +88,8 @@ class Upload:
     attempts: int = 0
     done: threading.Event = field(default_factory=threading.Event)
     landed: Node | None = None  # the node as the upload command left it
+    cancelled: bool = False  # its file was removed (unlink, replaced): never lands; its row is gone
+    sending: bytes | None = None  # the key (backend-relative path) a send is under way to
 
     @property
     def row(self) -> records.Upload:
@@ -109,6 +127,12 @@ class WriteBack:
         self.wait_seconds = _env_float("FILESTORE_S3_WAIT_SECONDS", 30)
         self.pending: dict[int, Upload] = {}
         self._lock = threading.Lock()
+        # Orders the serving thread's commands on S3 backends and the landings (module docstring).
+        self.guard = threading.RLock()
+        # Sends under way, by (backend, key): a live send, or a stale one (its file renamed or
+        # removed meanwhile) that others writing that key, or listing a directory above it, wait for.
+        self._sending: dict[tuple[int, bytes], Upload] = {}
+        self._sends = threading.Condition(threading.Lock())
         self._db: Database | None = None  # the uploaders' own connection (never the serving thread's)
         self._pool: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
@@ -165,16 +189,103 @@ class WriteBack:
             return True
         return self._poll("node_id = %s", node_id)
 
-    def wait_backend(self, backend: Backend) -> None:
-        """Before a directory rename or rmdir on S3 (which lists the objects under it): every
-        pending upload of that backend lands first, this mount's and other mounts'."""
+    # -- names and attributes of pending files (serving thread, holding `guard`) ----------
+    def pending_upload(self, node_id: int) -> Upload | None:
+        """This mount's upload of the node, recorded and not landed, if any."""
+        upload = self.pending.get(node_id)
+        return upload if upload is not None and not upload.cancelled else None
+
+    def cancel(self, node_id: int) -> Upload | None:
+        """The node's last name goes (unlink, replaced by a rename): its pending upload never
+        lands. Returns it (its row is deleted by the removing command's transaction); a send
+        under way stops at its next part or is deleted once it lands (`_send`)."""
+        upload = self.pending_upload(node_id)
+        if upload is not None:
+            upload.cancelled = True
+            with self._lock:
+                if self.pending.get(node_id) is upload:
+                    del self.pending[node_id]
+            self._wake_senders()
+        return upload
+
+    def moved(self) -> None:
+        """A rename on an S3 backend was answered: sends under way look at their key again."""
+        self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        with self._sends:
+            self._sends.notify_all()
+
+    def spool_fd(self, node_id: int) -> int | None:
+        """A descriptor onto this mount's pending content of the node (None if there is none)."""
+        upload = self.pending_upload(node_id)
+        if upload is None:
+            return None
+        return upload.backend.executor.open_pending(upload.pending_id)
+
+    # -- what still waits: stale sends (serving thread, NOT holding `guard`) ---------------
+    def _stale(self, upload: Upload, key: bytes) -> bool:
+        if upload.cancelled:
+            return True
+        try:
+            return self.ns.path_of(upload.node_id)[1] != key
+        except FsError:
+            return True
+
+    def wait_key_free(self, backend: Backend, rel: bytes) -> None:
+        """Before live content goes to the key `rel` (a new object, a rename onto it): a stale
+        send to that key finishes first (its cleanup would delete what we put)."""
+        self._wait_sends(backend, lambda key: key == rel, f"an upload still being sent to {display_name(rel)}")
+
+    def wait_stale_under(self, backend: Backend, rel: bytes) -> None:
+        """Before an rmdir or a directory rename at `rel` (which list the objects under it):
+        stale sends under it finish first. Live ones (files still in it) need not: the rename
+        moves what they land, and they are sent again to the new key."""
+        prefix = rel + b"/" if rel else b""
+        self._wait_sends(backend, lambda key: key.startswith(prefix),
+                         f"uploads still being sent under {display_name(rel) or '/'}", stale_only=True)
+
+    def _busy(self, backend: Backend, matches, stale_only: bool) -> bool:
+        with self._sends:
+            busy = [(k, u) for k, u in self._sending.items() if k[0] == backend.id and matches(k[1])]
+        return any(self._stale(u, k[1]) for k, u in busy) if stale_only else bool(busy)
+
+    def _wait_sends(self, backend: Backend, matches, what: str, *, stale_only: bool = False) -> None:
         if not self.is_s3(backend):
             return
         deadline = time.monotonic() + self.wait_seconds
-        for upload in [u for u in list(self.pending.values()) if u.backend.id == backend.id]:
-            if not upload.done.wait(max(0.0, deadline - time.monotonic())):
-                raise FsError(errno.EIO, "uploads of this backend still pending")
-        self._poll("backend_id = %s", backend.id, deadline=deadline)
+        while self._busy(backend, matches, stale_only):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FsError(errno.EIO, f"{what} (FILESTORE_S3_WAIT_SECONDS)")
+            with self._sends:
+                self._sends.wait(min(left, 0.2))
+
+    @contextlib.contextmanager
+    def clear(self, backend: Backend, *, keys: tuple[bytes, ...] = (), under: tuple[bytes, ...] = ()):
+        """Hold `guard` (for a command on a backend that writes back) once no send is under way
+        to `keys` (the command puts live content there) and no stale send under the
+        directories `under` (it lists them); waits for them first, not holding it."""
+        if not self.is_s3(backend):
+            yield
+            return
+        prefixes = tuple(u + b"/" if u else b"" for u in under)
+
+        def at_key(key: bytes) -> bool:
+            return key in keys
+
+        def below(key: bytes) -> bool:
+            return key.startswith(prefixes)
+        while True:
+            for rel in keys:
+                self.wait_key_free(backend, rel)
+            for rel in under:
+                self.wait_stale_under(backend, rel)
+            with self.guard:
+                if not (keys and self._busy(backend, at_key, False)) and \
+                        not (under and self._busy(backend, below, True)):
+                    yield
+                    return
 
     def _poll(self, where: str, value: int, *, deadline: float | None = None) -> bool:
         """Another process's upload (or one of ours not queued here): poll its row."""
@@ -224,9 +335,13 @@ class WriteBack:
         while not self._give_up:
             draining = self._stopping.is_set()
             try:
-                self._upload(upload)
-                return
-            except (ExecutorError, OSError, psycopg.Error, Conflict) as exc:
+                if self._send(upload):
+                    return
+                continue  # renamed while it was being sent: sent again to the new key
+            except (ExecutorError, OSError, psycopg.Error, Conflict, FsError) as exc:
+                if upload.cancelled:
+                    self._dropped(upload)
+                    return
                 upload.attempts += 1
                 if upload.backend.executor.pending_stat(upload.pending_id) is None:
                     self._lost(upload, "spool file vanished before its upload")
@@ -244,42 +359,88 @@ class WriteBack:
                               display_name(upload.rel))
                 return
 
-    def _upload(self, upload: Upload) -> None:
-        db = self._db
-        node = store.load_node(db, upload.node_id)
-        if node is None:
-            raise ExecutorError(f"node {upload.node_id} not found")
-        st = upload.backend.executor.upload_pending(upload.pending_id, upload.rel, mode=node.mode,
-                                                    uid=node.uid, gid=node.gid)
-        crash_point("writeback:after_upload")
-        for _ in range(4):
-            node = store.load_node(db, upload.node_id)
-            after = node.changed(checksum=st.checksum, version=node.version + 1)
-            change = records.Change(uploads_landed=[(upload.node_id, upload.pending_id)])
-            change.update(after, node.version)
-            journal = records.Journal(
-                "upload", "committed", WRITEBACK, uuid.uuid4(), upload.backend.id, node.id,
-                display_name(upload.rel),
-                {"bytes": st.size, "attempts": upload.attempts + 1, "write_request_id": str(upload.request_id)},
-                result={"size": st.size, "checksum": st.checksum})
-            # No deltas: the write command moved the totals at close; this changes none.
+    def _send(self, upload: Upload) -> bool:
+        """One send to the key of the file's name now; True once landed (or dropped), False if
+        the file was renamed meanwhile (send again)."""
+        executor = upload.backend.executor
+        while True:
+            with self.guard:  # the key is claimed under it: commands holding it see every send
+                if upload.cancelled:
+                    self._dropped(upload)
+                    return True
+                node = self.ns.node(upload.node_id)
+                _, rel = self.ns.path_of(upload.node_id)
+                sent = (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns)
+                key = (upload.backend.id, rel)
+                with self._sends:
+                    if key not in self._sending:
+                        self._sending[key] = upload
+                        upload.sending = rel
+                        break
+            with self._sends:  # one send at a time to a key: a stale one to it finishes first
+                while key in self._sending:
+                    self._sends.wait(0.5)
+        try:
             try:
-                self.pipeline.wait(self.pipeline.submit([records.Record(journal, change)], log_intent=False))
-                break
-            except psycopg.DatabaseError as exc:
-                if not _conflict(exc):
-                    raise
-        else:
-            raise ExecutorError(f"upload of node {upload.node_id}: conflicting changes kept winning")
+                st = executor.upload_pending(upload.pending_id, rel, mode=node.mode, uid=node.uid, gid=node.gid,
+                                             times_ns=(node.atime_ns, node.mtime_ns),
+                                             stop=lambda: self._stale(upload, rel))
+            except Superseded:
+                st = None
+            except ExecutorError:
+                if not self._stale(upload, rel):
+                    raise  # retried with backoff
+                st = None  # moved or removed meanwhile: what failed matters no more
+            crash_point("writeback:after_upload")
+            with self.guard:
+                if st is None or self._stale(upload, rel):
+                    # Renamed or removed while being sent: what it left at the old key goes (the
+                    # command that moved it left the key to this send).
+                    executor.unlink(*_split(rel))
+                    if upload.cancelled:
+                        self._dropped(upload)
+                        return True
+                    return False
+                request = self._land(upload, rel, st, sent)
+        finally:
+            with self._sends:
+                del self._sending[key]
+                upload.sending = None
+                self._sends.notify_all()
+        self.pipeline.wait(request)
         upload.backend.executor.drop_pending(upload.pending_id)
-        self._landed(upload, after)
+        upload.done.set()
+        return True
 
-    def _landed(self, upload: Upload, after: Node) -> None:
-        with self.ns.lock:  # this mount's view takes the ETag (reads use it with If-Match)
-            current = self.ns.nodes.get(after.id)
-            if current is not None and current.version < after.version:
-                self.ns.nodes[after.id] = current.changed(checksum=after.checksum, version=after.version)
+    def _land(self, upload: Upload, rel: bytes, st: Stat, sent: tuple) -> object:
+        """Landed at the key of the file's name (under `guard`): attributes changed while it was
+        being sent are applied to the object, and the `upload` command is submitted after
+        every command answered before it, against the node as this mount has it."""
+        node = self.ns.node(upload.node_id)
+        executor = upload.backend.executor
+        if (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns) != sent:
+            st = executor.set_attrs(rel, mode=node.mode, uid=node.uid, gid=node.gid,
+                                    times_ns=(node.atime_ns, node.mtime_ns))
+        after = node.changed(checksum=st.checksum, version=node.version + 1)
+        change = records.Change(uploads_landed=[(upload.node_id, upload.pending_id)])
+        change.update(after, node.version)
+        journal = records.Journal(
+            "upload", "committed", WRITEBACK, uuid.uuid4(), upload.backend.id, node.id, display_name(rel),
+            {"bytes": st.size, "attempts": upload.attempts + 1, "write_request_id": str(upload.request_id)},
+            result={"size": st.size, "checksum": st.checksum})
+        # No deltas: the write command moved the totals at close; this changes none.
+        request = self.pipeline.submit([records.Record(journal, change)], log_intent=False)
+        self.ns.put(after)  # this mount's view takes the ETag (reads use it with If-Match)
         upload.landed = after
+        with self._lock:
+            if self.pending.get(upload.node_id) is upload:
+                del self.pending[upload.node_id]
+        return request
+
+    def _dropped(self, upload: Upload) -> None:
+        """A cancelled upload: its spool file goes; nothing is journaled (the command that
+        removed the file deleted the row and says so)."""
+        upload.backend.executor.drop_pending(upload.pending_id)
         with self._lock:
             if self.pending.get(upload.node_id) is upload:
                 del self.pending[upload.node_id]
@@ -372,7 +533,7 @@ class WriteBack:
         timeout = _env_float("FILESTORE_S3_DRAIN_SECONDS", 600) if timeout is None else timeout
         deadline = time.monotonic() + timeout
         self._stopping.set()
-        while self.pending and not self._give_up and time.monotonic() < deadline:
+        while (self.pending or self._sending) and not self._give_up and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.pending:
             self._give_up = True
@@ -389,6 +550,6 @@ class WriteBack:
         return remaining
 
 
-def _conflict(exc: BaseException) -> bool:
-    """Another command changed the node between our read and our record (SQLSTATE FS409)."""
-    return getattr(exc, "sqlstate", None) == "FS409"
+def _split(rel: bytes) -> tuple[bytes, bytes]:
+    parent, _, name = rel.rpartition(b"/")
+    return parent, name

@@ -266,7 +266,7 @@ def adoption_record(tree, orch, backend: Backend, intent: Intent, *, command: st
             change.unlinks.append((src_parent.id, src_name, moved.id))
             change.links.append((dst_parent.id, dst_name, moved.id, orch.entry_ids.take()))
             change.update(moved.changed(ctime_ns=now, version=moved.version + 1), moved.version,
-                          parent_id=dst_parent.id, name=name_arg(dst_name))
+                          parent_id=dst_parent.id, name=name_arg(dst_name), from_parent_id=src_parent.id)
             touched_dirs |= {src_parent.id, dst_parent.id}
             paths = []
             changed = 1

@@ -194,7 +194,10 @@ class Reconciler:
                     outcome = "restored" if revived is not None else "created"
             if revived is not None:
                 current = self._adopt(revived, st, backend)
-                change.update(current, revived.version, parent_id=parent.id, name=name_arg(name))
+                # the name it gets: moved from another, or given back to a node that had lost
+                # its last one (the counters move what it carries: core.rollups.counters)
+                entry = {"from_parent_id": moved[0].id} if moved is not None else {"added_entry": True}
+                change.update(current, revived.version, parent_id=parent.id, name=name_arg(name), **entry)
             else:
                 current = self._new_node(backend, st)
                 change.insert(current, parent_id=parent.id, name=name_arg(name))

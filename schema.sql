@@ -661,6 +661,9 @@ $$;
 COMMENT ON FUNCTION filestore.location_children IS
     'The nodes counted directly in a directory (core.rollups.counters): one row per node with its number of names there, or 1 for a node that lost its last name there.';
 
--- Drift (filestore drift ls|purge|adopt): the journal rows of drift and of what resolved it, by path.
+-- Drift (filestore drift ls|purge|adopt): the nodes not ACTIVE (few: the index holds only them, and a
+-- command that leaves state alone keeps its HOT update), and the journal rows of drift and of what
+-- resolved it, by path.
+CREATE INDEX IF NOT EXISTS nodes_drift_idx ON filestore.nodes (backend_id) WHERE state IN ('INCONSISTENT', 'MISSING');
 CREATE INDEX IF NOT EXISTS journal_drift_idx ON filestore.journal_entries (backend_id, path, id)
     WHERE command IN ('drift', 'reconcile', 'purge');

@@ -233,15 +233,26 @@ class Filestore:
         return xattrs.kept_by(self.ns.backend_of(self.ns.node(node_id)), self.settings.xattrs)
 
     def virtual_xattrs(self, node: Node) -> dict[bytes, bytes]:
-        """The read-only user.filestore.* attributes: a directory's rollup fields (DESIGN.md
-        section 5), exact at the moment of asking (the folded row plus pending deltas)."""
+        """The read-only user.filestore.* attributes, exact at the moment of asking: `state` of
+        every node (ACTIVE, INCONSISTENT, MISSING: drift, issue 15) and a directory's rollup
+        fields (DESIGN.md section 5: the folded row plus pending deltas)."""
+        out = {xattrs.VIRTUAL + b"state": self._state_of(node).encode()}
         if not node.is_dir:
-            return {}
+            return out
         found = self.rollups.exact(node.id)
         calculated = ("" if found.last_calculated_at is None else
                       datetime.fromtimestamp(found.last_calculated_at, timezone.utc).isoformat())
         values = (found.size_bytes, found.file_count, found.dir_count, found.state, calculated)
-        return {xattrs.VIRTUAL + name: str(value).encode() for name, value in zip(ROLLUP_XATTRS, values)}
+        out.update({xattrs.VIRTUAL + key: str(value).encode() for key, value in zip(ROLLUP_XATTRS, values)})
+        return out
+
+    def _state_of(self, node: Node) -> str:
+        """The state the database holds (another process, a sidecar's reconciler, may have changed
+        it); this mount's own when the node is not committed yet."""
+        if self.holds(node.id):
+            return node.state
+        rows = self.db.query("SELECT state FROM filestore.nodes WHERE id = %s", (node.id,))
+        return rows[0][0] if rows else node.state
 
     def getxattr(self, node_id: int, name: bytes) -> bytes:
         # security.capability is asked before writes and ls asks for ACLs and labels: these

@@ -255,7 +255,8 @@ def apply_config_file(db: Database, path: Path) -> list[str]:
         add(db, spec["name"], str(root), read_only=bool(spec.get("read_only", False)),
             who=Principal.current_process("config"),
             options={**{k: spec[k] for k in S3_OPTIONS if k in spec},
-                     **({"xattrs": True} if spec.get("xattrs") else {})})
+                     **({"xattrs": True} if spec.get("xattrs") else {}),
+                     **({"observe_only": True} if spec.get("observe_only") else {})})
         added.append(spec["name"])
     return added
 

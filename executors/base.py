@@ -35,6 +35,9 @@ class RetriesExhausted(Transient):
 class PartlyDone(RetriesExhausted):
     """A change that was started, could not be finished and could not be undone (a directory
     rename on S3 cut off midway): the caller sees EIO, and recovery finishes it from the intent."""
+class Unavailable(RetriesExhausted):
+    """The backend itself is not there (a local root gone or replaced, an S3 endpoint not
+    answering): every operation on it fails with EIO until it is back (core.storage.availability)."""
 class IllegalName(InvalidArgument):
     """A name the backend cannot hold (not UTF-8 on S3): EILSEQ, refused before any upload."""
 
@@ -120,6 +123,9 @@ class Executor(Protocol):
     writes_back: bool
 
     def close(self) -> None: ...
+    def probe(self) -> None:
+        """Cheaply check that the backend is there (its root, its endpoint); raise Unavailable if
+        not. May reconnect (a local root mounted again is opened again)."""
     # -- names and attributes
     def check_name(self, parent: bytes, name: bytes) -> None:
         """Refuse a name this backend cannot hold (IllegalName, NameTooLong) before any I/O."""

@@ -47,6 +47,7 @@ from .base import (
     PartlyDone,
     RetriesExhausted,
     Stat,
+    Unavailable,
     Unsupported,
     kind_of,
     validate_name,
@@ -109,8 +110,21 @@ class S3Executor(ContentTransfers):
         self.cache = ChunkCache(Path(cache_dir), cache_bytes) if cache_dir is not None else None
         self._sparse: dict[str, _Sparse] = {}
         self.parts_copied = 0  # parts landed by server-side copy instead of upload (for tests)
+        self._probe_client = None  # made at the first probe
         with _s3_errors(f"bucket {self.bucket}"):
             self.client.head_bucket(Bucket=self.bucket)
+
+    def probe(self) -> None:
+        """One HEAD of the bucket, no retries, short timeouts: is the endpoint answering?
+        (core.storage.availability asks every few seconds.)"""
+        if self._probe_client is None:
+            self._probe_client = boto3.session.Session().client(
+                "s3", endpoint_url=self.client.meta.endpoint_url, region_name=self.client.meta.region_name,
+                config=Config(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=2, read_timeout=3))
+        try:
+            self._probe_client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:  # whatever the reason, the bucket is not reachable
+            raise Unavailable(f"bucket {self.bucket}: {exc}") from exc
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

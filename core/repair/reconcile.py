@@ -170,6 +170,8 @@ class Reconciler:
             return "observed"  # journaled already (an audit finds it again at every round)
         if not rel.strip(b"/") and st is None:
             raise NotFound(f"backend root {backend.root} is unreachable")
+        if st is None:
+            backend.executor.probe()  # gone, or the backend away (Unavailable: looked at later)
         self._record_drift(backend, rel, node, _describe(st), source)
         if node is not None and self.on_applied is not None:
             marked = store.load_node(self.db, node.id)
@@ -198,6 +200,10 @@ class Reconciler:
         node = found[1] if found else None
         if not rel.strip(b"/") and st is None:
             raise NotFound(f"backend root {backend.root} is unreachable")
+        if st is None:
+            # Nothing there, or no backend there (its root gone, its endpoint away)? Only the
+            # first is drift: the probe raises Unavailable for the second, and the job waits.
+            backend.executor.probe()
         if st is None and node is not None and self._moved_away(backend, rel):
             # A job for the path it moved to is waiting or running: that job moves the node
             # (keeping its id); marking it MISSING here first would make that a re-creation.

@@ -180,15 +180,16 @@ COMMENT ON TABLE filestore.rollup_deltas IS
 COMMENT ON COLUMN filestore.rollup_deltas.dirs IS 'The directory the change happened in and every ancestor up to the backend root, as the tree was when the command ran.';
 
 CREATE TABLE IF NOT EXISTS filestore.counters (
-    scope      text NOT NULL CHECK (scope IN ('global', 'backend', 'path')),
+    scope      text NOT NULL CONSTRAINT counters_scope_check CHECK (scope IN ('global', 'backend', 'dir')),
     scope_key  text NOT NULL,
     counter    text NOT NULL,
     value      bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (scope, scope_key, counter)
 );
 COMMENT ON TABLE filestore.counters IS
-    'Scalable event and metadata counters by type (the scalable-stats design): scope global (scope_key ''''), backend (its name) or path (backend:/dir). Folded from the committed journal by core.counters, so commands pay nothing for them.';
-COMMENT ON COLUMN filestore.counters.counter IS 'commands.<command>.<status>, bytes.written, nodes.<kind> (nodes alive by type), ...';
+    'Scalable event and metadata counters by type (the scalable-stats design, docs/architecture.md D40): scope global (scope_key ''''), backend (its name) or dir (a directory node id: what is below it). Folded from the committed journal by core.rollups.counters, so commands pay nothing for them; verified and repaired by subset (filestore stats verify|repair).';
+COMMENT ON COLUMN filestore.counters.counter IS 'commands.<command>.<status> and events.<event type> (journal rows and the events derived from them, cumulative), bytes.written, nodes.<kind> (nodes not DELETED, by type).';
+COMMENT ON COLUMN filestore.counters.scope_key IS 'global: ''''; backend: its name; dir: the directory''s node id, so that a rename of it or of an ancestor rewrites no key. A dir row counts the nodes located below it: where their names are, or, for a node that lost its last name, where it lost it (its commands stay counted there).';
 
 -- How far the counters have read the journal: every transaction below this id has ended, so
 -- no journal row below it can still appear (rows commit out of id order; txid order is safe).
@@ -585,3 +586,84 @@ COMMENT ON COLUMN filestore.uploads.path IS 'Backend-relative path of the object
 COMMENT ON COLUMN filestore.uploads.size IS 'Size and mtime_ns of the spool file as recorded: a spool file found different at resume is not uploaded (reported, node INCONSISTENT). The upload itself is verified by ETag against the MD5s of what was sent.';
 COMMENT ON COLUMN filestore.uploads.request_id IS 'The write command that recorded this content.';
 COMMENT ON COLUMN filestore.uploads.attempts IS 'Upload attempts that failed so far (with backoff); last_error says why.';
+
+-- == Counters by directory, drift (schema 8; docs/architecture.md D40) ===================
+
+-- Path counters were keyed by path text (scope 'path'), which a rename could not move: they are
+-- now keyed by directory node id (scope 'dir') and rebuilt by the next counter fold (dirs_seeded).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'counters_scope_check'
+                      AND conrelid = 'filestore.counters'::regclass AND pg_get_constraintdef(oid) LIKE '%dir%') THEN
+        DELETE FROM filestore.counters WHERE scope = 'path';
+        ALTER TABLE filestore.counters DROP CONSTRAINT IF EXISTS counters_scope_check;
+        ALTER TABLE filestore.counters ADD CONSTRAINT counters_scope_check CHECK (scope IN ('global', 'backend', 'dir'));
+    END IF;
+END $$;
+
+-- The folds read the journal by snapshot: a window is every transaction visible in the fold's
+-- snapshot and not in the previous one, so the tree it reads (where nodes are) is the tree those
+-- rows made, exactly.
+ALTER TABLE filestore.counter_watermark ADD COLUMN IF NOT EXISTS snap pg_snapshot;
+ALTER TABLE filestore.counter_watermark ADD COLUMN IF NOT EXISTS dirs_seeded boolean NOT NULL DEFAULT false;
+UPDATE filestore.counter_watermark SET snap = (txid::text || ':' || txid::text || ':')::pg_snapshot WHERE snap IS NULL;
+COMMENT ON COLUMN filestore.counter_watermark.snap IS
+    'The snapshot of the last counter fold: every journal row visible in it is counted, no other.';
+COMMENT ON COLUMN filestore.counter_watermark.dirs_seeded IS
+    'false until the dir counters have been counted once from the tree and the journal (a new database, or one upgraded from path-text counters).';
+
+-- Where a node that lost its last name is counted: the directory it lost it in (its latest
+-- snapshot with removed_entry). Only removals write such snapshots, so the index costs them alone.
+CREATE INDEX IF NOT EXISTS snapshots_removed_parent_idx ON filestore.snapshots (((data->>'parent_id')::bigint))
+    WHERE data ? 'removed_entry';
+
+-- The event type (without its filestore. prefix) a snapshot of a journal row gives: the rule of
+-- core/events/outbox.py, for the counters.
+CREATE OR REPLACE FUNCTION filestore.event_type(p_command text, p_actor text, p_state text, p_version bigint)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_command = 'drift' THEN 'drift.detected'
+                WHEN p_actor = 'reconciler' THEN
+                    CASE p_state WHEN 'INCONSISTENT' THEN 'drift.detected' WHEN 'MISSING' THEN 'node.missing'
+                                 ELSE 'node.reconciled' END
+                WHEN p_state = 'DELETED' THEN 'node.deleted'
+                WHEN p_version = 1 THEN 'node.created'
+                ELSE 'node.updated' END
+$$;
+COMMENT ON FUNCTION filestore.event_type IS
+    'The event type of one snapshot of a journal row (drift.detected, node.missing, node.reconciled, node.deleted, node.created, node.updated), as core/events/outbox.py derives it.';
+
+-- Where a node is counted: the directory of its name (a directory has one), or the directory it
+-- lost its last name in; NULL for a backend root.
+CREATE OR REPLACE FUNCTION filestore.location_parent(p_node bigint)
+RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT coalesce(
+        (SELECT e.parent_id FROM filestore.entries e WHERE e.node_id = p_node LIMIT 1),
+        (SELECT (s.data->>'parent_id')::bigint FROM filestore.snapshots s
+          WHERE s.node_id = p_node AND s.data ? 'removed_entry' ORDER BY s.version DESC LIMIT 1))
+$$;
+COMMENT ON FUNCTION filestore.location_parent IS
+    'The directory a node is counted in (core.rollups.counters): its entry''s parent, else the directory it lost its last name in.';
+
+-- What is counted in one directory: its entries (a node once per name) and the nodes that lost
+-- their last name in it.
+CREATE OR REPLACE FUNCTION filestore.location_children(p_dir bigint)
+RETURNS TABLE (node_id bigint, kind text, n bigint) LANGUAGE sql STABLE AS $$
+    SELECT e.node_id, nd.kind, count(*) FROM filestore.entries e JOIN filestore.nodes nd ON nd.id = e.node_id
+     WHERE e.parent_id = p_dir GROUP BY 1, 2
+    UNION ALL
+    SELECT g.node_id, nd.kind, 1
+      FROM (SELECT DISTINCT s.node_id FROM filestore.snapshots s
+             WHERE s.data ? 'removed_entry' AND (s.data->>'parent_id')::bigint = p_dir) AS g
+      JOIN filestore.nodes nd ON nd.id = g.node_id
+     WHERE NOT EXISTS (SELECT 1 FROM filestore.entries e WHERE e.node_id = g.node_id)
+       AND filestore.location_parent(g.node_id) = p_dir
+$$;
+COMMENT ON FUNCTION filestore.location_children IS
+    'The nodes counted directly in a directory (core.rollups.counters): one row per node with its number of names there, or 1 for a node that lost its last name there.';
+
+-- Drift (filestore drift ls|purge|adopt): the nodes not ACTIVE (few: the index holds only them, and a
+-- command that leaves state alone keeps its HOT update), and the journal rows of drift and of what
+-- resolved it, by path.
+CREATE INDEX IF NOT EXISTS nodes_drift_idx ON filestore.nodes (backend_id) WHERE state IN ('INCONSISTENT', 'MISSING');
+CREATE INDEX IF NOT EXISTS journal_drift_idx ON filestore.journal_entries (backend_id, path, id)
+    WHERE command IN ('drift', 'reconcile', 'purge');

@@ -21,9 +21,9 @@ from core.journal.pipeline import Pipeline
 from core.model import ROOT_INODE, Node
 from core.repair import overlaps
 from core.rollups import folder
-from core.storage import backends, embedded_pg, schema, store
+from core.storage import availability, backends, embedded_pg, schema, store
 from core.storage.db import Database, connect
-from core.storage.queue import JobQueue
+from core.storage.queue import RECONCILE, JobQueue
 from core.view.cache import Announcements, Invalidation, open_cache
 from core.view.namespace import Namespace
 
@@ -108,7 +108,10 @@ class Filestore:
         self._stale: set[int] = set()
         self._stale_lock = threading.Lock()
         self._workers: list[tuple[object, object]] = []
-        self.unavailable: dict[str, str] = {}
+        self.unavailable: dict[str, str] = {}  # backends registered but not opened: name -> why
+        # Called (monitor thread) with a backend back after an outage or opened late, before
+        # its audit is queued: inline mode watches its tree afresh.
+        self.backend_back: list[Callable[[object], None]] = []
         self.reload_backends()
 
     def holds(self, node_id: int) -> bool:
@@ -116,10 +119,17 @@ class Filestore:
         not committed, or in an open file not recorded)? Views keep such nodes."""
         return self.pipeline.holds(node_id) or self.files.holds(node_id)
 
-    def reload_backends(self) -> None:
+    def reload_backends(self, opened: dict[int, object] | None = None) -> None:
+        """The registered backends, with executors: those held already, those in `opened`
+        (made on another thread: core.storage.availability), else made here. One that cannot
+        be opened is left out and named in `unavailable` (and /ready) instead."""
         current = {b.id: b for b in self.ns.backends.values()}
+        opened = dict(opened or {})
         fresh = []
-        for backend in store.load_backends(self.db):
+        registered = store.load_backends(self.db)
+        for name in set(self.unavailable) - {b.name for b in registered}:
+            del self.unavailable[name]  # removed meanwhile
+        for backend in registered:
             if "import" in (backend.options or {}):
                 # An import cut off midway: a partial tree is not served; `backend add` resumes it.
                 self.unavailable[backend.name] = "import not finished"
@@ -127,6 +137,8 @@ class Filestore:
             known = current.get(backend.id)
             if known is not None and known.executor is not None:
                 backend.executor = known.executor
+            elif backend.id in opened:
+                backend.executor = opened.pop(backend.id)
             else:
                 try:
                     backend.executor = backends.make_executor(backend, self.settings.home)
@@ -136,6 +148,8 @@ class Filestore:
                     continue
             self.unavailable.pop(backend.name, None)
             fresh.append(backend)
+        for executor in opened.values():  # its backend was removed meanwhile
+            executor.close()
         self.ns.set_backends(fresh)
         self.overlaps = overlaps.find(fresh)
 
@@ -212,9 +226,63 @@ class Filestore:
                 log.warning("warming backend %s: %s", backend.name, exc)
 
     def start_workers(self) -> None:
-        """The background loops a serving process runs: the rollup folder and recalculations."""
+        """The background loops a serving process runs: the rollup folder and recalculations,
+        and the probe of every backend (one down answers EIO, the others serve: D40)."""
         self._workers.append(folder.start(self.folder))
         self._workers.append(folder.start(folder.RecalculationJobs(self.db, self.jobs)))
+        self._workers.append(folder.start(availability.BackendMonitor(
+            lambda: list(self.ns.backends.values()), on_back=self._back,
+            missing=lambda: self.unavailable, on_opened=self._open_missing)))
+
+    def _back(self, backend) -> None:
+        """A backend back after an outage, or opened late: watched afresh (inline), and what
+        changed meanwhile found by a full comparison (one reconcile job per directory, run by
+        whoever runs the loops: this mount inline, else a sidecar)."""
+        from core.repair.reconcile import job_key, job_payload
+        for hook in list(self.backend_back):
+            try:
+                hook(backend)
+            except Exception as exc:
+                log.warning("backend %s back: %s", backend.name, exc)
+        try:
+            self.jobs.enqueue(RECONCILE, job_key(backend.id, b""), job_payload(backend.id, b"", source="audit",
+                                                                                deep=True))
+        except psycopg.Error as exc:
+            log.warning("audit of backend %s not queued: %s", backend.name, exc)
+
+    def _open_missing(self) -> None:
+        """Backends that could not be opened when the mount started, tried again (monitor
+        thread: opening one may wait on a network); those that open join the namespace on the
+        serving thread, are watched and audited, and the mount root lists them."""
+        try:
+            registered = store.load_backends(self.db)
+        except psycopg.Error as exc:
+            log.warning("backends not reloaded: %s", exc)
+            return
+        opened = {}
+        for backend in registered:
+            if backend.name not in self.unavailable or "import" in (backend.options or {}) \
+                    or backend.id in self.ns.backends:
+                continue
+            try:
+                opened[backend.id] = backends.make_executor(backend, self.settings.home)
+            except Exception as exc:
+                self.unavailable[backend.name] = str(exc)
+        if not opened:
+            return
+        before = set(self.ns.backends)
+        try:
+            self.serving_call(lambda: self.reload_backends(opened))  # (holding the core lock)
+        except psycopg.Error as exc:
+            log.warning("backends not reloaded: %s", exc)
+            for executor in opened.values():
+                executor.close()
+            return
+        for backend_id, backend in list(self.ns.backends.items()):
+            if backend_id not in before:
+                log.warning("backend %s is available now", backend.name)
+                self._back(backend)
+        self.kernel_invalidate(Invalidation(nodes=[ROOT_INODE]))  # the mount root lists it
 
     def stop_workers(self) -> None:
         for thread, stop in self._workers:
@@ -233,15 +301,26 @@ class Filestore:
         return xattrs.kept_by(self.ns.backend_of(self.ns.node(node_id)), self.settings.xattrs)
 
     def virtual_xattrs(self, node: Node) -> dict[bytes, bytes]:
-        """The read-only user.filestore.* attributes: a directory's rollup fields (DESIGN.md
-        section 5), exact at the moment of asking (the folded row plus pending deltas)."""
+        """The read-only user.filestore.* attributes, exact at the moment of asking: `state` of
+        every node (ACTIVE, INCONSISTENT, MISSING: drift, issue 15) and a directory's rollup
+        fields (DESIGN.md section 5: the folded row plus pending deltas)."""
+        out = {xattrs.VIRTUAL + b"state": self._state_of(node).encode()}
         if not node.is_dir:
-            return {}
+            return out
         found = self.rollups.exact(node.id)
         calculated = ("" if found.last_calculated_at is None else
                       datetime.fromtimestamp(found.last_calculated_at, timezone.utc).isoformat())
         values = (found.size_bytes, found.file_count, found.dir_count, found.state, calculated)
-        return {xattrs.VIRTUAL + name: str(value).encode() for name, value in zip(ROLLUP_XATTRS, values)}
+        out.update({xattrs.VIRTUAL + key: str(value).encode() for key, value in zip(ROLLUP_XATTRS, values)})
+        return out
+
+    def _state_of(self, node: Node) -> str:
+        """The state the database holds (another process, a sidecar's reconciler, may have changed
+        it); this mount's own when the node is not committed yet."""
+        if self.holds(node.id):
+            return node.state
+        rows = self.db.query("SELECT state FROM filestore.nodes WHERE id = %s", (node.id,))
+        return rows[0][0] if rows else node.state
 
     def getxattr(self, node_id: int, name: bytes) -> bytes:
         # security.capability is asked before writes and ls asks for ACLs and labels: these

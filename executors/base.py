@@ -40,6 +40,9 @@ class PartlyDone(RetriesExhausted):
 class Superseded(ExecutorError):
     """An upload stopped on purpose midway (its file was renamed or removed meanwhile): its
     caller sends it again to the new name, or drops it."""
+class Unavailable(RetriesExhausted):
+    """The backend itself is not there (a local root gone or replaced, an S3 endpoint not
+    answering): every operation on it fails with EIO until it is back (core.storage.availability)."""
 class IllegalName(InvalidArgument):
     """A name the backend cannot hold (not UTF-8 on S3): EILSEQ, refused before any upload."""
 
@@ -125,6 +128,9 @@ class Executor(Protocol):
     writes_back: bool
 
     def close(self) -> None: ...
+    def probe(self) -> None:
+        """Cheaply check that the backend is there (its root, its endpoint); raise Unavailable if
+        not. May reconnect (a local root mounted again is opened again)."""
     # -- names and attributes
     def check_name(self, parent: bytes, name: bytes) -> None:
         """Refuse a name this backend cannot hold (IllegalName, NameTooLong) before any I/O."""

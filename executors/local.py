@@ -26,6 +26,7 @@ from .base import (
     InvalidArgument,
     NotFound,
     Stat,
+    Unavailable,
     Unsupported,
     from_os_error,
     kind_of,
@@ -114,6 +115,59 @@ class LocalExecutor:
                 except FileExistsError:
                     pass
                 self._staging_fd = _openat2(self._root_fd, STAGING_NAME, os.O_PATH | os.O_DIRECTORY)
+
+    def probe(self) -> None:
+        """The root is still where it was registered, and is the directory this executor holds:
+        a root renamed away, removed or unmounted is Unavailable (operations through the
+        descriptor held would reach a directory that is not the backend any more). A directory
+        there again (the same, or a new one: a disk mounted again) is opened again."""
+        try:
+            there = os.stat(self.root)
+        except OSError as exc:
+            raise Unavailable(f"root {os.fsdecode(self.root)}: {exc.strerror}") from exc
+        if not stat_mod.S_ISDIR(there.st_mode):
+            raise Unavailable(f"root {os.fsdecode(self.root)} is not a directory")
+        held = os.fstat(self._root_fd)
+        if (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino):
+            return
+        # Another directory at the root's path. Taken for the backend only if it is on the same
+        # file system, or carries the staging area every writable root was given when opened:
+        # an empty mount point left by an unmounted disk is neither, and taking it would make
+        # every file look deleted.
+        if there.st_dev != held.st_dev and not self._has_staging():
+            raise Unavailable(f"root {os.fsdecode(self.root)} is another directory now (not the"
+                              f" backend's: an unmounted disk's mount point?)")
+        self._reopen()
+
+    def _has_staging(self) -> bool:
+        if self._staging_fd < 0:
+            return False
+        try:
+            return stat_mod.S_ISDIR(os.lstat(os.path.join(self.root, STAGING_NAME)).st_mode)
+        except OSError:
+            return False
+
+    def _reopen(self) -> None:
+        try:
+            root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Unavailable(f"root {os.fsdecode(self.root)}: {exc.strerror}") from exc
+        staging_fd = -1
+        if self._staging_fd >= 0:
+            try:
+                try:
+                    os.mkdir(STAGING_NAME, 0o700, dir_fd=root_fd)
+                except FileExistsError:
+                    pass
+                staging_fd = _openat2(root_fd, STAGING_NAME, os.O_PATH | os.O_DIRECTORY)
+            except OSError as exc:
+                os.close(root_fd)
+                raise Unavailable(f"root {os.fsdecode(self.root)}: staging area: {exc.strerror}") from exc
+        old = (self._root_fd, self._staging_fd)
+        self._root_fd, self._staging_fd = root_fd, staging_fd
+        for fd in old:
+            if fd >= 0:
+                os.close(fd)
 
     def close(self) -> None:
         for fd in (self._staging_fd, self._root_fd):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from .base import (
     TYPE_BITS,
@@ -46,6 +47,7 @@ from .base import (
     PartlyDone,
     RetriesExhausted,
     Stat,
+    Unavailable,
     Unsupported,
     kind_of,
     validate_name,
@@ -109,8 +111,28 @@ class S3Executor(ContentTransfers):
         self.cache = ChunkCache(Path(cache_dir), cache_bytes) if cache_dir is not None else None
         self._sparse: dict[str, _Sparse] = {}
         self.parts_copied = 0  # parts landed by server-side copy instead of upload (for tests)
+        self._probe_client = None  # made at the first probe
         with _s3_errors(f"bucket {self.bucket}"):
             self.client.head_bucket(Bucket=self.bucket)
+
+    def probe(self) -> None:
+        """One HEAD of the bucket, no retries, short timeouts: is the endpoint answering?
+        (core.storage.availability asks every few seconds.) No answer, or an answer that the
+        bucket is gone or not ours, is Unavailable; a 5xx is an endpoint answering that fails
+        for now, which the operations' own retries ride out (one 503 must not take it down)."""
+        if self._probe_client is None:
+            self._probe_client = boto3.session.Session().client(
+                "s3", endpoint_url=self.client.meta.endpoint_url, region_name=self.client.meta.region_name,
+                config=Config(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=2, read_timeout=3))
+        try:
+            self._probe_client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if status >= 500:
+                return  # the endpoint answers, failing for now (SlowDown...): operations retry
+            raise Unavailable(f"bucket {self.bucket}: {exc}") from exc  # gone, or access revoked
+        except Exception as exc:  # no answer: connection refused, timed out, reset
+            raise Unavailable(f"bucket {self.bucket}: {exc}") from exc
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

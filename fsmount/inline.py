@@ -42,17 +42,23 @@ class Inline:
             self.loops = Loops(ctx, in_flight=InProcess(fs.intents), on_applied=self.show, known=self.known,
                                workers=1)
             self.loops.start()
+            fs.backend_back.append(self._watch_again)
         port = health.port_from_env()
         if port is not None:
             self.server = health.HealthServer(
                 port, database_url=database_url(fs.settings), redis_url=fs.settings.redis_url,
                 backends=lambda: list(fs.ns.backends.values()),
-                alive=self.loops.alive if self.loops else dict, queue_stats=ctx.queue.stats)
+                alive=self.loops.alive if self.loops else dict, queue_stats=ctx.queue.stats,
+                unopened=lambda: dict(fs.unavailable))
         self.registration = registry.Registration(
             fs.db, "mount", str(fs.settings.home), mountpoint=mountpoint, info=lambda: {
                 "backends": sorted(b.name for b in fs.ns.backends.values()),
                 "inline_loops": self.loops is not None, "http_port": self.server.port if self.server else None,
                 **ctx.stats})
+
+    def _watch_again(self, backend) -> None:
+        if self.loops is not None and self.loops.watchers is not None:
+            self.loops.watchers.rewatch(backend)
 
     def known(self, backend, rel: bytes, st, contents: dict | None = None) -> bool:
         """Does the namespace already hold what the disk shows (`st`, or None: nothing there)?
@@ -127,6 +133,8 @@ class Inline:
                 ns.forget_listing(node.id)  # a restored or moved-in directory has contents: load them
 
     def close(self) -> None:
+        if self._watch_again in self.fs.backend_back:
+            self.fs.backend_back.remove(self._watch_again)
         if self.loops is not None:
             self.loops.stop()
         if self.server is not None:

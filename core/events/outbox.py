@@ -7,8 +7,12 @@ command), then one `filestore.command.completed`; a failed row gives the
 - the mount, the CLI and recovery: a node at version 1 was created, a node left DELETED was
   deleted, any other change (content, attributes, a rename, a link added or removed) is an
   update; a rename's event has the old path in `previous_path`.
-- the reconciler (actor `reconciler`): a node it left INCONSISTENT is `drift.detected`, one
-  it left MISSING is `node.missing`, anything else it did is `node.reconciled`.
+- drift (command `drift`, actor `watcher`, `audit` or `writeback`: a difference found between
+  a backend and the journal): `drift.detected`, one per row, also when the path has no node
+  yet (a file made behind Filestore's back: `node_id` null, `kind` and `size` as observed).
+- the reconciler (actor `reconciler`): a node it left MISSING is `node.missing`, anything else
+  it did is `node.reconciled` (a node it left INCONSISTENT, from rows written before drift
+  had its own command, is `drift.detected`).
 - `backend.add` (the import of a tree) and `backend.remove` write no snapshots: only their
   `command.completed`, whose `result` has the counts imported.
 
@@ -98,11 +102,16 @@ def derive(row: dict) -> list[dict[str, Any]]:
         "rollup": {"deltas": row["rollup"]} if row.get("rollup") else None,
     }
     events: list[dict[str, Any]] = []
+    args = row["args"] or {}
     if row["status"] == "committed":
         snapshots = row["snapshots"] or []
         for snap in snapshots:
             events.append(_node_event(base, row, snap, len(snapshots)))
-    args = row["args"] or {}
+        if row["command"] == "drift" and not snapshots:
+            observed = args.get("observed") or {}
+            events.append({**base, "type": DRIFT, "node_id": row["node_id"], "path": row["path"],
+                           "previous_path": None, "kind": observed.get("kind"), "size": observed.get("size"),
+                           "version": None, "state": None, "errno": None, "error": None, "result": None})
     events.append({**base, "type": COMPLETED, "node_id": row["node_id"], "path": row["path"],
                    "previous_path": args.get("from") if row["command"] == "rename" else None,
                    "kind": None, "size": None, "version": None, "state": None,
@@ -117,7 +126,9 @@ def _node_event(base: dict, row: dict, snap: dict, count: int) -> dict[str, Any]
     data = snap["data"]
     node_id = snap["node_id"]
     path, previous = _paths(row, node_id, data, count)
-    if row["actor"] == "reconciler":
+    if row["command"] == "drift":
+        kind = DRIFT
+    elif row["actor"] == "reconciler":
         kind = {"INCONSISTENT": DRIFT, "MISSING": MISSING}.get(data.get("state"), RECONCILED)
     elif data.get("state") == "DELETED":
         kind = DELETED

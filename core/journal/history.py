@@ -27,6 +27,23 @@ def resolve(db: Database, backend_name: str, rel: bytes) -> int:
     return node_id
 
 
+def resolve_any(db: Database, backend_name: str, rel: bytes) -> int:
+    """Like `resolve`, and a node that lost its name (MISSING, or DELETED by a purge) is found by
+    the path it went with (its drift, reconcile or purge rows)."""
+    try:
+        return resolve(db, backend_name, rel)
+    except FsError:
+        rows = db.query(
+            "SELECT j.node_id FROM filestore.journal_entries j JOIN filestore.backend_mounts b ON b.id = j.backend_id"
+            " WHERE b.name = %s AND b.state = 'active' AND j.path = %s AND j.node_id IS NOT NULL"
+            " AND j.command IN ('drift', 'reconcile', 'purge')"
+            " AND NOT EXISTS (SELECT 1 FROM filestore.entries e WHERE e.node_id = j.node_id)"
+            " ORDER BY j.id DESC LIMIT 1", (backend_name, os.fsdecode(rel).strip("/")))
+        if not rows:
+            raise
+        return rows[0][0]
+
+
 def split_target(target: str, mounts: list[str]) -> tuple[str, bytes]:
     """`backend:/path`, or a path inside one of the given filestore mountpoints."""
     if ":" in target and not target.startswith("/") and not os.path.exists(target):
@@ -44,9 +61,17 @@ def split_target(target: str, mounts: list[str]) -> tuple[str, bytes]:
 
 
 def history(db: Database, node_id: int, limit: int = 1000) -> list[dict]:
+    """The node's journal rows, each with the node's state after it (`state`: from its snapshot;
+    None for a row that did not change the node, a refused command say)."""
     return db.query_dicts(
-        f"SELECT {_COLUMNS} FROM filestore.journal_entries WHERE node_id = %s ORDER BY id LIMIT %s",
-        (node_id, limit))
+        f"SELECT {_COLUMNS}, (SELECT s.data->>'state' FROM filestore.snapshots s"
+        f" WHERE s.journal_id = j.id AND s.node_id = j.node_id) AS state"
+        f" FROM filestore.journal_entries j WHERE node_id = %s ORDER BY id LIMIT %s", (node_id, limit))
+
+
+def node_state(db: Database, node_id: int) -> str | None:
+    rows = db.query("SELECT state FROM filestore.nodes WHERE id = %s", (node_id,))
+    return rows[0][0] if rows else None
 
 
 def recent(db: Database, since: int | None, limit: int) -> list[dict]:

@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 
 ATIME_SECONDS = 1.0  # relatime updates of reads wait this long for a group to ride with
 
+# An adoption refused in its turn (the other mount changed those nodes again meanwhile) is
+# built again from the database this many times before the loser is journaled alone.
+ADOPT_ATTEMPTS = 4
+
 
 def _setting(name: str, default: float) -> float:
     try:
@@ -162,6 +166,12 @@ class Adopter(Protocol):
     records to commit in its place, keeping its journal rows and adopting the backend's state."""
 
     def adopt(self, entry: Entry, error: BaseException) -> list[Record]: ...
+
+    def journal_only(self, entry: Entry, error: BaseException, **result) -> list[Record]:
+        """The entry's journal rows alone, with why they were refused (the adoption failing too)."""
+
+    def compare_later(self, entry: Entry) -> None:
+        """Have the entry's paths compared with the disk later (the reconciler)."""
 
 
 class IntentSink(Protocol):
@@ -462,19 +472,36 @@ class Pipeline:
             log.info("commit of %s refused: %s", [r.journal.command for r in entry.records], _first_line(error))
             self._finished_without(entry)
             return
-        try:
-            replacement = self.adopter.adopt(entry, error)
-            self._send([r.payload() for r in replacement], [], False)
-        except psycopg.Error as exc:
-            if failure(exc) != "refused":
-                raise
-            log.error("could not adopt %s after %s: %s", entry.request_ids, _first_line(error), exc)
-            self._finished_without(entry)
-            return
-        except Exception as exc:  # noqa: BLE001 - never drop an answered command
-            log.error("could not adopt %s after %s: %s", entry.request_ids, _first_line(error), exc)
-            self._finished_without(entry)
-            return
+        replacement = None
+        for _ in range(ADOPT_ATTEMPTS):
+            try:
+                replacement = self.adopter.adopt(entry, error)
+                self._send([r.payload() for r in replacement], [], False)
+                break
+            except psycopg.Error as exc:
+                if failure(exc) != "refused":
+                    raise
+                # The adoption lost a race too (another mount changed those nodes again since
+                # it read them): read the database again and adopt anew.
+                replacement, why = None, exc
+            except Exception as exc:  # noqa: BLE001 - never drop an answered command
+                replacement, why = None, exc
+                break
+        if replacement is None:
+            # Never drop an answered command: its journal rows alone, and its paths compared
+            # by the reconciler (which adopts the disk once the names hold still).
+            log.warning("could not adopt %s after %s (%s): journaled alone, its paths queued for a comparison",
+                        entry.request_ids, _first_line(error), _first_line(why))
+            try:
+                replacement = self.adopter.journal_only(entry, error, reconcile=_first_line(why))
+                self._send([r.payload() for r in replacement], [], False)
+                self.adopter.compare_later(entry)
+            except psycopg.Error as exc:
+                if failure(exc) != "refused":
+                    raise
+                log.error("could not journal %s after %s: %s", entry.request_ids, _first_line(error), exc)
+                self._finished_without(entry)
+                return
         log.warning("%s conflicted (%s); the backend's state was adopted and journaled",
                     [r.journal.command for r in entry.records], _first_line(error))
         adopted = Entry(replacement, [], entry.backend_id, entry.paths, logged=entry.logged, seq=entry.seq,

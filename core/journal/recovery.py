@@ -211,13 +211,31 @@ class ConflictAdopter:
     def __init__(self, fs):
         self.fs = fs
 
+    def journal_only(self, entry: Entry, error: BaseException, **result) -> list[Record]:
+        """The loser's journal rows alone: what it did (carried out on the backend), why its
+        records were refused, and what it saw (the versions and entries it expected)."""
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return [Record(Journal(r.journal.command, "committed", r.journal.who, r.journal.request_id,
+                               r.journal.backend_id, r.journal.node_id, r.journal.path, r.journal.args,
+                               result={"adopted": reason, "saw": _saw(r, entry.replayed), **result},
+                               idempotency_key=r.journal.idempotency_key))
+                for r in entry.records]
+
+    def compare_later(self, entry: Entry) -> None:
+        """The adoption kept losing too (the other mount still changing those names): the
+        loser is journaled alone and its paths are compared by the reconciler instead."""
+        from core.repair.reconcile import job_key, job_payload
+        from core.storage.queue import RECONCILE
+        if entry.backend_id is None:
+            return
+        self.fs.jobs.enqueue_many(RECONCILE, [(job_key(entry.backend_id, p),
+                                               job_payload(entry.backend_id, p, source="conflict"))
+                                              for p in entry.paths])
+
     def adopt(self, entry: Entry, error: BaseException) -> list[Record]:
         fs = self.fs
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        kept = [Record(Journal(r.journal.command, "committed", r.journal.who, r.journal.request_id,
-                               r.journal.backend_id, r.journal.node_id, r.journal.path, r.journal.args,
-                               result={"adopted": reason}, idempotency_key=r.journal.idempotency_key))
-                for r in entry.records]
+        kept = self.journal_only(entry, error)
         backend = fs.ns.backends.get(entry.backend_id) if entry.backend_id is not None else None
         if backend is None or not entry.paths:
             return kept
@@ -230,6 +248,19 @@ class ConflictAdopter:
         change = adopted.record.change
         fs.after_conflict(change.nodes_touched() | change.dirs_touched(), change.names_removed())
         return kept + [adopted.record]
+
+
+def _saw(record: Record, replayed: bool) -> dict:
+    """What a command that lost a race expected to find (its optimistic preconditions): the
+    version of each node it changed, the entries it removed and the names it took as free,
+    as the loser's journal row keeps them (issue 15). Unknown for a command replayed from the intent log at start."""
+    change = None if replayed else getattr(record, "change", None)
+    if change is None:
+        return {"versions": {}, "entries": [], "free_names": [], "unknown": "replayed from the intent log"}
+    return {"versions": {str(node.id): expected for node, expected in change.updates},
+            "entries": [{"parent_id": parent, "name": display_name(name), "node_id": node_id}
+                        for parent, name, node_id in change.unlinks],
+            "free_names": [{"parent_id": link[0], "name": display_name(link[1])} for link in change.links]}
 
 
 def adoption_record(tree, orch, backend: Backend, intent: Intent, *, command: str, who: Principal,
@@ -266,7 +297,7 @@ def adoption_record(tree, orch, backend: Backend, intent: Intent, *, command: st
             change.unlinks.append((src_parent.id, src_name, moved.id))
             change.links.append((dst_parent.id, dst_name, moved.id, orch.entry_ids.take()))
             change.update(moved.changed(ctime_ns=now, version=moved.version + 1), moved.version,
-                          parent_id=dst_parent.id, name=name_arg(dst_name))
+                          parent_id=dst_parent.id, name=name_arg(dst_name), from_parent_id=src_parent.id)
             touched_dirs |= {src_parent.id, dst_parent.id}
             paths = []
             changed = 1

@@ -22,7 +22,7 @@ import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.observe import metrics
-from core.storage import schema
+from core.storage import availability, schema
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,15 @@ def check_redis(url: str) -> dict:
 
 
 def check_backend(backend) -> dict:
+    """Where this process opened the backend, what its operations do (EIO while it is down:
+    core.storage.availability): an S3 bucket as the monitor last found it, a local root probed
+    now (a root gone shows at once, and its operations answer EIO from then on); else a local
+    root looked at on the disk."""
+    if getattr(backend, "executor", None) is not None:
+        down = availability.check_local(backend)
+        return {"ok": False, "error": down} if down is not None else {"ok": True}
     if backend.kind != "local":
-        return {"ok": True, "note": "not checked (only local roots are checked so far)"}
+        return {"ok": True, "note": "not checked (this process has not opened it; a mount's /ready says)"}
     try:
         if not os.path.isdir(backend.root):
             return {"ok": False, "error": f"root {backend.root} is not a directory"}
@@ -61,10 +68,13 @@ def check_backend(backend) -> dict:
         return {"ok": False, "error": f"root {backend.root}: {exc.strerror or exc}"}
 
 
-def readiness(database_url: str, redis_url: str, backends: list) -> tuple[bool, dict]:
+def readiness(database_url: str, redis_url: str, backends: list,
+              unopened: dict[str, str] | None = None) -> tuple[bool, dict]:
     checks = {"postgres": check_postgres(database_url), "redis": check_redis(redis_url)}
     for backend in backends:
         checks[f"backend:{backend.name}"] = check_backend(backend)
+    for name, why in (unopened or {}).items():  # registered, not opened (its root or endpoint was away)
+        checks[f"backend:{name}"] = {"ok": False, "error": why}
     failed = sorted(name for name, result in checks.items() if not result["ok"])
     return not failed, {"ready": not failed, "failed": failed, "checks": checks}
 
@@ -72,7 +82,7 @@ def readiness(database_url: str, redis_url: str, backends: list) -> tuple[bool, 
 class HealthServer:
     def __init__(self, port: int, *, database_url: str, redis_url: str, backends: Callable[[], list],
                  alive: Callable[[], dict[str, bool]], queue_stats: Callable[[], dict] | None = None,
-                 host: str | None = None):
+                 host: str | None = None, unopened: Callable[[], dict[str, str]] | None = None):
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (the http.server interface)
                 path = self.path.split("?", 1)[0]
@@ -81,7 +91,7 @@ class HealthServer:
                     ok = all(loops.values())
                     self._send(200 if ok else 503, {"alive": ok, "loops": loops})
                 elif path == "/ready":
-                    ok, body = readiness(database_url, redis_url, backends())
+                    ok, body = readiness(database_url, redis_url, backends(), unopened() if unopened else None)
                     self._send(200 if ok else 503, body)
                 elif path == "/metrics":
                     if queue_stats is not None:

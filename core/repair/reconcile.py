@@ -72,6 +72,12 @@ def _same_disk(a: Stat | None, b: Stat | None) -> bool:
         (b.kind, b.size, b.mode, b.uid, b.gid, b.mtime_ns, b.target, b.ino)
 
 
+def observe_only(backend: Backend) -> bool:
+    """A backend added with --observe-only (seed 001's rollout phase 1): drift is journaled and
+    published, its nodes are marked INCONSISTENT, nothing is adopted until `drift adopt`."""
+    return bool((backend.options or {}).get("observe_only"))
+
+
 def differs(node: Node, st: Stat, owns_files: bool) -> bool:
     """Does the disk hold something the committed node does not say? (Directory times are
     the mount's own bookkeeping, ctime and atime change on their own: not compared.)"""
@@ -113,6 +119,9 @@ class Reconciler:
         rel = bytes.fromhex(payload["path"])
         source = payload.get("source", "watcher")
         src = bytes.fromhex(payload["from"]) if payload.get("from") else None
+        # An operator's `filestore drift adopt` (who ran it): what it finds is adopted even on an
+        # observe-only backend, and so is what it queues below it.
+        adopt = {"adopt": payload["adopt"]} if payload.get("adopt") else {}
 
         first = stat_or_none(backend, rel)
         for path in (rel, src):
@@ -127,7 +136,7 @@ class Reconciler:
             # nearest unknown ancestor, which brings this path in with its subtree.
             ancestor = self._unknown_ancestor(backend, rel)
             self.queue.enqueue(RECONCILE, job_key(backend.id, ancestor),
-                               job_payload(backend.id, ancestor, source=source, deep=True))
+                               job_payload(backend.id, ancestor, source=source, deep=True, **adopt))
             return "parent-queued"
         st = stat_or_none(backend, rel)
         if not _same_disk(first, st):
@@ -135,16 +144,54 @@ class Reconciler:
         node = found[1] if found else None
         if node is None and st is None:
             if src is not None:
-                return self.run(job_payload(backend.id, src, source=source))
+                return self.run(job_payload(backend.id, src, source=source, **adopt))
+            if self._untracked(backend, rel):
+                self._record_gone(backend, rel)  # observed, never adopted, gone again
             return "absent"
         if node is not None and st is not None and not differs(node, st, backend.executor.owns_files):
             if st.kind == "dir" and payload.get("deep"):
-                self._compare_listing(backend, rel, node, source, recurse=source == "audit")
+                self._compare_listing(backend, rel, node, source, recurse=source == "audit", extra=adopt)
             return "unchanged"
         if node is not None and self.db.query("SELECT 1 FROM filestore.uploads WHERE node_id = %s", (node.id,)):
             # Recorded, not uploaded yet (write-back): S3 holds the old object, or none, until then.
             raise Busy(f"{display_name(rel)} has an upload pending")
+        if observe_only(backend) and not adopt:
+            settled = node is not None and st is not None and \
+                not differs(node.changed(state="ACTIVE"), st, backend.executor.owns_files)
+            if not settled:  # (back as recorded: nothing to adopt, the mark goes below)
+                return self._observe(backend, rel, node, st, source)
         return self._heal(backend, rel, parent, name, found, st, src, source, payload)
+
+    # == observe-only (seed 001, rollout phase 1) ========================================
+    def _observe(self, backend: Backend, rel: bytes, node: Node | None, st: Stat | None, source: str) -> str:
+        """Drift journaled and published, the node marked INCONSISTENT; nothing adopted until
+        an operator runs `filestore drift adopt` (core.repair.drift)."""
+        if node is None and self._untracked(backend, rel):
+            return "observed"  # journaled already (an audit finds it again at every round)
+        if not rel.strip(b"/") and st is None:
+            raise NotFound(f"backend root {backend.root} is unreachable")
+        if st is None:
+            backend.executor.probe()  # gone, or the backend away (Unavailable: looked at later)
+        self._record_drift(backend, rel, node, _describe(st), source)
+        if node is not None and self.on_applied is not None:
+            marked = store.load_node(self.db, node.id)
+            if marked is not None:
+                self.on_applied(Applied(puts=[marked]))
+        return "observed"
+
+    def _untracked(self, backend: Backend, rel: bytes) -> bool:
+        """Is drift journaled at this path with no node, and not resolved since?"""
+        return bool(self.db.query(
+            "SELECT 1 FROM filestore.journal_entries d WHERE d.backend_id = %s AND d.path = %s"
+            " AND d.command = 'drift' AND d.node_id IS NULL AND NOT EXISTS ("
+            "  SELECT 1 FROM filestore.journal_entries r WHERE r.backend_id = d.backend_id AND r.path = d.path"
+            "   AND r.id > d.id AND r.command IN ('reconcile', 'purge')) LIMIT 1",
+            (backend.id, display_name(rel))))
+
+    def _record_gone(self, backend: Backend, rel: bytes) -> None:
+        journal = Journal("reconcile", "committed", RECONCILER, uuid.uuid4(), backend.id, None, display_name(rel),
+                          {"outcome": "gone", "source": "watcher", "observed": None}, result={"nodes_changed": 0})
+        self._record(journal, Change())
 
     # == drift ==========================================================================
     def _heal(self, backend: Backend, rel: bytes, parent: Node, name: bytes,
@@ -153,6 +200,10 @@ class Reconciler:
         node = found[1] if found else None
         if not rel.strip(b"/") and st is None:
             raise NotFound(f"backend root {backend.root} is unreachable")
+        if st is None:
+            # Nothing there, or no backend there (its root gone, its endpoint away)? Only the
+            # first is drift: the probe raises Unavailable for the second, and the job waits.
+            backend.executor.probe()
         if st is None and node is not None and self._moved_away(backend, rel):
             # A job for the path it moved to is waiting or running: that job moves the node
             # (keeping its id); marking it MISSING here first would make that a re-creation.
@@ -194,7 +245,10 @@ class Reconciler:
                     outcome = "restored" if revived is not None else "created"
             if revived is not None:
                 current = self._adopt(revived, st, backend)
-                change.update(current, revived.version, parent_id=parent.id, name=name_arg(name))
+                # the name it gets: moved from another, or given back to a node that had lost
+                # its last one (the counters move what it carries: core.rollups.counters)
+                entry = {"from_parent_id": moved[0].id} if moved is not None else {"added_entry": True}
+                change.update(current, revived.version, parent_id=parent.id, name=name_arg(name), **entry)
             else:
                 current = self._new_node(backend, st)
                 change.insert(current, parent_id=parent.id, name=name_arg(name))
@@ -207,7 +261,8 @@ class Reconciler:
             "reconcile", "committed", RECONCILER, uuid.uuid4(), backend.id,
             change.snapshots[0][0] if change.snapshots else None, display_name(rel),
             {"outcome": outcome, "source": source, "observed": observed,
-             **({"from": display_name(moved_from)} if moved_from is not None else {})},
+             **({"from": display_name(moved_from)} if moved_from is not None else {}),
+             **({"adopted_by": payload["adopt"]} if payload.get("adopt") else {})},
             result={"nodes_changed": len(change.snapshots)})
         deltas.derive(deltas.DbTree(self.db, self.backends().values()), [change])
         self._record(journal, change)
@@ -218,7 +273,8 @@ class Reconciler:
         if self.on_applied is not None:
             self.on_applied(applied)
         if current is not None and current.is_dir:
-            self._compare_listing(backend, rel, current, source, recurse=outcome in ("restored", "moved"))
+            self._compare_listing(backend, rel, current, source, recurse=outcome in ("restored", "moved"),
+                                  extra={"adopt": payload["adopt"]} if payload.get("adopt") else {})
         return outcome
 
     def _record_drift(self, backend: Backend, rel: bytes, node: Node | None, observed, source: str) -> None:
@@ -227,7 +283,9 @@ class Reconciler:
         if node is not None and node.state not in ("INCONSISTENT", "MISSING"):
             change.update(node.changed(state="INCONSISTENT", version=node.version + 1), node.version)
         elif node is not None and node.state == "INCONSISTENT":
-            return  # already journaled by a run that died before healing it
+            return  # already journaled (by a run that died before healing it, or observe-only)
+        elif node is None and self._untracked(backend, rel):
+            return  # journaled on an observe-only backend, adopted now
         journal = Journal(
             "drift", "committed", Principal.system(source), uuid.uuid4(), backend.id,
             node.id if node else None, display_name(rel),
@@ -320,7 +378,7 @@ class Reconciler:
         return [n for n in (store.load_node(self.db, r[0]) for r in rows) if n is not None]
 
     def _compare_listing(self, backend: Backend, rel: bytes, node: Node, source: str, *,
-                         recurse: bool = False) -> int:
+                         recurse: bool = False, extra: dict | None = None) -> int:
         """Queue a job for every name the disk and the database disagree on in one directory.
 
         With `recurse` (the audit, a directory restored or moved in) every subdirectory is
@@ -342,7 +400,8 @@ class Reconciler:
             child_rel = rel + b"/" + name if rel else name
             st = on_disk.get(name)
             deep = {"deep": True} if st is not None and st.kind == "dir" and recurse else {}
-            items.append((job_key(backend.id, child_rel), job_payload(backend.id, child_rel, source=source, **deep)))
+            items.append((job_key(backend.id, child_rel),
+                          job_payload(backend.id, child_rel, source=source, **deep, **(extra or {}))))
         self.queue.enqueue_many(RECONCILE, items)
         return len(items)
 

@@ -27,12 +27,14 @@ from core.repair.reconcile import Applied, Busy, Reconciler, job_key, job_payloa
 from core.repair.watchers import Watchers
 from core.storage.db import Database
 from core.storage.queue import RECONCILE, Job, JobQueue
+from executors.base import Unavailable
 
 log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 8
 IDLE_POLL_MAX = 0.25  # seconds between polls of an empty queue (the latency bound adds this)
 BUSY_RETRY = 0.5
+UNAVAILABLE_RETRY = 5.0  # a job on a backend that is down is tried again after this
 S3_AUDIT_SECONDS = float(os.environ.get("FILESTORE_S3_AUDIT_SECONDS", "60"))  # between list audits  # a path being changed by a mount is looked at again after this
 
 
@@ -68,6 +70,7 @@ class Loops:
         self._audit = audit
         self._leased: set[Job] = set()
         self._leased_lock = threading.Lock()
+        self.watchers: Watchers | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -80,10 +83,11 @@ class Loops:
             except OSError as exc:  # e.g. ENOSPC: more directories than fs.inotify.max_user_watches
                 log.error("cannot watch the backends (%s): drift is found by the start audit only", exc)
             else:
+                self.watchers = watchers
                 self._spawn("watchers", watchers.run)
         for i in range(self._workers):
             self._spawn(f"reconcile-{i}", self._work)
-        if self._audit and any(b.kind == "s3" for b in self.ctx.backends().values()):
+        if self._audit:  # (also with no S3 backend yet: one may be opened later)
             self._spawn("s3-audits", self._audit_s3)
         self._spawn("leases", self._keep_leases)
         for factory in EXTRA_WORKERS:
@@ -108,6 +112,14 @@ class Loops:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+    def back(self, backend: Backend) -> None:
+        """A backend is back after an outage, or was opened late (core.storage.availability):
+        its tree is watched afresh, then audited whole for what changed while it was away."""
+        if self.watchers is not None:
+            self.watchers.rewatch(backend)
+        self.ctx.queue.enqueue(RECONCILE, job_key(backend.id, b""),
+                               job_payload(backend.id, b"", source="audit", deep=True))
 
     def audit(self, kinds: tuple[str, ...] = ("local", "s3")) -> None:
         """A full comparison of backends with the database, as jobs: one per directory (an S3
@@ -170,6 +182,14 @@ class Loops:
             self.ctx.stats["jobs_busy"] += 1
             metrics.JOBS.labels(job.queue, "busy").inc()
             self._settle(job, lambda j: self.ctx.queue.release(j, delay=BUSY_RETRY))
+        except Unavailable as exc:
+            # The backend is down, not the path wrong: the job waits without using an attempt
+            # (it would be parked as failed after an outage of a few minutes), and the audit
+            # queued when the backend is back compares everything anyway.
+            log.debug("backend unavailable, later: %s", exc)
+            self.ctx.stats["jobs_busy"] += 1
+            metrics.JOBS.labels(job.queue, "busy").inc()
+            self._settle(job, lambda j: self.ctx.queue.release(j, delay=UNAVAILABLE_RETRY))
         except Exception as exc:
             self.ctx.stats["jobs_failed"] += 1
             log.warning("reconcile job %s failed (attempt %d): %s", job.key, job.attempts, exc)
@@ -236,6 +256,7 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
     backends = open_backends(db)
     from core.events import loops as eventloops
     from core.rollups import folder
+    from core.storage import availability
     from core.view.cache import Announcements, open_cache
     cache = open_cache(settings.redis_url)
     queue = JobQueue(db)
@@ -250,8 +271,10 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
     loops.start()
     # The other issues' loops: rollup folding (every sidecar may fold: they split batches) and
     # the event relay with the consumers switched on (one relay publishes at a time).
+    monitor = availability.BackendMonitor(lambda: list(backends.values()), on_back=loops.back)
     for name, worker in [("rollup-folder", rollup_folder),
                          ("rollup-jobs", folder.RecalculationJobs(db, ctx.queue)),
+                         ("backend-monitor", monitor),
                          *eventloops.loops_for(ctx)]:
         loops._spawn(name, worker.run)
     server = None
@@ -290,6 +313,7 @@ def _all_backends(url: str, opened: dict[int, Backend]) -> list[Backend]:
         with psycopg.connect(url, autocommit=True, connect_timeout=3) as conn:
             rows = conn.execute("SELECT id, name, kind, root, read_only, root_node_id, options"
                                 " FROM filestore.backend_mounts WHERE state = 'active' ORDER BY name").fetchall()
-        return [Backend(*row) for row in rows]
     except psycopg.Error:
         return list(opened.values())
+    # the ones opened here are checked with their executors' probes (an S3 endpoint answering)
+    return [opened.get(row[0]) or Backend(*row) for row in rows]

@@ -20,7 +20,7 @@ from core.journal.recovery import stat_or_none
 from core.model import Backend
 from core.observe import metrics
 from core.repair.reconcile import job_key, job_payload
-from core.repair.tree_watch import TreeWatch
+from core.repair.tree_watch import AUDIT, TreeWatch
 from core.storage.queue import RECONCILE, JobQueue
 from executors.base import NotFound
 
@@ -51,6 +51,7 @@ class Watchers:
         self._waiting: dict[str, tuple[dict[str, Any], float]] = {}  # key -> (payload, first looked at)
         self._lock = threading.Lock()
         self._trees: list[tuple[Backend, TreeWatch]] = []
+        self._rewatch: dict[int, Backend] = {}  # asked by rewatch(), done by the loop's thread
 
     def add(self, backend_id: int, rel: bytes, extra: dict[str, Any]) -> None:
         key = job_key(backend_id, rel)
@@ -70,10 +71,42 @@ class Watchers:
         log.info("watching %d local backend(s), %d directories", len(self._trees),
                  sum(tree.watched for _, tree in self._trees))
 
+    def rewatch(self, backend: Backend) -> None:
+        """Watch this backend's tree afresh (from the loop's thread, at its next round): it is
+        back after an outage (its root may be another directory now: a disk mounted again,
+        whose old watches see nothing), or it was opened after the watchers started. What
+        changed while it was not watched is the audit's to find (core.storage.availability):
+        one is queued once the new watches are in place."""
+        if backend.kind == "local":
+            with self._lock:
+                self._rewatch[backend.id] = backend
+
+    def _watch_again(self) -> None:
+        with self._lock:
+            todo, self._rewatch = self._rewatch, {}
+        for backend_id, backend in todo.items():
+            for i, (known, tree) in enumerate(self._trees):
+                if known.id == backend_id:
+                    tree.close()
+                    del self._trees[i]
+                    break
+            self.backends = [b for b in self.backends if b.id != backend_id] + [backend]
+            try:
+                self._trees.append((backend, TreeWatch(backend.root)))
+            except OSError as exc:  # away again already: its next return asks again
+                log.error("cannot watch backend %s again (%s): drift is found by audits only", backend.name, exc)
+            else:
+                log.info("watching backend %s again", backend.name)
+                # Compared whole once watched: a change made before the watch was in place (the
+                # audit queued when it came back may have run already) is found by this one.
+                self.add(backend.id, b"", dict(AUDIT))
+
     def run(self, stop: threading.Event) -> None:
         busy = False
         try:
             while not stop.wait(0 if busy else FLUSH_SECONDS):
+                if self._rewatch:
+                    self._watch_again()
                 busy = self.read()
                 self.flush()
         finally:

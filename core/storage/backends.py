@@ -14,7 +14,7 @@ from core import config
 from core.errors import ConfigError
 from core.journal import records
 from core.model import Backend, Principal
-from core.rollups import totals
+from core.rollups import counters, totals
 from core.storage import store
 from core.storage.db import Database
 from executors.base import ExecutorError, Stat
@@ -134,6 +134,7 @@ def _register(db, name, kind, root, read_only, options, executor, who, progress)
             " WHERE n.backend_id = %s AND n.id <> %s GROUP BY 1, 2, 3"
             " ON CONFLICT (scope, scope_key, counter) DO UPDATE SET value = c.value + excluded.value",
             (name, backend_id, root_id))
+        counters.seed_backend(conn, root_id)  # and below each directory of the tree
         journal_id = records.record_in(conn, [records.Record(records.Journal(
             "backend.add", "committed", who, uuid.uuid4(), backend_id, root_id, "",
             {"name": name, "root": root, "read_only": read_only, **({"options": options} if options else {})},
@@ -254,7 +255,8 @@ def apply_config_file(db: Database, path: Path) -> list[str]:
         add(db, spec["name"], str(root), read_only=bool(spec.get("read_only", False)),
             who=Principal.current_process("config"),
             options={**{k: spec[k] for k in S3_OPTIONS if k in spec},
-                     **({"xattrs": True} if spec.get("xattrs") else {})})
+                     **({"xattrs": True} if spec.get("xattrs") else {}),
+                     **({"observe_only": True} if spec.get("observe_only") else {})})
         added.append(spec["name"])
     return added
 

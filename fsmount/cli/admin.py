@@ -37,6 +37,10 @@ def _row_text(row: dict) -> str:
         detail = f"  {row['args'].get('bytes', 0)} bytes ({row['args'].get('mode')})"
     elif row["command"] == "rename":
         detail = f"  -> {row['args'].get('to')}"
+    elif row["command"] in ("drift", "reconcile") and row["args"]:
+        detail = f"  {row['args'].get('outcome') or 'found'}"
+    if row.get("state") and row["state"] != "ACTIVE":
+        detail += f"  -> {row['state']}"
     when = row["created_at"].strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     return f"{row['id']:>8}  {when}  {row['command']:<10} {row['status']:<9} {row['path'] or '':<40} {who}{detail}"
 
@@ -52,12 +56,14 @@ def history(path: str, as_json: bool) -> None:
     """
     db = open_database(settings())
     backend, rel = journal_queries.split_target(path, filestore_mounts())
-    node_id = journal_queries.resolve(db, backend, rel)
+    node_id = journal_queries.resolve_any(db, backend, rel)
     rows = journal_queries.history(db, node_id)
+    state = journal_queries.node_state(db, node_id)
     if as_json:
-        emit_json({"node_id": node_id, "backend": backend, "path": os.fsdecode(rel), "entries": rows})
+        emit_json({"node_id": node_id, "backend": backend, "path": os.fsdecode(rel), "state": state,
+                   "entries": rows})
         return
-    click.echo(f"node {node_id} ({backend}:/{os.fsdecode(rel)})")
+    click.echo(f"node {node_id} ({backend}:/{os.fsdecode(rel)}) {state}")
     for row in rows:
         click.echo(_row_text(row))
 

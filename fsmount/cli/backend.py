@@ -25,8 +25,12 @@ def backend() -> None:
 @click.option("--xattrs", is_flag=True,
               help="Keep extended attributes (user.*, and the user.filestore.* rollup fields) on this backend; "
                    "a mount with such a backend answers xattr probes, which costs `ls -l` a round trip per entry.")
+@click.option("--observe-only", is_flag=True,
+              help="Rollout phase 1: changes made behind Filestore's back are journaled and published as drift and "
+                   "their nodes marked INCONSISTENT, never adopted until `filestore drift adopt PATH`.")
 @one_line_errors
-def add(name: str, path: str, read_only: bool, endpoint_url: str | None, region: str | None, xattrs: bool) -> None:
+def add(name: str, path: str, read_only: bool, endpoint_url: str | None, region: str | None, xattrs: bool,
+        observe_only: bool) -> None:
     """Track the directory PATH, or the S3 prefix s3://BUCKET/PREFIX, as backend NAME,
     importing what it already holds. S3 credentials come the usual boto3 way (environment,
     profile, instance role).
@@ -44,10 +48,12 @@ def add(name: str, path: str, read_only: bool, endpoint_url: str | None, region:
             click.echo(f"\rimported {count} entries", nl=False, err=True)
 
     added = backends.add(db, name, path, read_only=read_only, progress=progress,
-                         options={"endpoint_url": endpoint_url, "region": region, "xattrs": xattrs or None})
+                         options={"endpoint_url": endpoint_url, "region": region, "xattrs": xattrs or None,
+                                  "observe_only": observe_only or None})
     if show:
         click.echo("", err=True)
-    click.echo(f"added backend {added.name} -> {added.root}{' (read-only)' if read_only else ''}")
+    click.echo(f"added backend {added.name} -> {added.root}{' (read-only)' if read_only else ''}"
+               f"{' (observe-only)' if observe_only else ''}")
 
 
 @backend.command("list")

@@ -10,7 +10,6 @@ from core.journal import history as journal_queries
 from core.model import Principal
 from core.rollups import counters, folder, totals
 from core.service import open_database
-from core.storage import backends
 from core.storage.queue import JobQueue
 
 from ..mount import filestore_mounts
@@ -118,32 +117,56 @@ def repair(path: str, queued: bool) -> None:
 
 
 @main.command()
-@click.argument("target", required=False)
+@click.argument("words", nargs=-1, metavar="[verify|repair] [BACKEND|PATH]")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @one_line_errors
-def stats(target: str | None, as_json: bool) -> None:
-    """Counters of commands, bytes and nodes by type: global, for a BACKEND, or for a PATH.
+def stats(words: tuple[str, ...], as_json: bool) -> None:
+    """Counters of commands, events, bytes and nodes by type: global, for a BACKEND, or below a
+    directory PATH (what is located there now: a rename moves a node's counts; a file's are its
+    own). `verify` counts that subset again from the journal and the tree (and nothing else)
+    and reports each difference (exit 1); `repair` replaces what differs (journaled).
 
-    PATH is a directory inside a mount or BACKEND:/PATH (commands on anything below it).
-    Counters trail the journal by about a second (they are folded from it).
+    PATH is inside a mount or BACKEND:/PATH. Counters trail the journal by about a second.
 
-    Example: filestore stats local:/projects
+    Examples: filestore stats local:/projects; filestore stats verify local; filestore stats repair local:/projects
     """
+    action = words[0] if words and words[0] in ("verify", "repair") else None
+    rest = words[1:] if action else words
+    if len(rest) > 1:
+        raise click.UsageError("expected at most one BACKEND or PATH")
     db = open_database(settings(), apply_schema=False)
+    target = rest[0] if rest else None
     if target is None:
-        scope, key = "global", ""
+        backend, rel = None, None
     elif ":" not in target and not target.startswith("/") and not os.path.exists(target):
-        scope, key = "backend", target
-        if not backends.exists(db, target):
-            raise click.ClickException(f"no backend named {target!r}")
+        backend, rel = target, None
     else:
         backend, rel = journal_queries.split_target(target, filestore_mounts())
-        journal_queries.resolve(db, backend, rel)  # ENOENT for a path that does not exist
-        scope, key = "path", f"{backend}:/{os.fsdecode(rel).strip('/')}"
-    values = counters.read(db, scope, key)
-    if as_json:
-        emit_json({"scope": scope, "key": key, "counters": values})
+    subset, node_id, kind = counters.subset_of(db, backend, rel)
+    label = "global" if backend is None else backend if rel is None else f"{backend}:/{os.fsdecode(rel).strip('/')}"
+    if action is not None:
+        if subset.scope == "dir" and subset.root is None:
+            raise click.ClickException(f"{label} is a {kind}: its counters are counted from its journal when asked;"
+                                       " verify or repair its directory")
+        found = counters.check(db, subset, repair=action == "repair")
+        if as_json:
+            emit_json({"target": label, "action": action, "differences": [d.__dict__ for d in found]})
+        else:
+            for d in found:
+                click.echo(f"{d.scope} {d.key} {d.counter}: recorded {d.recorded}, counted {d.expected}")
+            verb = "repaired" if action == "repair" else "verified"
+            click.echo(f"{verb} {label}: {len(found)} difference(s)")
+        if found and action == "verify":
+            raise SystemExit(1)
         return
-    click.echo(f"{scope} {key}".rstrip())
+    if subset.scope == "dir" and subset.root is None:
+        scope, key, values = "node", str(node_id), counters.of_node(db, node_id)
+    else:
+        scope, key = subset.scope, subset.key
+        values = counters.read(db, scope, key)
+    if as_json:
+        emit_json({"scope": scope, "key": key, "target": label, "counters": values})
+        return
+    click.echo(f"{scope} {label}" + (f" (node {node_id})" if scope in ("dir", "node") else ""))
     for name, value in values.items():
         click.echo(f"  {name:<40} {value:>14,}")

@@ -69,8 +69,8 @@ class MetadataSync:
         if kind == events.DELETED:
             cur.execute("DELETE FROM records WHERE node_id = ?", (event["node_id"],))
             return
-        if kind not in _KEEP:
-            return
+        if kind not in _KEEP or event["node_id"] is None:
+            return  # (drift on a path with no node yet: nothing to keep until it is adopted)
         old = cur.execute("SELECT path FROM records WHERE node_id = ?", (event["node_id"],)).fetchone()
         cur.execute(
             "INSERT INTO records (node_id, backend, path, kind, size, version, state, journal_id, updated_at)"

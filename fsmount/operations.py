@@ -158,6 +158,12 @@ class Operations(pyfuse3.Operations):
                 totals = self.fs.rollups.get(node.backend_id, node.id)
                 if totals is not None:
                     size = totals.size_bytes
+                    if size < 0:
+                        # A total below zero is wrong (counted against a stale view), and the
+                        # kernel takes a negative size as a corrupt inode: it marks the
+                        # directory bad and answers EIO to everything under it until unmount.
+                        log.warning("directory %d: rollup size %d below zero; serving 0", node.id, size)
+                        size = 0
         attr.st_size = size
         attr.st_blksize = 4096
         attr.st_blocks = (size + 511) // 512 if node.kind == "file" else (8 if node.is_dir else 0)

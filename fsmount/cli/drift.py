@@ -1,7 +1,9 @@
 """`filestore drift ls|purge|adopt`: changes made behind Filestore's back, seen and acted on."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import click
 
@@ -20,6 +22,21 @@ def _target(path: str | None) -> tuple[str | None, bytes]:
     if ":" not in path and not path.startswith("/") and not os.path.exists(path):
         return path, b""  # a backend name
     return journal_queries.split_target(path, filestore_mounts())
+
+
+@contextlib.contextmanager
+def _acting_on(path: str) -> Iterator[tuple]:
+    """(db, session, backend, rel) for a command that changes what PATH names."""
+    conf = settings()
+    db = open_database(conf, apply_schema=False)
+    backend, rel = _target(path)
+    if backend is None:
+        raise click.UsageError("name a backend or a path")
+    session = drift.Session(db, conf)
+    try:
+        yield db, session, backend, rel
+    finally:
+        session.close()
 
 
 def _when(value) -> str:
@@ -79,16 +96,8 @@ def purge(path: str) -> None:
 
     Example: filestore drift purge local:/old-reports
     """
-    conf = settings()
-    db = open_database(conf, apply_schema=False)
-    backend, rel = _target(path)
-    if backend is None:
-        raise click.UsageError("name a backend or a path")
-    session = drift.Session(db, conf)
-    try:
+    with _acting_on(path) as (db, session, backend, rel):
         purged = drift.purge(db, session.pipeline, backend, rel, Principal.current_process())
-    finally:
-        session.close()
     for d in purged:
         click.echo(f"purged {d.backend}:/{d.path} (node {d.node_id})")
     click.echo(f"{len(purged)} node(s) MISSING -> DELETED")
@@ -104,16 +113,8 @@ def adopt(path: str) -> None:
 
     Example: filestore drift adopt local:/incoming
     """
-    conf = settings()
-    db = open_database(conf, apply_schema=False)
-    backend, rel = _target(path)
-    if backend is None:
-        raise click.UsageError("name a backend or a path")
-    session = drift.Session(db, conf)
-    try:
+    with _acting_on(path) as (db, session, backend, rel):
         adopted = drift.adopt(db, backend, rel, Principal.current_process(), run_here=session.run_reconcilers)
-    finally:
-        session.close()
     for d in adopted:
         click.echo(f"adopted {d.backend}:/{d.path} ({d.state.lower()})")
     click.echo(f"{len(adopted)} path(s) adopted")

@@ -350,6 +350,14 @@ def assert_clean_log(log_path: Path, request) -> None:
     assert not bad, f"unexpected errors in {log_path.name}:\n" + "\n".join(bad[:10])
 
 
+def errno_of(fn, *args) -> int | None:
+    try:
+        fn(*args)
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:

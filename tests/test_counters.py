@@ -9,6 +9,7 @@ import random
 
 import pytest
 from conftest import wait_until
+from test_overlaps import nest_inner_backend
 from test_rollups import du_json, random_commands
 
 
@@ -145,13 +146,8 @@ def test_stats_errors_are_one_line(tracked):
 def test_overlapping_backends_move_and_drop_counts_in_both(tracked):
     """A file moved out of a nested backend's root through the outer one leaves the inner
     backend's counters; a move inside it moves the outer's; a shared node deleted drops both."""
-    os.mkdir(tracked.path / "sub")
-    (tracked.path / "sub" / "old.txt").write_bytes(b"o" * 10)
-    inner_root = tracked.backend_root / "sub"
-    tracked.cli("backend", "add", "inner", str(inner_root))
-    tracked.backends["inner"] = inner_root
-    tracked.restart()
-    outer, inner = tracked.path, tracked.mount.mountpoint / "inner"
+    _, inner = nest_inner_backend(tracked)
+    outer = tracked.path
 
     (outer / "sub" / "a.txt").write_bytes(b"a" * 100)  # mirrored into inner
     folded(tracked)

@@ -20,7 +20,7 @@ import time
 import urllib.parse
 
 import pytest
-from conftest import Mount, assert_consistent, run_cli, wait_until
+from conftest import Mount, assert_consistent, errno_of, run_cli, wait_until
 from fixtures_s3 import S3_ENV, TEST_OPTIONS, assert_bucket_consistent, pending_uploads
 from fixtures_sidecar import http_get
 
@@ -109,14 +109,6 @@ def ready(db) -> tuple[int, dict]:
                       " AND stopped_at IS NULL ORDER BY started_at DESC LIMIT 1").fetchone()[0]
     code, body = http_get(port, "/ready")
     return code, json.loads(body)
-
-
-def errno_of(fn, *args) -> int | None:
-    try:
-        fn(*args)
-    except OSError as exc:
-        return exc.errno
-    return None
 
 
 class Writer(threading.Thread):

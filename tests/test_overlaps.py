@@ -8,14 +8,20 @@ import os
 from test_rollups import disk_totals, du_json
 
 
-def test_nested_backends_stay_consistent(tracked):
+def nest_inner_backend(tracked):
+    """A backend `inner` on the outer backend's directory `sub` (holding old.txt, 10 bytes),
+    mounted again: the mount paths of `sub` through the outer backend and through `inner`."""
     os.mkdir(tracked.path / "sub")
     (tracked.path / "sub" / "old.txt").write_bytes(b"o" * 10)
     inner_root = tracked.backend_root / "sub"
     tracked.cli("backend", "add", "inner", str(inner_root))
     tracked.backends["inner"] = inner_root
     tracked.restart()
-    outer, inner = tracked.path / "sub", tracked.mount.mountpoint / "inner"
+    return tracked.path / "sub", tracked.mount.mountpoint / "inner"
+
+
+def test_nested_backends_stay_consistent(tracked):
+    outer, inner = nest_inner_backend(tracked)
     assert os.listdir(inner) == ["old.txt"]
     since = tracked.last_journal_id()
 
@@ -38,7 +44,7 @@ def test_nested_backends_stay_consistent(tracked):
     assert mirrored and {r["actor"] for r in mirrored} == {"overlap"}
     assert {r["args"]["source_backend"] for r in mirrored} == {"local", "inner"}
     # both backends' rollups equal a count of the same disk
-    assert du_json(tracked, "inner:/")[""] == disk_totals(inner_root)[""] == du_json(tracked, "local:/sub")["sub"]
+    assert du_json(tracked, "inner:/")[""] == disk_totals(tracked.backends["inner"])[""] == du_json(tracked, "local:/sub")["sub"]
     for name in ("local", "inner"):
         assert tracked.cli("rollups", "verify", f"{name}:/", check=False).returncode == 0
     assert json.loads(tracked.cli("stats", "inner", "--json").stdout)  # counters see the mirrored commands

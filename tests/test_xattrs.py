@@ -9,20 +9,13 @@ import struct
 import subprocess
 
 import pytest
+from conftest import errno_of
 from fixtures_posix import stored as backend_holds
 
 
 def stored(tracked, node_id: int) -> dict[bytes, bytes]:
     rows = tracked.db.execute("SELECT name, value FROM filestore.xattrs WHERE node_id = %s", (node_id,)).fetchall()
     return {bytes(n): bytes(v) for n, v in rows}
-
-
-def errno_of(fn, *args) -> int | None:
-    try:
-        fn(*args)
-    except OSError as exc:
-        return exc.errno
-    return None
 
 
 def test_setxattr_is_journaled_with_its_row_and_kept_on_disk(tracked):

@@ -248,6 +248,29 @@ DROP FUNCTION IF EXISTS filestore.record_one(jsonb);
 -- the whole group: new nodes, journal rows, snapshots, rollup deltas, directory times. Measured
 -- for a small file (create + write) at 20 commands a group: ~0.8 ms of server time per file
 -- when every command updated its directory's row and ran its own statements, ~0.1 ms so.
+-- == Conflicts between mounts (issue 15) ================================================
+-- A conflict's adoption reads the backend and makes the database match it. Another mount may
+-- have carried out commands on the same names before that read and not recorded them yet: they
+-- must conflict when they arrive (and their mount adopt in its turn), not apply a second time.
+CREATE TABLE IF NOT EXISTS filestore.name_adoptions (
+    parent_id      bigint NOT NULL,
+    name           bytea NOT NULL,
+    adopted_at_ns  bigint NOT NULL,
+    marked_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (parent_id, name)
+);
+COMMENT ON TABLE filestore.name_adoptions IS
+    'Names a conflict''s adoption read from the backend (core.journal.recovery.ConflictAdopter): a mount''s command on one of them carried out before adopted_at_ns is refused (FS409) by filestore.record_commands. adopted_at_ns is the largest bigint while the adoption runs. Rows go after 10 minutes (longer than any backlog: FILESTORE_COMMIT_* bounds).';
+
+CREATE OR REPLACE FUNCTION filestore.mark_adopting(p_names jsonb) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO filestore.name_adoptions (parent_id, name, adopted_at_ns)
+    SELECT DISTINCT (x->>'parent_id')::bigint, decode(x->>'name', 'hex'), 9223372036854775807
+      FROM jsonb_array_elements(p_names) AS x
+    ON CONFLICT (parent_id, name) DO UPDATE SET adopted_at_ns = EXCLUDED.adopted_at_ns, marked_at = now();
+    DELETE FROM filestore.name_adoptions WHERE marked_at < now() - interval '10 minutes';
+$$;
+
 CREATE OR REPLACE FUNCTION filestore.record_commands(p_commands jsonb, p_atimes jsonb DEFAULT '[]',
                                                      p_sync boolean DEFAULT false)
 RETURNS TABLE (request_id uuid, journal_id bigint)
@@ -266,6 +289,8 @@ DECLARE
     v_deltas_any boolean;
     v_ordered boolean;
     v_missing bigint;
+    v_adopted record;
+    v_marks boolean;
 BEGIN
     IF p_sync THEN
         PERFORM set_config('synchronous_commit', 'on', true);
@@ -280,9 +305,24 @@ BEGIN
     IF jsonb_array_length(p_commands) = 0 THEN
         RETURN;
     END IF;
+    -- A mount's command on a name that a conflict's adoption read from the backend after the
+    -- command was carried out: its effect is in the database already (filestore.name_adoptions).
+    IF EXISTS (SELECT 1 FROM filestore.name_adoptions) THEN
+        SELECT a.parent_id, a.name INTO v_adopted
+          FROM jsonb_array_elements(p_commands) AS c,
+               jsonb_array_elements(coalesce(c->'l', '[]'::jsonb) || coalesce(c->'ul', '[]'::jsonb)) AS x,
+               filestore.name_adoptions a
+         WHERE c ? 'at' AND a.parent_id = (x->>'parent_id')::bigint AND a.name = decode(x->>'name', 'hex')
+           AND a.adopted_at_ns > (c->>'at')::bigint
+         LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'filestore conflict: entry % in % adopted from the backend since',
+                encode(v_adopted.name, 'escape'), v_adopted.parent_id USING ERRCODE = 'FS409';
+        END IF;
+    END IF;
     SELECT bool_or(c ? 'n'), bool_or(c ? 'm'), bool_or(c ? 't'), bool_or(c ? 'd'),
-           bool_or(c ? 'ul' OR c ? 'x' OR c ? 'up' OR c ? 'upd')
-      INTO v_nodes, v_in_order, v_touches, v_deltas_any, v_ordered FROM jsonb_array_elements(p_commands) AS c;
+           bool_or(c ? 'ul' OR c ? 'x' OR c ? 'up' OR c ? 'upd'), bool_or(c ? 'an')
+      INTO v_nodes, v_in_order, v_touches, v_deltas_any, v_ordered, v_marks FROM jsonb_array_elements(p_commands) AS c;
     -- Command by command only when one may depend on another: entries removed (a later one may
     -- add the name again), a directory moved, a node changed twice, xattrs, write-back rows.
     -- Otherwise (creates and writes of different files: the common group) each kind of change
@@ -403,6 +443,15 @@ BEGIN
               FROM jsonb_array_elements(v_item->'up') AS v;
         END IF;
     END LOOP;
+
+    -- The names a conflict's adoption read, with the time it read them (see mark_adopting).
+    IF v_marks THEN
+        INSERT INTO filestore.name_adoptions (parent_id, name, adopted_at_ns)
+        SELECT (x->>'parent_id')::bigint, decode(x->>'name', 'hex'), max((x->>'at')::bigint)
+          FROM jsonb_array_elements(p_commands) AS c, jsonb_array_elements(c->'an') AS x
+         WHERE c ? 'an' GROUP BY 1, 2
+        ON CONFLICT (parent_id, name) DO UPDATE SET adopted_at_ns = EXCLUDED.adopted_at_ns, marked_at = now();
+    END IF;
 
     IF v_deltas_any AND NOT v_in_order THEN
         INSERT INTO filestore.rollup_deltas (dirs, size_bytes, file_count, dir_count)

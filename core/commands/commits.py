@@ -20,7 +20,7 @@ from core.commands.template import write_args
 from core.faults import crash_point
 from core.model import Backend, Principal, new_request_id
 from core.view.namespace import Namespace
-from executors.base import Stat
+from executors.base import AlreadyExists, Stat
 from executors.local import stat_from
 
 if TYPE_CHECKING:
@@ -126,11 +126,19 @@ class ContentCommits:
                 kept.append(upload)
                 return st
             rel = parent_rel + b"/" + name if parent_rel else name
+            exclusive = of.pending.exclusive
             with self._key_clear(of.backend, rel):  # S3: a stale upload to that key lands first
                 if staging_id is None:
-                    return executor.create_file(parent_rel, name, node.mode, node.uid, node.gid)
+                    try:
+                        return executor.create_file(parent_rel, name, node.mode, node.uid, node.gid)
+                    except AlreadyExists:
+                        # Another mount created it meanwhile: an empty open of a file changes nothing.
+                        st = None if exclusive else executor.stat(rel)
+                        if st is None or st.kind != "file":
+                            raise
+                        return st
                 st = executor.land(staging_id, parent_rel, name, mode=node.mode, uid=node.uid, gid=node.gid,
-                                   times_ns=None, durable=durable, noreplace=True)
+                                   times_ns=None, durable=durable, noreplace=exclusive)
             crash_point("after_land")
             return st
 

@@ -29,6 +29,9 @@ class PendingCreate:
     who: Principal
     backend: Backend
     entry_id: int
+    # O_EXCL: its landing must not replace a name another mount took meanwhile (EEXIST at
+    # close); without it, it replaces that file, as an open of it would have written over it.
+    exclusive: bool = True
 
 
 def write(t: Template, who: Principal, node_id: int, *, land: Callable[[], Stat],
@@ -65,7 +68,8 @@ def write(t: Template, who: Principal, node_id: int, *, land: Callable[[], Stat]
     return t.run(cmd, land, record)
 
 
-def create_deferred(t: Template, who: Principal, parent_id: int, name: bytes, mode: int) -> PendingCreate:
+def create_deferred(t: Template, who: Principal, parent_id: int, name: bytes, mode: int, *,
+                    exclusive: bool = True) -> PendingCreate:
     """A new regular file, in this mount's view at once; it reaches the backend and the
     journal at its first close or fsync (`finish_create`), in one transaction with its
     first content. Nothing is on the backend before: no reader there ever sees it empty
@@ -82,14 +86,14 @@ def create_deferred(t: Template, who: Principal, parent_id: int, name: bytes, mo
     entry_id = t.entry_ids.take()
     t.ns.link(parent_id, name, entry_id, node)
     touch_cached(parent, now)
-    return PendingCreate(node, parent_id, name, who, backend, entry_id)
+    return PendingCreate(node, parent_id, name, who, backend, entry_id, exclusive)
 
 
 def finish_create(t: Template, pending: PendingCreate, *, land: Callable[[bytes, bytes], Stat],
                   write: dict[str, Any] | None, writer: Principal | None, request_id: uuid.UUID,
                   upload: Callable[[], Upload] | None = None) -> Node:
     """Put a deferred file on the backend (`land(parent_rel, name)`, which must not replace
-    anything) and record its create, and its first write if any, in one transaction. With
+    anything unless the create was not exclusive) and record its create, and its first write if any, in one transaction. With
     `upload`, `land` only kept the content for a write-back upload (see `write`)."""
     node, parent_id, name, backend = pending.node, pending.parent_id, pending.name, pending.backend
     _, parent_rel = t.path(parent_id)

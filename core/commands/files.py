@@ -27,6 +27,7 @@ import time
 
 from core.commands.commits import ContentCommits, OpenFile
 from core.commands.orchestrator import Orchestrator
+from core.commands.validation import may_open
 from core.commands.writeback import SpoolReader, WriteBack
 from core.errors import FsError, translated
 from core.faults import crash_point
@@ -58,8 +59,16 @@ class FileTable:
 
     # -- opening ----------------------------------------------------------------------
     def create(self, who: Principal, parent_id: int, name: bytes, mode: int, flags: int) -> tuple[int, object]:
-        """A new file: in this mount at once, on the backend and in the journal at first close."""
-        pending = self.orch.create_deferred(who, parent_id, name, mode)
+        """A new file: in this mount at once, on the backend and in the journal at first close.
+
+        The kernel asks for a create after it found the name free; another mount may have
+        created it since (its announcement arriving in between). Without O_EXCL that is an
+        open of the file there, as natively, not EEXIST."""
+        existing = None if flags & os.O_EXCL else self.ns.child(parent_id, name)
+        if existing is not None and existing.kind == "file":
+            may_open(who, existing, flags)
+            return self.open(who, existing.id, flags), existing
+        pending = self.orch.create_deferred(who, parent_id, name, mode, exclusive=bool(flags & os.O_EXCL))
         of = OpenFile(pending.node.id, pending.backend, writable=True, fresh=True, pending=pending,
                       sync_writes=bool(flags & (os.O_SYNC | os.O_DSYNC)), who=who)
         self._by_node[pending.node.id] = of

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 from core.commands.template import Template, join
 from core.errors import FsError, translated
@@ -65,3 +66,21 @@ def new_path(t: Template, parent_id: int, name: bytes) -> tuple[bytes, bytes]:
     """(parent's backend-relative path, the new name's)."""
     _, parent_rel = t.path(parent_id)
     return parent_rel, join(parent_rel, name)
+
+
+def may_open(who: Principal, node: Node, flags: int) -> None:
+    """The permission check the kernel makes before opening an existing file, for the one open
+    it leaves to us: an O_CREAT that finds the name taken (see FileTable.create)."""
+    if who.uid is None or who.uid == 0:
+        return
+    wanted = {os.O_RDONLY: 0o4, os.O_WRONLY: 0o2, os.O_RDWR: 0o6}[flags & os.O_ACCMODE]
+    if flags & os.O_TRUNC:
+        wanted |= 0o2
+    if who.uid == node.uid:
+        granted = node.mode >> 6
+    elif who.in_group(node.gid):
+        granted = node.mode >> 3
+    else:
+        granted = node.mode
+    if wanted & ~granted & 0o7:
+        raise FsError(errno.EACCES)

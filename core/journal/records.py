@@ -10,6 +10,7 @@ command as itself) and, in a group, to the one statement that records them
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import orjson
@@ -72,6 +73,9 @@ class Change:
     moves: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # (dir, from chain, to chain)
     uploads_added: list[Upload] = field(default_factory=list)
     uploads_landed: list[tuple[int, str]] = field(default_factory=list)  # (node, spool)
+    # Names a conflict's adoption read from the backend, and when (see filestore.name_adoptions)
+    adopted_names: list[tuple[int, bytes]] = field(default_factory=list)
+    adopted_at_ns: int = 0
     # What the moves changed as this process's served rollups computed it when answering (not
     # recorded: the commit computes the same in SQL; core.rollups.folder.RollupView)
     view_moves: dict[int, list[int]] = field(default_factory=dict)
@@ -140,6 +144,10 @@ class Record:
         """This record as one command object of filestore.record_commands."""
         c = self.change
         out: dict[str, Any] = {"j": self.journal.row()}
+        if self.journal.who.actor == "fuse":
+            # When it was carried out: its names must not have been adopted from the backend
+            # since (another mount's conflict read them later: filestore.name_adoptions).
+            out["at"] = time.time_ns()
         if c.new_nodes:
             out["n"] = [_node_json(n) for n in c.new_nodes]
         if c.updates:
@@ -165,6 +173,8 @@ class Record:
             out["up"] = [{"node_id": u.node_id, "backend_id": u.backend_id, "spool": u.spool, "owner": u.owner,
                           "path": u.path.hex(), "size": u.size, "mtime_ns": u.mtime_ns,
                           "request_id": str(u.request_id)} for u in c.uploads_added]
+        if c.adopted_names:
+            out["an"] = [{"parent_id": p, "name": name.hex(), "at": c.adopted_at_ns} for p, name in c.adopted_names]
         if c.uploads_landed:
             out["upd"] = [{"node_id": n, "spool": s} for n, s in c.uploads_landed]
         return orjson.dumps(out).decode()  # on every command's path: 12x the standard json here

@@ -25,6 +25,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import orjson
+
 from core.journal.intents import Intent
 from core.journal.pipeline import Entry
 from core.journal.records import Change, Journal, Record
@@ -202,6 +204,14 @@ class Adoption:
         self.resolve(backend, intent)
 
 
+# A conflict's adoption moves the nodes it changes this many versions on. The losing mount
+# may hold answered commands built on its own view, each expecting the next version of a node
+# (v+1, v+2, ...): after an adoption by plain +1 one of them could find the version it expects
+# and apply over the adopted state (a node deleted by the adoption brought back by a chmod, seen
+# in test_race). No queue holds this many commands (FILESTORE_COMMIT_BACKLOG bounds it far below).
+CONFLICT_VERSION_STEP = 1 << 20
+
+
 class ConflictAdopter:
     """The pipeline's resolution of an answered command that cannot be recorded as it is
     (another mount changed the node first, a constraint): its journal rows are kept, with the
@@ -240,14 +250,38 @@ class ConflictAdopter:
         if backend is None or not entry.paths:
             return kept
         tree = deltas.DbTree(fs.db, fs.ns.backends.values())
+        names = [(parent.id, name) for parent, name in (_locate(tree, backend, rel) for rel in entry.paths)
+                 if parent is not None]
+        _mark_adopting(fs.db, names)
         intent = Intent(uuid.uuid4(), entry.records[0].journal.command, backend.id, entry.paths)
         adopted = adoption_record(tree, fs.orch, backend, intent, command="recover", who=RECOVERY,
-                                  source={"conflict": reason}, stored_xattrs=lambda node_id: {})
+                                  source={"conflict": reason}, stored_xattrs=lambda node_id: {},
+                                  version_step=CONFLICT_VERSION_STEP)
+        marked = adopted.record.change if adopted.record is not None else kept[0].change
+        marked.adopted_at_ns = time.time_ns()  # after the backend was read
+        marked.adopted_names = names
+        # This mount's views of what the loser changed are stale too (its versions were never
+        # recorded): dropped with what the adoption changed.
+        lost = [r.change for r in entry.records if r.change is not None] if not entry.replayed else []
+        if adopted.record is not None:
+            lost.append(adopted.record.change)
+        fs.after_conflict(set().union(*(c.nodes_touched() | c.dirs_touched() for c in lost)),
+                          set().union(*(c.names_changed() for c in lost)))
         if adopted.record is None:
             return kept
-        change = adopted.record.change
-        fs.after_conflict(change.nodes_touched() | change.dirs_touched(), change.names_removed())
         return kept + [adopted.record]
+
+
+def _mark_adopting(db, names: list[tuple[int, bytes]]) -> None:
+    """Before a conflict's adoption reads the backend: another mount may have carried out
+    commands on these names and not recorded them yet. Recorded after the adoption they would
+    apply a second time (the adoption read their effect from the backend already); recorded
+    while it runs they would not be seen by it. From now until the adoption commits (with the
+    time it read the backend) every such command conflicts (filestore.name_adoptions), and its
+    mount adopts the backend's state in its turn."""
+    if names:
+        db.query("SELECT filestore.mark_adopting(%s::jsonb)",
+                 (orjson.dumps([{"parent_id": p, "name": n.hex()} for p, n in names]).decode(),))
 
 
 def _saw(record: Record, replayed: bool) -> dict:
@@ -264,9 +298,10 @@ def _saw(record: Record, replayed: bool) -> dict:
 
 
 def adoption_record(tree, orch, backend: Backend, intent: Intent, *, command: str, who: Principal,
-                    source: dict | None, stored_xattrs) -> Adopted:
+                    source: dict | None, stored_xattrs, version_step: int = 1) -> Adopted:
     """The record that makes the database (as `tree` shows it) match the disk for the paths
-    of one intent; `record` None when nothing differs and nothing needs journaling."""
+    of one intent; `record` None when nothing differs and nothing needs journaling. The nodes
+    it changes move `version_step` versions on (see CONFLICT_VERSION_STEP)."""
     change = Change()
     touched_dirs: set[int] = set()
     now = time.time_ns()
@@ -293,10 +328,10 @@ def adoption_record(tree, orch, backend: Backend, intent: Intent, *, command: st
                 and stat_or_none(backend, dst) is not None:
             replaced = tree.child(dst_parent.id, dst_name)
             if replaced is not None:
-                _drop(change, replaced, dst_parent.id, dst_name, now)
+                _drop(change, replaced, dst_parent.id, dst_name, now, version_step)
             change.unlinks.append((src_parent.id, src_name, moved.id))
             change.links.append((dst_parent.id, dst_name, moved.id, orch.entry_ids.take()))
-            change.update(moved.changed(ctime_ns=now, version=moved.version + 1), moved.version,
+            change.update(moved.changed(ctime_ns=now, version=moved.version + version_step), moved.version,
                           parent_id=dst_parent.id, name=name_arg(dst_name), from_parent_id=src_parent.id)
             touched_dirs |= {src_parent.id, dst_parent.id}
             paths = []
@@ -311,10 +346,10 @@ def adoption_record(tree, orch, backend: Backend, intent: Intent, *, command: st
         if st is None and node is None:
             continue
         if st is None:
-            _drop(change, node, parent.id, name, now)
+            _drop(change, node, parent.id, name, now, version_step)
         elif node is None or node.kind != st.kind:
             if node is not None:
-                _drop(change, node, parent.id, name, now)
+                _drop(change, node, parent.id, name, now, version_step)
             fresh = _node_from(orch, backend, st)
             change.links.append((parent.id, name, fresh.id, orch.entry_ids.take()))
             change.insert(fresh, parent_id=parent.id, name=name_arg(name))
@@ -322,8 +357,8 @@ def adoption_record(tree, orch, backend: Backend, intent: Intent, *, command: st
             owner = (st.uid, st.gid) if backend.executor.owns_files else (node.uid, node.gid)
             after = node.changed(size=st.size if st.kind != "dir" else node.size, mode=st.mode,
                                  uid=owner[0], gid=owner[1], mtime_ns=st.mtime_ns, ctime_ns=st.ctime_ns,
-                                 atime_ns=st.atime_ns, version=node.version + 1, state="ACTIVE")
-            if after == node.changed(version=node.version + 1):
+                                 atime_ns=st.atime_ns, version=node.version + version_step, state="ACTIVE")
+            if after == node.changed(version=node.version + version_step):
                 continue
             change.update(after, node.version)
         touched_dirs.add(parent.id)
@@ -406,9 +441,9 @@ def stat_or_none(backend: Backend, rel: bytes) -> Stat | None:
         raise
 
 
-def _drop(change: Change, node: Node, parent_id: int, name: bytes, now: int) -> None:
+def _drop(change: Change, node: Node, parent_id: int, name: bytes, now: int, version_step: int = 1) -> None:
     links = 0 if node.is_dir else node.nlink - 1
-    after = node.changed(nlink=max(links, 0), ctime_ns=now, version=node.version + 1,
+    after = node.changed(nlink=max(links, 0), ctime_ns=now, version=node.version + version_step,
                          state="DELETED" if links <= 0 else node.state)
     change.unlinks.append((parent_id, name, node.id))
     change.update(after, node.version, parent_id=parent_id, name=name_arg(name), removed_entry=True)

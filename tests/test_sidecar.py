@@ -284,3 +284,24 @@ def test_a_directory_renamed_on_disk_keeps_its_nodes(backend, db, sidecars):
     assert node_by_id(db, child_id)["state"] == "ACTIVE"
     moves = [(r["path"], r["args"]["outcome"], r["args"].get("from")) for r in journal(db, "reconcile")]
     assert ("d/new", "moved", "old") in moves
+
+
+@pytest.mark.log_errors  # the backend that cannot be opened at start is logged as an ERROR
+def test_a_backend_away_when_the_sidecar_starts_is_watched_once_it_is_back(tmp_path, env, db, sidecars):
+    """Issue 15: a sidecar retries a backend it could not open at start (as a mount does), then
+    watches it: a change made behind everyone's back afterwards is reconciled."""
+    root = tmp_path / "late"
+    root.mkdir()
+    run_cli(env, "backend", "add", "late", str(root))
+    away = tmp_path / "late-away"
+    os.rename(root, away)
+    car = sidecars(FILESTORE_BACKEND_PROBE_SECONDS="0.2")
+    code, body = car.ready()
+    assert code == 503 and "backend:late" in body["failed"], body
+    os.rename(away, root)
+    wait_until(lambda: car.ready()[0] == 200, timeout=20, message="the backend opened")
+    (root / "behind.txt").write_bytes(b"behind its back")
+    wait_until(lambda: db.execute("SELECT count(*) FROM filestore.entries WHERE name = 'behind.txt'::bytea")
+               .fetchone()[0] == 1, timeout=30, message="the change reconciled")
+    assert car.stop() == 0
+    assert_consistent(db, "late", root)

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
+
 from core.journal.pipeline import Pipeline
 from core.model import Backend
 from core.observe import metrics
@@ -223,23 +225,57 @@ class Loops:
                     log.warning("could not extend the lease of %s: %s", job.key, exc)
 
 
-def open_backends(db: Database, *, skip_under: str | None = None) -> dict[int, Backend]:
+def open_backends(db: Database, *, skip_under: str | None = None,
+                  missing: dict[str, str] | None = None, opened: dict[int, Backend] | None = None) -> dict[int, Backend]:
     """Backends with executors, for a process that is not a mount. `skip_under`: a mountpoint
-    whose contents a serving process must never touch (it would call itself)."""
+    whose contents a serving process must never touch (it would call itself). Those that cannot
+    be opened are named in `missing` (name -> why); those in `opened` are not opened again."""
     from core.storage import backends as backend_registry
     from core.storage import store
     out = {}
     for backend in store.load_backends(db):
+        if opened and backend.id in opened:
+            continue
         if skip_under and os.path.realpath(backend.root).startswith(os.path.realpath(skip_under) + "/"):
             log.warning("backend %s lies inside the mount %s: not watched", backend.name, skip_under)
             continue
         try:
             backend.executor = backend_registry.make_executor(backend)
         except Exception as exc:
+            if missing is not None:
+                missing[backend.name] = str(exc)
             log.error("backend %s unavailable: %s", backend.name, exc)
             continue
+        if missing is not None:
+            missing.pop(backend.name, None)
         out[backend.id] = backend
     return out
+
+
+class LateBackends:
+    """A sidecar's backends (`current`: replaced whole, never changed in place, as other threads
+    iterate it), with those it could not open at start tried again by its monitor (an S3
+    endpoint or a local root not there yet): each one that opens joins, is watched and audited
+    whole (`on_opened`: Loops.back), as in a mount (core.service)."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.missing: dict[str, str] = {}
+        self.current: dict[int, Backend] = open_backends(db, missing=self.missing)
+        self.on_opened: Callable[[Backend], None] | None = None
+
+    def open(self) -> None:
+        try:
+            fresh = open_backends(self.db, missing=self.missing, opened=self.current)
+        except psycopg.Error as exc:
+            log.warning("backends not reloaded: %s", exc)
+            return
+        if fresh:
+            self.current = {**self.current, **fresh}
+        for backend in fresh.values():
+            log.warning("backend %s opened late: watched and audited now", backend.name)
+            if self.on_opened is not None:
+                self.on_opened(backend)
 
 
 def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Callable[[int | None], None] | None = None) -> None:
@@ -253,7 +289,7 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
 
     db = open_database(settings)
     url = database_url(settings)
-    backends = open_backends(db)
+    backends = LateBackends(db)
     from core.events import loops as eventloops
     from core.rollups import folder
     from core.storage import availability
@@ -263,7 +299,7 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
     rollup_folder = folder.RollupFolder(db, cache, queue)
     # Running mounts drop what they hold of a reconciled change (with a Redis: D23).
     pipeline = Pipeline(db, listeners=[Announcements(cache), rollup_folder], name="sidecar-committer")
-    ctx = Context(db, settings, queue, lambda: backends, "sidecar", pipeline)
+    ctx = Context(db, settings, queue, lambda: backends.current, "sidecar", pipeline)
     loops = Loops(ctx, in_flight=HomeIntents(db, settings.home), workers=workers)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -271,7 +307,9 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
     loops.start()
     # The other issues' loops: rollup folding (every sidecar may fold: they split batches) and
     # the event relay with the consumers switched on (one relay publishes at a time).
-    monitor = availability.BackendMonitor(lambda: list(backends.values()), on_back=loops.back)
+    backends.on_opened = loops.back
+    monitor = availability.BackendMonitor(lambda: list(backends.current.values()), on_back=loops.back,
+                                          missing=lambda: backends.missing, on_opened=backends.open)
     for name, worker in [("rollup-folder", rollup_folder),
                          ("rollup-jobs", folder.RecalculationJobs(db, ctx.queue)),
                          ("backend-monitor", monitor),
@@ -280,12 +318,12 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
     server = None
     if http_port is not None:  # after the loops: /health answering means the watchers are on
         server = health.HealthServer(http_port, database_url=url, redis_url=settings.redis_url,
-                                     backends=lambda: _all_backends(url, backends), alive=loops.alive,
+                                     backends=lambda: _all_backends(url, backends.current), alive=loops.alive,
                                      queue_stats=ctx.queue.stats)
     reg = registry.Registration(db, "sidecar", str(settings.home), info=lambda: {
-        "backends": sorted(b.name for b in backends.values()), "http_port": server.port if server else None,
+        "backends": sorted(b.name for b in backends.current.values()), "http_port": server.port if server else None,
         "workers": workers, **ctx.stats})
-    log.info("sidecar running: %d backend(s), %d worker(s)", len(backends), workers)
+    log.info("sidecar running: %d backend(s), %d worker(s)", len(backends.current), workers)
     if ready is not None:
         ready(server.port if server else None)
     try:
@@ -299,7 +337,7 @@ def serve(settings, *, http_port: int | None = None, workers: int = 2, ready: Ca
         reg.close()
         if server is not None:
             server.close()
-        for backend in backends.values():
+        for backend in backends.current.values():
             backend.executor.close()
         db.close()
 

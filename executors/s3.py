@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import os
 import stat as stat_mod
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError
 
 from .base import (
     TYPE_BITS,
@@ -104,6 +105,14 @@ class S3Executor(ContentTransfers):
                         request_checksum_calculation="when_required")
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
                                                      config=config)
+        # An endpoint that cannot be reached fails every request at once for a moment (or until
+        # a probe reaches it again): without this each operation ran all its retries (seconds,
+        # under the mount's core lock, so every backend waited) until the monitor's next probe
+        # marked it down. Past the moment a request tries again (a process without a monitor,
+        # such as the CLI, is not stuck).
+        self._unreachable: tuple[str, float] | None = None
+        self.client.meta.events.register("response-received.s3", self._note_unreachable)
+        self.client.meta.events.register("before-send.s3", self._fail_fast)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="s3")
         self._reader_pool = ThreadPoolExecutor(max(readahead, 1) * 2, thread_name_prefix="s3-read")
         self.spool = Path(spool_dir)
@@ -126,6 +135,7 @@ class S3Executor(ContentTransfers):
                 config=Config(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=2, read_timeout=3))
         try:
             self._probe_client.head_bucket(Bucket=self.bucket)
+            self._unreachable = None
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             if status >= 500:
@@ -133,6 +143,17 @@ class S3Executor(ContentTransfers):
             raise Unavailable(f"bucket {self.bucket}: {exc}") from exc  # gone, or access revoked
         except Exception as exc:  # no answer: connection refused, timed out, reset
             raise Unavailable(f"bucket {self.bucket}: {exc}") from exc
+
+    UNREACHABLE_SECONDS = 2.0  # the monitor's probe interval (core.storage.availability)
+
+    def _note_unreachable(self, exception=None, **_) -> None:
+        if isinstance(exception, (EndpointConnectionError, ConnectTimeoutError)):
+            self._unreachable = (str(exception), time.monotonic())
+
+    def _fail_fast(self, **_) -> None:
+        unreachable = self._unreachable
+        if unreachable is not None and time.monotonic() - unreachable[1] < self.UNREACHABLE_SECONDS:
+            raise Unavailable(f"bucket {self.bucket}: {unreachable[0]}")
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

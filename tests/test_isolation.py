@@ -261,3 +261,32 @@ def test_a_backend_away_at_start_is_named_and_joins_when_it_is_back(tmp_path, en
         mount.stop()
     for name, root in roots.items():
         assert_consistent(db, name, root, home=tmp_path / "home")
+
+
+def test_an_s3_endpoint_out_of_reach_fails_at_once_then_is_tried_again(tmp_path, s3_endpoint, bucket):
+    """An S3 request that cannot connect marks the endpoint out of reach: the requests that follow
+    fail at once with Unavailable (EIO) instead of each running all its retries, which held the
+    mount's core lock (every backend waited) until the next probe marked the backend down. A
+    moment later requests try again, so a process with no probing loop is not stuck."""
+    from executors.base import Unavailable
+    from executors.s3 import S3Executor
+    proxy = CuttableProxy(s3_endpoint)
+    executor = S3Executor(f"s3://{bucket}/root", spool_dir=tmp_path / "spool", cache_dir=None,
+                          endpoint_url=proxy.url, **TEST_OPTIONS)
+    try:
+        executor.mkdir(b"", b"d", 0o755, 0, 0)
+        proxy.cut()
+        for _ in range(3):  # before: RetriesExhausted, each after every retry of its own
+            with pytest.raises(Unavailable):
+                executor.stat(b"d")
+        proxy.restore()
+
+        def answers() -> bool:
+            try:
+                return executor.stat(b"d").kind == "dir"
+            except Unavailable:
+                return False
+        wait_until(answers, timeout=10, message="tried again")
+    finally:
+        proxy.cut()
+        executor.close()

@@ -399,3 +399,24 @@ def test_json_log_lines_parse_even_with_quotes_in_messages(env, tmp_path):
         assert {"time", "level", "logger", "message"} <= set(entry)
     added = [e for e in entries if e["logger"] == "core.storage.backends"]
     assert len(added) == 1 and 'say "hi"' in added[0]["message"] and added[0]["journal_id"] >= 1
+
+
+def test_admin_commands_exit_without_a_traceback(env, tmp_path):
+    """Issue 17: about one admin command in ten printed psycopg_pool's "Exception ignored in:
+    ConnectionPool.__del__" on stderr (a pool left to the interpreter's shutdown). Every
+    read-only admin command, run repeatedly, ends with nothing but its own output."""
+    root = tmp_path / "data"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "f").write_bytes(b"x")
+    run_cli(env, "backend", "add", "data", str(root))
+    commands = [("du", "data:/"), ("journal", "--limit", "5"), ("history", "data:/d/f"), ("stats",),
+                ("backend", "list"), ("rollups", "verify", "data:/"), ("drift", "ls")]
+    for _ in range(6):
+        for args in commands:
+            done = run_cli(env, *args)
+            assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, (args, done.stderr)
+
+
+def test_version(env):
+    done = run_cli(env, "--version")
+    assert re.fullmatch(r"filestore, version \d+\.\d+\.\d+\n", done.stdout), done.stdout

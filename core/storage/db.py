@@ -8,10 +8,12 @@ conflict (SQLSTATE FS409) surfaces as `Conflict`.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -48,6 +50,21 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else exc.__class__.__name__
 
 
+# Every Database still open when the process exits is closed first: a pool left to the
+# interpreter's shutdown printed "Exception ignored in: ConnectionPool.__del__" after about one
+# admin command in ten (issue 17).
+_OPEN: "weakref.WeakSet[Database]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for db in list(_OPEN):
+        try:
+            db.close()
+        except Exception:  # noqa: BLE001 - exiting anyway; one failure must not keep the rest open
+            pass
+
+
 class Database:
     """A connection pool for general work plus one dedicated connection for commands."""
 
@@ -60,6 +77,7 @@ class Database:
         self._idle_commands: list[psycopg.Connection] = []
         self._all_commands: list[psycopg.Connection] = []
         self._commands_lock = threading.Lock()
+        _OPEN.add(self)
 
     # -- connections -------------------------------------------------------------------
     @property

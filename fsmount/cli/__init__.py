@@ -56,6 +56,7 @@ def settings() -> config.Settings:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="filestore-mount", prog_name="filestore")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
     """Filestore: local directories and S3 prefixes as one journaled POSIX tree.

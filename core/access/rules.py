@@ -1,0 +1,166 @@
+"""Access rules compiled for the hot path: who holds which scope where (docs/architecture.md D42).
+
+A rule is a row of filestore.access_rules. `Policy.compile` groups them by backend, so a check
+looks only at the grants of one backend (its own and those for every backend) and compares path
+prefixes component by component. A decision names the rule that made it, for the journal and
+`filestore policy check`.
+
+Decision, for a principal (uid, gids, PostgreSQL role) at backend:/path:
+- no grant applies to the backend: open (POSIX mode bits alone decide, as with no policy);
+- else the principal's scope is the highest of the grants naming it (its uid, one of its
+  groups, its role, or everyone) at a prefix of the path; read < write < admin;
+- read needs read, a change needs write, a delete or a move needs write, or the scope a
+  protection covering the path asks for (the highest, if several).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+SCOPES = ("read", "write", "admin")
+RANK = {scope: rank for rank, scope in enumerate(SCOPES, start=1)}
+ACTIONS = ("read", "write", "delete", "move")
+NEEDS = {"read": "read", "write": "write", "delete": "write", "move": "write"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: int
+    kind: str  # grant | protect
+    scope: str
+    subject_kind: str | None  # user | group | role | everyone (grants)
+    subject: str | None
+    backend: str | None  # None: every backend
+    prefix: str = ""
+    action: str | None = None  # delete | move (protections)
+
+    @property
+    def where(self) -> str:
+        return f"{self.backend or '*'}:/{self.prefix}"
+
+    def describe(self) -> str:
+        if self.kind == "protect":
+            return f"#{self.id} protect {self.where} {self.action} needs {self.scope}"
+        who = "everyone" if self.subject_kind == "everyone" else f"{self.subject_kind} {self.subject}"
+        return f"#{self.id} grant {self.scope} to {who} on {self.where}"
+
+
+@dataclass(frozen=True)
+class Who:
+    """A principal as policies see it: uid and every gid (primary and supplementary), or a role."""
+    uid: int | None
+    gids: frozenset[int] = frozenset()
+    role: str | None = None
+
+    def named_by(self, rule: Rule) -> bool:
+        kind = rule.subject_kind
+        if kind == "everyone":
+            return True
+        if kind == "user":
+            return self.uid is not None and str(self.uid) == rule.subject
+        if kind == "group":
+            return rule.subject is not None and int(rule.subject) in self.gids
+        return kind == "role" and self.role is not None and self.role == rule.subject
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    action: str
+    needs: str
+    holds: str | None  # the scope the principal holds there (None: none)
+    rule: Rule | None  # the grant that allowed, the protection that asked for more, or None
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"allowed": self.allowed, "action": self.action, "needs": self.needs, "holds": self.holds,
+                "rule": self.rule.id if self.rule else None, "reason": self.reason}
+
+
+def _parts(path: str | bytes) -> tuple:
+    if isinstance(path, bytes):
+        return tuple(p for p in path.split(b"/") if p)
+    return tuple(p.encode() for p in path.split("/") if p)
+
+
+def within(path: tuple, prefix: tuple) -> bool:
+    return path[:len(prefix)] == prefix
+
+
+@dataclass
+class BackendRules:
+    grants: list[tuple[tuple, Rule]] = field(default_factory=list)
+    protections: list[tuple[tuple, Rule]] = field(default_factory=list)
+
+
+class Policy:
+    """Every rule, grouped by backend name. `closed(backend)` says whether any grant applies."""
+
+    def __init__(self, rules: Iterable[Rule], version: int = 0):
+        self.version = version
+        self.rules = sorted(rules, key=lambda r: r.id)
+        everywhere = [(_parts(r.prefix), r) for r in self.rules if r.kind == "grant" and r.backend is None]
+        self.by_backend: dict[str, BackendRules] = {}
+        self.everywhere = everywhere
+        self.uses_groups = any(r.subject_kind == "group" for r in self.rules)
+        for rule in self.rules:
+            if rule.backend is None:
+                continue
+            entry = self.by_backend.setdefault(rule.backend, BackendRules(list(everywhere)))
+            target = entry.grants if rule.kind == "grant" else entry.protections
+            target.append((_parts(rule.prefix), rule))
+        # Is any backend closed? With grants for every backend, all of them are.
+        self.any_grants = any(r.kind == "grant" for r in self.rules)
+
+    def _of(self, backend: str) -> BackendRules:
+        found = self.by_backend.get(backend)
+        return found if found is not None else BackendRules(self.everywhere)
+
+    def closed(self, backend: str) -> bool:
+        return bool(self._of(backend).grants)
+
+    def held(self, who: Who, backend: str, path: tuple) -> tuple[str | None, Rule | None]:
+        """The highest scope `who` holds at path, and the grant giving it (the longest prefix
+        among equals)."""
+        best, best_rule, best_len = 0, None, -1
+        for prefix, rule in self._of(backend).grants:
+            if within(path, prefix) and who.named_by(rule):
+                rank = RANK[rule.scope]
+                if rank > best or (rank == best and len(prefix) > best_len):
+                    best, best_rule, best_len = rank, rule, len(prefix)
+        return (SCOPES[best - 1] if best else None), best_rule
+
+    def traversable(self, who: Who, backend: str, path: tuple) -> bool:
+        """Is path an ancestor of a prefix `who` holds a grant on? Such directories may be looked
+        up (to reach the grant), not listed: as a directory with mode --x."""
+        return any(len(prefix) > len(path) and within(prefix, path) and who.named_by(rule)
+                   for prefix, rule in self._of(backend).grants)
+
+    def needed(self, backend: str, action: str, path: tuple) -> tuple[str, Rule | None]:
+        needs, by = NEEDS[action], None
+        if action in ("delete", "move"):
+            for prefix, rule in self._of(backend).protections:
+                # a move of a name at or below a protected prefix, or of one of its ancestors
+                covers = within(path, prefix) or (action == "move" and within(prefix, path))
+                if rule.action == action and covers and RANK[rule.scope] > RANK[needs]:
+                    needs, by = rule.scope, rule
+        return needs, by
+
+    def decide(self, who: Who, backend: str, path: str | bytes | tuple, action: str) -> Decision:
+        parts = path if isinstance(path, tuple) else _parts(path)
+        rules = self._of(backend)
+        needs, protection = self.needed(backend, action, parts)
+        if not rules.grants:
+            return Decision(True, action, needs, None, None, f"backend {backend} has no policy: mode bits decide")
+        holds, grant = self.held(who, backend, parts)
+        shown = "/" + b"/".join(parts).decode("utf-8", "backslashreplace")
+        if holds is not None and RANK[holds] >= RANK[needs]:
+            return Decision(True, action, needs, holds, grant, f"allowed by {grant.describe()}")
+        if holds is not None and protection is not None and RANK[holds] >= RANK["write"]:
+            return Decision(False, action, needs, holds, protection,
+                            f"refused by {protection.describe()} (holds {holds} by #{grant.id})")
+        if holds is not None:
+            return Decision(False, action, needs, holds, grant,
+                            f"refused: {action} needs {needs}, {grant.describe()} gives {holds}")
+        return Decision(False, action, needs, None, None,
+                        f"refused: no grant names this principal at {backend}:{shown} (backend closed by policy)")

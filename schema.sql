@@ -710,3 +710,37 @@ CREATE TABLE IF NOT EXISTS filestore.access_version (
 INSERT INTO filestore.access_version (one, version) VALUES (true, 0) ON CONFLICT DO NOTHING;
 COMMENT ON TABLE filestore.access_version IS
     'One row: the generation of filestore.access_rules, +1 with each policy change (core.access.store); mounts recompile their policy when it moves.';
+
+-- The PostgreSQL role each journal row was written through: the CLI's or a sidecar's principal
+-- (D42). No default for the rows written before schema 10 (NULL: not recorded).
+ALTER TABLE filestore.journal_entries ADD COLUMN IF NOT EXISTS db_role text;
+ALTER TABLE filestore.journal_entries ALTER COLUMN db_role SET DEFAULT session_user;
+COMMENT ON COLUMN filestore.journal_entries.db_role IS
+    'The PostgreSQL role of the connection that wrote the row (session_user): the principal of CLI and sidecar commands; NULL for rows written before schema 10.';
+
+-- Row-level security by backend for roles limited to some backends (`filestore role create NAME
+-- --backend B`: grants to the role on those backends only). The schema owner (every mount) and
+-- superusers bypass it; a role with no role grant sees every backend (its GRANTs still decide
+-- what it may change: core.access.roles). SECURITY DEFINER: it reads access_rules and
+-- backend_mounts, which the policies below protect, as their owner.
+CREATE OR REPLACE FUNCTION filestore.backend_visible(p_backend integer)
+RETURNS boolean LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
+    SELECT p_backend IS NULL
+        OR NOT EXISTS (SELECT 1 FROM filestore.access_rules r
+                        WHERE r.kind = 'grant' AND r.subject_kind = 'role' AND r.subject = session_user::text)
+        OR EXISTS (SELECT 1 FROM filestore.access_rules r
+                    WHERE r.kind = 'grant' AND r.subject_kind = 'role' AND r.subject = session_user::text
+                      AND (r.backend IS NULL
+                           OR r.backend = (SELECT b.name FROM filestore.backend_mounts b WHERE b.id = p_backend)))
+$$;
+COMMENT ON FUNCTION filestore.backend_visible IS
+    'Row-level security (D42): may the connected role see rows of this backend? Yes for rows of no backend, for roles no role grant names, and for the backends (or every backend) its role grants name.';
+ALTER TABLE filestore.journal_entries ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS by_backend ON filestore.journal_entries;
+CREATE POLICY by_backend ON filestore.journal_entries USING (filestore.backend_visible(backend_id));
+ALTER TABLE filestore.nodes ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS by_backend ON filestore.nodes;
+CREATE POLICY by_backend ON filestore.nodes USING (filestore.backend_visible(backend_id));
+ALTER TABLE filestore.backend_mounts ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS by_backend ON filestore.backend_mounts;
+CREATE POLICY by_backend ON filestore.backend_mounts USING (filestore.backend_visible(id));

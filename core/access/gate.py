@@ -105,7 +105,8 @@ class Gate:
             return
         if op == "lookup" and policy.traversable(subject, backend.name, parts):
             return  # on the way to a grant: may be looked up, not listed
-        self.refuse(who, op, backend, inode, parts, decision)
+        # the node refused, in its history; a name to add or remove is the row's path only
+        self.refuse(who, op, backend, inode if name is None else None, parts, decision)
 
     def check_rename(self, who: Principal, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                      exchange: bool) -> None:
@@ -121,11 +122,10 @@ class Gate:
             return frozenset(() if who.gid is None else (who.gid,))
         return principals.groups_of_process(who.pid, who.uid, who.gid)
 
-    def refuse(self, who: Principal, op: str, backend, inode: int, parts: tuple, decision: Decision):
+    def refuse(self, who: Principal, op: str, backend, node_id: int | None, parts: tuple, decision: Decision):
         metrics.bound(metrics.ACCESS_DENIED, backend.name, op).inc()
         path = display_name(b"/".join(parts))
-        cmd = Command(op, who, backend, node_id=inode if inode != ROOT_INODE else None, path=path,
-                      args={"access": decision.as_dict()})
+        cmd = Command(op, who, backend, node_id=node_id, path=path, args={"access": decision.as_dict()})
         raise self.fs.orch.refuse(cmd, errno.EACCES, decision.reason)
 
 

@@ -99,18 +99,21 @@ class Policy:
     def __init__(self, rules: Iterable[Rule], version: int = 0):
         self.version = version
         self.rules = sorted(rules, key=lambda r: r.id)
-        everywhere = [(_parts(r.prefix), r) for r in self.rules if r.kind == "grant" and r.backend is None]
+        # A role's grants are the database's business (core.access.roles: GRANTs and row-level
+        # security); the OS principals of a mount are never a PostgreSQL role.
+        checked = [r for r in self.rules if r.subject_kind != "role"]
+        everywhere = [(_parts(r.prefix), r) for r in checked if r.kind == "grant" and r.backend is None]
         self.by_backend: dict[str, BackendRules] = {}
         self.everywhere = everywhere
-        self.uses_groups = any(r.subject_kind == "group" for r in self.rules)
-        for rule in self.rules:
+        self.uses_groups = any(r.subject_kind == "group" for r in checked)
+        for rule in checked:
             if rule.backend is None:
                 continue
             entry = self.by_backend.setdefault(rule.backend, BackendRules(list(everywhere)))
             target = entry.grants if rule.kind == "grant" else entry.protections
             target.append((_parts(rule.prefix), rule))
         # Is any backend closed? With grants for every backend, all of them are.
-        self.any_grants = any(r.kind == "grant" for r in self.rules)
+        self.any_grants = any(r.kind == "grant" for r in checked)
 
     def _of(self, backend: str) -> BackendRules:
         found = self.by_backend.get(backend)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import psycopg
 
+from core.access import roles
 from core.access.rules import SCOPES, Policy, Rule
 from core.errors import ConfigError
 from core.journal import records
@@ -66,8 +67,12 @@ def grant(db: Database, who: Principal, scope: str, subject_kind: str, subject: 
           backend: str | None, prefix: str) -> Rule:
     _check_scope(scope)
     args = {"scope": scope, "subject_kind": subject_kind, "subject": subject, "backend": backend, "prefix": prefix}
+    if subject_kind == "role" and prefix:
+        raise ConfigError("a role's grant covers whole backends: --path BACKEND:/ (the database limits rows by backend)")
     with _changing(db) as conn:
         _backend_id(conn, backend)
+        if subject_kind == "role":  # the database enforces the scope: membership of its group role
+            roles.grant_scope(conn, subject, scope)
         row = conn.execute(
             "INSERT INTO filestore.access_rules (kind, scope, subject_kind, subject, backend, prefix)"
             " VALUES ('grant', %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
@@ -91,6 +96,10 @@ def revoke(db: Database, who: Principal, scope: str, subject_kind: str, subject:
         if row is None:
             raise ConfigError("no such grant (see `filestore policy list`)")
         rule = Rule(*row)
+        if subject_kind == "role" and not conn.execute(
+                "SELECT 1 FROM filestore.access_rules WHERE kind = 'grant' AND subject_kind = 'role'"
+                " AND subject = %s AND scope = %s", (subject, scope)).fetchone():
+            roles.revoke_scope(conn, subject, scope)
         _journal(conn, who, "policy.revoke", backend, prefix, args, {"rule": rule.id})
     return rule
 

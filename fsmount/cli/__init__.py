@@ -69,6 +69,6 @@ def main(verbose: int) -> None:
     level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
     logs.configure(level, settings().log_json)
 
-from . import admin, backend, drift, events, mount, policy, sidecar, stats  # noqa: E402  (registers the commands on `main`)
+from . import admin, backend, drift, events, mount, policy, role, sidecar, stats  # noqa: E402  (registers the commands on `main`)
 
-__all__ = ["main", "admin", "backend", "drift", "events", "mount", "policy", "sidecar", "stats"]
+__all__ = ["main", "admin", "backend", "drift", "events", "mount", "policy", "role", "sidecar", "stats"]

@@ -43,6 +43,10 @@ def test_a_read_role_changes_nothing_and_sees_only_its_backend(env, tmp_path, db
                                      (backends["other"],)).fetchall()}
     assert hidden and not visible & hidden, seen
     assert [b["name"] for b in json_out(run_cli(reader, "backend", "list", "--json"))] == ["data"]
+    for args in (("du", "other:/"), ("history", "other:/f"), ("stats", "other")):
+        assert_one_line_error(run_cli(reader, *args, check=False), "no backend named 'other'")
+    run_cli(reader, "du", "data:/")
+    run_cli(reader, "history", "data:/f")
 
     before = db.execute("SELECT count(*) FROM filestore.journal_entries").fetchone()[0]
     assert_one_line_error(run_cli(reader, "backend", "remove", "data", check=False), "not allowed")

@@ -85,7 +85,7 @@ class Filestore:
         self.files = FileTable(self.orch, self.ns, self.writeback)
         self.orch.files = self.files
         self.adoption = recovery.Adoption(self)
-        self.access = Gate(self, settings.redis_url)  # policies (D42): checked by the mount's handlers
+        self.access = Gate(self.db, self.ns, self.orch, settings.redis_url)  # policies (D42): checked by the mount's handlers
         self.orch.adoption = self.adoption
         self.pipeline.listeners += [self.rollups, self.folder, self.writeback, self]
         if self.cache.shared:

@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import threading
+from typing import Protocol
 
 import psycopg
 
@@ -24,15 +25,25 @@ from core.access.rules import Decision, Policy, Who
 from core.commands.template import Command
 from core.model import ROOT_INODE, Principal, display_name
 from core.observe import metrics
+from core.storage.db import Database
+from core.view.namespace import Namespace
 
 log = logging.getLogger(__name__)
 
 ACCESS_CHANNEL = "filestore:access"
 
 
+class Refusals(Protocol):
+    """Where a refusal is journaled: the commands' template (core.commands.template.Template)."""
+
+    def refuse(self, cmd: Command, code: int, message: str = "") -> Exception: ...
+
+
 class Gate:
-    def __init__(self, fs, redis_url: str = "inline"):
-        self.fs = fs
+    def __init__(self, db: Database, ns: Namespace, refusals: Refusals, redis_url: str = "inline"):
+        self.db = db
+        self.ns = ns
+        self.refusals = refusals
         self.redis_url = redis_url
         self.policy = Policy([])
         self.enforcing = False
@@ -42,7 +53,7 @@ class Gate:
     # -- the policy in memory ----------------------------------------------------------
     def reload(self) -> None:
         with self._lock:
-            policy = store.load(self.fs.db)
+            policy = store.load(self.db)
             if policy.version != self.policy.version or policy.rules != self.policy.rules:
                 log.info("access policy generation %d: %d rules", policy.version, len(policy.rules))
             self.policy = policy
@@ -59,7 +70,7 @@ class Gate:
 
     def _poll(self) -> None:
         try:
-            if store.version(self.fs.db) != self.policy.version:
+            if store.version(self.db) != self.policy.version:
                 self.reload()
         except psycopg.Error as exc:  # the last policy stays in force meanwhile
             log.debug("access policy not polled: %s", exc)
@@ -84,7 +95,7 @@ class Gate:
         """May `who` do `action` on the node `inode` (or on the name `name` in directory
         `inode`)? Raises FsError(EACCES), journaled, if not. Only called while enforcing."""
         policy = self.policy
-        ns = self.fs.ns
+        ns = self.ns
         if inode == ROOT_INODE:
             if name is None:
                 return  # the mount root itself: the list of backends
@@ -113,7 +124,7 @@ class Gate:
         """A rename moves its source and writes its destination; a destination it replaces is
         deleted, which needs write or what a protection asks (RENAME_EXCHANGE: both names move)."""
         self.check(who, "rename", "move", old_parent, old_name)
-        replaced = new_parent != ROOT_INODE and self.fs.ns.child(new_parent, new_name) is not None
+        replaced = new_parent != ROOT_INODE and self.ns.child(new_parent, new_name) is not None
         self.check(who, "rename", "move" if exchange else ("delete" if replaced else "write"), new_parent, new_name)
 
     @staticmethod
@@ -126,7 +137,7 @@ class Gate:
         metrics.bound(metrics.ACCESS_DENIED, backend.name, op).inc()
         path = display_name(b"/".join(parts))
         cmd = Command(op, who, backend, node_id=node_id, path=path, args={"access": decision.as_dict()})
-        raise self.fs.orch.refuse(cmd, errno.EACCES, decision.reason)
+        raise self.refusals.refuse(cmd, errno.EACCES, decision.reason)
 
 
 def announce(redis_url: str) -> None:

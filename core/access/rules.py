@@ -14,7 +14,7 @@ Decision, for a principal (uid, gids, PostgreSQL role) at backend:/path:
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 SCOPES = ("read", "write", "admin")
@@ -47,20 +47,9 @@ class Rule:
 
 @dataclass(frozen=True)
 class Who:
-    """A principal as policies see it: uid and every gid (primary and supplementary), or a role."""
+    """A principal as the mount's policies see it: uid and every gid (primary and supplementary)."""
     uid: int | None
     gids: frozenset[int] = frozenset()
-    role: str | None = None
-
-    def named_by(self, rule: Rule) -> bool:
-        kind = rule.subject_kind
-        if kind == "everyone":
-            return True
-        if kind == "user":
-            return self.uid is not None and str(self.uid) == rule.subject
-        if kind == "group":
-            return rule.subject is not None and int(rule.subject) in self.gids
-        return kind == "role" and self.role is not None and self.role == rule.subject
 
 
 @dataclass(frozen=True)
@@ -89,8 +78,35 @@ def within(path: tuple, prefix: tuple) -> bool:
 
 @dataclass
 class BackendRules:
-    grants: list[tuple[tuple, Rule]] = field(default_factory=list)
+    """One backend's rules, grants indexed by whom they name: a check reads only the grants of
+    the caller's uid, its groups and everyone, however many other principals have grants."""
+    users: dict[str, list[tuple[tuple, Rule]]] = field(default_factory=dict)
+    groups: dict[str, list[tuple[tuple, Rule]]] = field(default_factory=dict)
+    everyone: list[tuple[tuple, Rule]] = field(default_factory=list)
     protections: list[tuple[tuple, Rule]] = field(default_factory=list)
+    closed: bool = False
+
+    def add(self, rule: Rule) -> None:
+        entry = (_parts(rule.prefix), rule)
+        if rule.kind == "protect":
+            self.protections.append(entry)
+            return
+        self.closed = True
+        if rule.subject_kind == "user":
+            self.users.setdefault(rule.subject, []).append(entry)
+        elif rule.subject_kind == "group":
+            self.groups.setdefault(rule.subject, []).append(entry)
+        else:
+            self.everyone.append(entry)
+
+    def naming(self, who: Who) -> Iterator[tuple[tuple, Rule]]:
+        """The grants that name `who`."""
+        if who.uid is not None:
+            yield from self.users.get(str(who.uid), ())
+        if self.groups:
+            for gid in who.gids:
+                yield from self.groups.get(str(gid), ())
+        yield from self.everyone
 
 
 class Policy:
@@ -102,32 +118,37 @@ class Policy:
         # A role's grants are the database's business (core.access.roles: GRANTs and row-level
         # security); the OS principals of a mount are never a PostgreSQL role.
         checked = [r for r in self.rules if r.subject_kind != "role"]
-        everywhere = [(_parts(r.prefix), r) for r in checked if r.kind == "grant" and r.backend is None]
+        everywhere = [r for r in checked if r.kind == "grant" and r.backend is None]
+        self.everywhere = BackendRules()
+        for rule in everywhere:
+            self.everywhere.add(rule)
         self.by_backend: dict[str, BackendRules] = {}
-        self.everywhere = everywhere
-        self.uses_groups = any(r.subject_kind == "group" for r in checked)
         for rule in checked:
             if rule.backend is None:
                 continue
-            entry = self.by_backend.setdefault(rule.backend, BackendRules(list(everywhere)))
-            target = entry.grants if rule.kind == "grant" else entry.protections
-            target.append((_parts(rule.prefix), rule))
+            entry = self.by_backend.get(rule.backend)
+            if entry is None:
+                entry = self.by_backend[rule.backend] = BackendRules()
+                for shared in everywhere:  # grants for every backend apply here too
+                    entry.add(shared)
+            entry.add(rule)
+        self.uses_groups = any(r.subject_kind == "group" for r in checked)
         # Is any backend closed? With grants for every backend, all of them are.
         self.any_grants = any(r.kind == "grant" for r in checked)
 
     def _of(self, backend: str) -> BackendRules:
         found = self.by_backend.get(backend)
-        return found if found is not None else BackendRules(self.everywhere)
+        return found if found is not None else self.everywhere
 
     def closed(self, backend: str) -> bool:
-        return bool(self._of(backend).grants)
+        return self._of(backend).closed
 
     def held(self, who: Who, backend: str, path: tuple) -> tuple[str | None, Rule | None]:
         """The highest scope `who` holds at path, and the grant giving it (the longest prefix
         among equals)."""
         best, best_rule, best_len = 0, None, -1
-        for prefix, rule in self._of(backend).grants:
-            if within(path, prefix) and who.named_by(rule):
+        for prefix, rule in self._of(backend).naming(who):
+            if within(path, prefix):
                 rank = RANK[rule.scope]
                 if rank > best or (rank == best and len(prefix) > best_len):
                     best, best_rule, best_len = rank, rule, len(prefix)
@@ -136,8 +157,7 @@ class Policy:
     def traversable(self, who: Who, backend: str, path: tuple) -> bool:
         """Is path an ancestor of a prefix `who` holds a grant on? Such directories may be looked
         up (to reach the grant), not listed: as a directory with mode --x."""
-        return any(len(prefix) > len(path) and within(prefix, path) and who.named_by(rule)
-                   for prefix, rule in self._of(backend).grants)
+        return any(len(prefix) > len(path) and within(prefix, path) for prefix, _ in self._of(backend).naming(who))
 
     def needed(self, backend: str, action: str, path: tuple) -> tuple[str, Rule | None]:
         needs, by = NEEDS[action], None
@@ -151,9 +171,8 @@ class Policy:
 
     def decide(self, who: Who, backend: str, path: str | bytes | tuple, action: str) -> Decision:
         parts = path if isinstance(path, tuple) else _parts(path)
-        rules = self._of(backend)
         needs, protection = self.needed(backend, action, parts)
-        if not rules.grants:
+        if not self._of(backend).closed:
             return Decision(True, action, needs, None, None, f"backend {backend} has no policy: mode bits decide")
         holds, grant = self.held(who, backend, parts)
         shown = "/" + b"/".join(parts).decode("utf-8", "backslashreplace")

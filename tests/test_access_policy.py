@@ -8,6 +8,7 @@ import os
 
 from conftest import run_cli
 from test_cli import assert_one_line_error, json_out
+from test_events import valid
 
 
 def check(env, user: str, path: str, *groups: str) -> dict:
@@ -70,8 +71,8 @@ def test_grant_list_check_revoke_journaled_with_events(env, tmp_path, db):
                                     "policy.protect"]
     assert all(r[1] == "committed" and r[2] == "cli" and r[3] == os.getuid() and r[4] for r in rows)
     assert rows[0][5]["scope"] == "write" and rows[0][5]["subject"] == "4001"
-    events = [json.loads(line) for line in run_cli(env, "events", "tail", "--json", "--from", str(before + 1),
-                                                   "--type", "filestore.command.completed").stdout.splitlines()]
+    events = valid([json.loads(line) for line in run_cli(env, "events", "tail", "--json", "--from", str(before + 1),
+                                                         "--type", "filestore.command.completed").stdout.splitlines()])
     assert [e["command"] for e in events if e["command"].startswith("policy.")] == [r[0] for r in rows]
 
 

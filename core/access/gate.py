@@ -18,8 +18,6 @@ import os
 import threading
 from typing import Protocol
 
-import psycopg
-
 from core.access import principals, store
 from core.access.rules import Decision, Policy, Who
 from core.commands.template import Command
@@ -72,7 +70,7 @@ class Gate:
         try:
             if store.version(self.db) != self.policy.version:
                 self.reload()
-        except psycopg.Error as exc:  # the last policy stays in force meanwhile
+        except Exception as exc:  # the database away (a pool timeout...): the last policy stays in force
             log.debug("access policy not polled: %s", exc)
 
     def _listen(self, stop: threading.Event) -> None:

@@ -167,7 +167,7 @@ def check(user: str, groups: tuple[str, ...], path: str, as_json: bool) -> None:
     decisions = {action: found.decide(who, backend, rel, action) for action in ACTIONS}
     if as_json:
         emit_json({"user": uid, "groups": sorted(gids), "backend": backend, "path": "/" + os.fsdecode(rel),
-                   "decisions": {a: d.as_dict() | {"reason": d.reason} for a, d in decisions.items()}})
+                   "decisions": {a: d.as_dict() for a, d in decisions.items()}})
         return
     for action, d in decisions.items():
         click.echo(f"{action:<7} {'allowed' if d.allowed else 'refused':<8} {d.reason}")

@@ -716,3 +716,80 @@ COMMENT ON FUNCTION filestore.location_children IS
 CREATE INDEX IF NOT EXISTS nodes_drift_idx ON filestore.nodes (backend_id) WHERE state IN ('INCONSISTENT', 'MISSING');
 CREATE INDEX IF NOT EXISTS journal_drift_idx ON filestore.journal_entries (backend_id, path, id)
     WHERE command IN ('drift', 'reconcile', 'purge');
+
+-- == Access control (schema 10; docs/architecture.md D42) ==================================
+-- Who may read, write or administer which backend and path prefix. No row at all: POSIX mode
+-- bits alone decide, as before schema 10. A backend that some grant applies to is closed to
+-- every principal no grant names (root included); a grant to everyone opens it again.
+-- Written only by core.access.store (`filestore policy`), each change with its journal row.
+CREATE TABLE IF NOT EXISTS filestore.access_rules (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind          text NOT NULL CHECK (kind IN ('grant', 'protect')),
+    scope         text NOT NULL CHECK (scope IN ('read', 'write', 'admin')),
+    subject_kind  text CHECK (subject_kind IN ('user', 'group', 'role', 'everyone')),
+    subject       text,
+    backend       text,
+    prefix        text NOT NULL DEFAULT '' CHECK (prefix !~ '^/' AND prefix !~ '/$'),
+    action        text CHECK (action IN ('delete', 'move')),
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    CHECK ((kind = 'grant') = (subject_kind IS NOT NULL AND action IS NULL)),
+    CHECK ((subject_kind = 'everyone') = (subject IS NULL) OR kind = 'protect'),
+    CHECK (kind = 'grant' OR (backend IS NOT NULL AND subject IS NULL))
+);
+CREATE UNIQUE INDEX IF NOT EXISTS access_grants_idx ON filestore.access_rules
+    (subject_kind, coalesce(subject, ''), coalesce(backend, ''), prefix, scope) WHERE kind = 'grant';
+CREATE UNIQUE INDEX IF NOT EXISTS access_protections_idx ON filestore.access_rules (backend, prefix, action)
+    WHERE kind = 'protect';
+COMMENT ON TABLE filestore.access_rules IS
+    'Access policies (D42). grant: a subject holds a scope (read < write < admin) at and below backend:/prefix. protect: deleting (unlink, rmdir, replacing by rename) or moving (renaming a name at or below, or an ancestor of) backend:/prefix needs `scope` there instead of write. Compiled in memory by every mount (core.access.rules).';
+COMMENT ON COLUMN filestore.access_rules.kind IS 'grant (a subject holds a scope) or protect (an elevated scope for delete or move).';
+COMMENT ON COLUMN filestore.access_rules.scope IS 'grant: the scope held (filestore:read|write|admin of the service); protect: the scope the action needs.';
+COMMENT ON COLUMN filestore.access_rules.subject_kind IS 'user (a uid), group (a gid, primary or supplementary), role (a PostgreSQL role), everyone; NULL for protect.';
+COMMENT ON COLUMN filestore.access_rules.subject IS 'uid or gid in decimal, or the role name; NULL for everyone and protect.';
+COMMENT ON COLUMN filestore.access_rules.backend IS 'Backend name; NULL: every backend (then every backend is closed to subjects no grant names).';
+COMMENT ON COLUMN filestore.access_rules.prefix IS 'Backend-relative path prefix, compared component by component, without leading or trailing slash; empty: the whole backend.';
+COMMENT ON COLUMN filestore.access_rules.action IS 'protect only: delete or move.';
+
+-- The policy generation: bumped in every transaction that changes access_rules. Mounts poll it
+-- (one row, one index-free read) and recompile when it moved; with Redis they are also told.
+CREATE TABLE IF NOT EXISTS filestore.access_version (
+    one      boolean PRIMARY KEY DEFAULT true CHECK (one),
+    version  bigint NOT NULL DEFAULT 0
+);
+INSERT INTO filestore.access_version (one, version) VALUES (true, 0) ON CONFLICT DO NOTHING;
+COMMENT ON TABLE filestore.access_version IS
+    'One row: the generation of filestore.access_rules, +1 with each policy change (core.access.store); mounts recompile their policy when it moves.';
+
+-- The PostgreSQL role each journal row was written through: the CLI's or a sidecar's principal
+-- (D42). No default for the rows written before schema 10 (NULL: not recorded).
+ALTER TABLE filestore.journal_entries ADD COLUMN IF NOT EXISTS db_role text;
+ALTER TABLE filestore.journal_entries ALTER COLUMN db_role SET DEFAULT session_user;
+COMMENT ON COLUMN filestore.journal_entries.db_role IS
+    'The PostgreSQL role of the connection that wrote the row (session_user): the principal of CLI and sidecar commands; NULL for rows written before schema 10.';
+
+-- Row-level security by backend for roles limited to some backends (`filestore role create NAME
+-- --backend B`: grants to the role on those backends only). The schema owner (every mount) and
+-- superusers bypass it; a role with no role grant sees every backend (its GRANTs still decide
+-- what it may change: core.access.roles). SECURITY DEFINER: it reads access_rules and
+-- backend_mounts, which the policies below protect, as their owner.
+CREATE OR REPLACE FUNCTION filestore.backend_visible(p_backend integer)
+RETURNS boolean LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
+    SELECT p_backend IS NULL
+        OR NOT EXISTS (SELECT 1 FROM filestore.access_rules r
+                        WHERE r.kind = 'grant' AND r.subject_kind = 'role' AND r.subject = session_user::text)
+        OR EXISTS (SELECT 1 FROM filestore.access_rules r
+                    WHERE r.kind = 'grant' AND r.subject_kind = 'role' AND r.subject = session_user::text
+                      AND (r.backend IS NULL
+                           OR r.backend = (SELECT b.name FROM filestore.backend_mounts b WHERE b.id = p_backend)))
+$$;
+COMMENT ON FUNCTION filestore.backend_visible IS
+    'Row-level security (D42): may the connected role see rows of this backend? Yes for rows of no backend, for roles no role grant names, and for the backends (or every backend) its role grants name.';
+ALTER TABLE filestore.journal_entries ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS by_backend ON filestore.journal_entries;
+CREATE POLICY by_backend ON filestore.journal_entries USING (filestore.backend_visible(backend_id));
+ALTER TABLE filestore.nodes ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS by_backend ON filestore.nodes;
+CREATE POLICY by_backend ON filestore.nodes USING (filestore.backend_visible(backend_id));
+ALTER TABLE filestore.backend_mounts ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS by_backend ON filestore.backend_mounts;
+CREATE POLICY by_backend ON filestore.backend_mounts USING (filestore.backend_visible(id));

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 
 import psycopg
 
+from core.access.gate import Gate
 from core.commands import writeback, xattrs
 from core.commands.files import FileTable
 from core.commands.orchestrator import Orchestrator
@@ -84,6 +85,7 @@ class Filestore:
         self.files = FileTable(self.orch, self.ns, self.writeback)
         self.orch.files = self.files
         self.adoption = recovery.Adoption(self)
+        self.access = Gate(self.db, self.ns, self.orch, settings.redis_url)  # policies (D42): checked by the mount's handlers
         self.orch.adoption = self.adoption
         self.pipeline.listeners += [self.rollups, self.folder, self.writeback, self]
         if self.cache.shared:
@@ -229,6 +231,7 @@ class Filestore:
         """The background loops a serving process runs: the rollup folder and recalculations,
         and the probe of every backend (one down answers EIO, the others serve: D40)."""
         self._workers.append(folder.start(self.folder))
+        self._workers.append(folder.start(self.access))
         self._workers.append(folder.start(folder.RecalculationJobs(self.db, self.jobs)))
         self._workers.append(folder.start(availability.BackendMonitor(
             lambda: list(self.ns.backends.values()), on_back=self._back,

@@ -126,6 +126,7 @@ class Operations(pyfuse3.Operations):
         self.files = fs.files
         self.lookups: Counter[int] = Counter()
         self.recursive_dir_sizes = fs.settings.recursive_dir_sizes
+        self.access = fs.access  # policies (D42): `enforcing` is the one test while there are none
         self.xattrs = fs.serves_xattrs  # decided once: the kernel remembers an ENOSYS for the mount's life
         fs.cache.subscribe(self._caches_changed)
         self._to_invalidate: queue.SimpleQueue[Invalidation] = queue.SimpleQueue()
@@ -240,6 +241,8 @@ class Operations(pyfuse3.Operations):
     def lookup(self, parent_inode, name, ctx=None):
         if len(name) > NAME_MAX:  # the kernel lets FUSE names up to 1,024 bytes through
             raise FUSEError(errno.ENAMETOOLONG)
+        if self.access.enforcing and ctx is not None:
+            self.access.check(principal(ctx), "lookup", "read", parent_inode, name)
         if parent_inode == ROOT_INODE:
             backend = self.ns.backend_by_name(name)
             if backend is None:
@@ -281,6 +284,8 @@ class Operations(pyfuse3.Operations):
 
     @changing
     def setattr(self, inode, attr, fields, fh, ctx):
+        if self.access.enforcing:
+            self.access.check(principal(ctx), "setattr", "write", inode)
         size = attr.st_size if fields.update_size else None
         if size is not None and self.files.truncate_open(inode, size, fh):
             size = None
@@ -310,6 +315,8 @@ class Operations(pyfuse3.Operations):
     @handler
     def opendir(self, inode, ctx):
         if inode != ROOT_INODE:
+            if self.access.enforcing:
+                self.access.check(principal(ctx), "readdir", "read", inode)
             self.ns.dir(inode)
         return inode
 
@@ -344,22 +351,32 @@ class Operations(pyfuse3.Operations):
 
     @changing
     def mkdir(self, parent_inode, name, mode, ctx):
+        if self.access.enforcing:
+            self.access.check(principal(ctx), "mkdir", "write", parent_inode, name)
         return self._entry(self.fs.orch.mkdir(principal(ctx), parent_inode, name, mode))
 
     @changing
     def rmdir(self, parent_inode, name, ctx):
+        if self.access.enforcing:
+            self.access.check(principal(ctx), "rmdir", "delete", parent_inode, name)
         self.fs.orch.rmdir(principal(ctx), parent_inode, name)
 
     @changing
     def unlink(self, parent_inode, name, ctx):
+        if self.access.enforcing:
+            self.access.check(principal(ctx), "unlink", "delete", parent_inode, name)
         self.fs.orch.unlink(principal(ctx), parent_inode, name)
 
     @changing
     def symlink(self, parent_inode, name, target, ctx):
+        if self.access.enforcing:
+            self.access.check(principal(ctx), "symlink", "write", parent_inode, name)
         return self._entry(self.fs.orch.symlink(principal(ctx), parent_inode, name, target))
 
     @changing
     def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if self.access.enforcing:
+            self.access.check(principal(ctx), "mknod", "write", parent_inode, name)
         kind = KINDS.get(stat_mod.S_IFMT(mode))
         if kind is None:
             raise FUSEError(errno.EINVAL)
@@ -368,10 +385,15 @@ class Operations(pyfuse3.Operations):
 
     @changing
     def link(self, inode, new_parent_inode, new_name, ctx):
+        if self.access.enforcing:
+            self.access.check(principal(ctx), "link", "write", new_parent_inode, new_name)
         return self._entry(self.fs.orch.link(principal(ctx), inode, new_parent_inode, new_name))
 
     @changing
     def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if self.access.enforcing:
+            self.access.check_rename(principal(ctx), parent_inode_old, name_old, parent_inode_new, name_new,
+                                     bool(flags & RENAME_EXCHANGE))
         self.fs.orch.rename(principal(ctx), parent_inode_old, name_old, parent_inode_new, name_new,
                             noreplace=bool(flags & RENAME_NOREPLACE),
                             exchange=bool(flags & RENAME_EXCHANGE))
@@ -379,11 +401,16 @@ class Operations(pyfuse3.Operations):
     # -- files ------------------------------------------------------------------------
     @handler
     def open(self, inode, flags, ctx):
+        if self.access.enforcing:
+            writes = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+            self.access.check(principal(ctx), "open", "write" if writes else "read", inode)
         handle = self.files.open(principal(ctx), inode, flags)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @changing
     def create(self, parent_inode, name, mode, flags, ctx):
+        if self.access.enforcing:
+            self.access.check(principal(ctx), "create", "write", parent_inode, name)
         handle, node = self.files.create(principal(ctx), parent_inode, name, mode, flags)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True), self._entry(node)
 
@@ -463,16 +490,22 @@ class Operations(pyfuse3.Operations):
         self._xattrs_served()
         if inode != ROOT_INODE and not self.fs.keeps_xattrs(inode):
             raise FUSEError(errno.EOPNOTSUPP)
+        if self.access.enforcing:
+            self.access.check(principal(ctx), "setxattr", "write", inode)
         self.fs.orch.setxattr(principal(ctx), inode, name, value)
 
     @handler
     def getxattr(self, inode, name, ctx):
         self._xattrs_served()
+        if self.access.enforcing and inode != ROOT_INODE:
+            self.access.check(principal(ctx), "getxattr", "read", inode)
         return self.fs.getxattr(inode, name)
 
     @handler
     def listxattr(self, inode, ctx):
         self._xattrs_served()
+        if self.access.enforcing and inode != ROOT_INODE:
+            self.access.check(principal(ctx), "listxattr", "read", inode)
         return self.fs.listxattr(inode)
 
     @changing
@@ -480,6 +513,8 @@ class Operations(pyfuse3.Operations):
         self._xattrs_served()
         if inode != ROOT_INODE and not self.fs.keeps_xattrs(inode):
             raise FUSEError(errno.EOPNOTSUPP)
+        if self.access.enforcing:
+            self.access.check(principal(ctx), "removexattr", "write", inode)
         self.fs.orch.removexattr(principal(ctx), inode, name)
 
     def _xattrs_served(self) -> None:

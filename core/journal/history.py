@@ -74,13 +74,19 @@ def node_state(db: Database, node_id: int) -> str | None:
     return rows[0][0] if rows else None
 
 
-def recent(db: Database, since: int | None, limit: int) -> list[dict]:
+def recent(db: Database, since: int | None, limit: int, *, uid: int | None = None,
+           gid: int | None = None) -> list[dict]:
+    """The latest rows, or those after `since`; of one principal's uid and/or gid if given."""
+    who = " AND (%(uid)s::int IS NULL OR uid = %(uid)s) AND (%(gid)s::int IS NULL OR gid = %(gid)s)"
+    params = {"since": since, "limit": limit, "uid": uid, "gid": gid}
     if since is None:
         rows = db.query_dicts(
-            f"SELECT {_COLUMNS} FROM filestore.journal_entries ORDER BY id DESC LIMIT %s", (limit,))
+            f"SELECT {_COLUMNS} FROM filestore.journal_entries WHERE true{who} ORDER BY id DESC LIMIT %(limit)s",
+            params)
         return list(reversed(rows))
     return db.query_dicts(
-        f"SELECT {_COLUMNS} FROM filestore.journal_entries WHERE id > %s ORDER BY id LIMIT %s", (since, limit))
+        f"SELECT {_COLUMNS} FROM filestore.journal_entries WHERE id > %(since)s{who} ORDER BY id LIMIT %(limit)s",
+        params)
 
 
 def last_id(db: Database) -> int:

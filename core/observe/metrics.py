@@ -14,6 +14,8 @@ EXECUTOR_OUTCOMES = Counter(
     "filestore_executor_outcomes_total", "Physical operations by outcome", ["backend", "operation", "outcome"])
 BYTES_WRITTEN = Counter("filestore_bytes_written_total", "Bytes committed by write commands", ["backend"])
 FUSE_ERRORS = Counter("filestore_fuse_unexpected_errors_total", "Handler exceptions answered with EIO", ["op"])
+ACCESS_DENIED = Counter("filestore_access_denied_total", "Operations refused by an access policy (D42)",
+                        ["backend", "op"])
 FUSE_REQUESTS = Counter("filestore_fuse_requests_total", "Requests the kernel sent the mount, by opcode", ["op"])
 # -- the commit pipeline (core.journal.pipeline) -------------------------------------------------
 COMMIT_BACKLOG = Gauge("filestore_commit_backlog", "Answered commands not committed yet")

@@ -5,8 +5,11 @@ from pathlib import Path
 
 import psycopg
 
-SCHEMA_VERSION = 9  # 6: filestore.uploads (S3 write-back, D34); 7: record_commands (group commit, D36);
-# 8: counters by directory node id, snapshot-window folds, drift index (D40); 9: name_adoptions (D43)
+from core.errors import ConfigError
+
+SCHEMA_VERSION = 10  # 6: filestore.uploads (S3 write-back, D34); 7: record_commands (group commit, D36);
+# 8: counters by directory node id, snapshot-window folds, drift index (D40); 9: name_adoptions (D43);
+# 10: access_rules and access_version (policies: principals, scopes, path allow-lists, D42)
 _LOCK_KEY = 0x46494C45  # "FILE": serialises concurrent starts
 
 
@@ -19,7 +22,14 @@ def schema_sql() -> str:
 
 
 def apply(conn: psycopg.Connection) -> int:
-    """Bring the database to SCHEMA_VERSION; safe to call from many processes at once."""
+    """Bring the database to SCHEMA_VERSION; safe to call from many processes at once.
+    A role that does not own the schema (`filestore role create`, D42) uses it as it is."""
+    if not _owns_schema(conn):
+        version = current_version(conn)
+        if version is None or version < SCHEMA_VERSION:
+            raise ConfigError(f"the schema is at version {version}, this code needs {SCHEMA_VERSION}: "
+                              f"run `filestore init` as its owner")
+        return version
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(schema_sql())
@@ -27,6 +37,13 @@ def apply(conn: psycopg.Connection) -> int:
             "INSERT INTO filestore.schema_versions (version) VALUES (%s) ON CONFLICT DO NOTHING",
             (SCHEMA_VERSION,))
     return SCHEMA_VERSION
+
+
+def _owns_schema(conn: psycopg.Connection) -> bool:
+    """True for the schema's owner (or a member of it, or a superuser), and before it exists."""
+    row = conn.execute("SELECT pg_has_role(current_user, nspowner, 'USAGE') FROM pg_namespace"
+                       " WHERE nspname = 'filestore'").fetchone()
+    return row is None or row[0]
 
 
 def current_version(conn: psycopg.Connection) -> int | None:

@@ -40,6 +40,8 @@ def one_line_errors(fn):
             fail(f"{exc} ({exc.code})")
         except psycopg.OperationalError as exc:
             fail(f"database unreachable: {str(exc).strip().splitlines()[0]}")
+        except psycopg.errors.InsufficientPrivilege as exc:  # a role without the right (D42)
+            fail(f"not allowed: {str(exc).strip().splitlines()[0]}")
         except ExecutorFailure as exc:
             fail(f"{type(exc).__name__}: {exc}")
         except OSError as exc:
@@ -68,6 +70,6 @@ def main(verbose: int) -> None:
     level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
     logs.configure(level, settings().log_json)
 
-from . import admin, backend, drift, events, mount, sidecar, stats  # noqa: E402  (registers the commands on `main`)
+from . import admin, backend, drift, events, mount, policy, role, sidecar, stats  # noqa: E402  (registers the commands on `main`)
 
-__all__ = ["main", "admin", "backend", "drift", "events", "mount", "sidecar", "stats"]
+__all__ = ["main", "admin", "backend", "drift", "events", "mount", "policy", "role", "sidecar", "stats"]

@@ -5,6 +5,8 @@ import os
 
 import click
 
+from core.access import principals
+from core.access import roles as access_roles
 from core.journal import history as journal_queries
 from core.service import database_url, open_database
 from core.storage import embedded_pg, schema
@@ -25,7 +27,9 @@ def init() -> None:
     conf.ensure_dirs()
     with connect(database_url(conf)) as conn:
         version = schema.apply(conn)
+        made = access_roles.ensure_or_say(conn)
     click.echo(f"schema at version {version}")
+    click.echo(made, err=True)  # stdout stays one line for scripts
 
 
 def _row_text(row: dict) -> str:
@@ -71,15 +75,18 @@ def history(path: str, as_json: bool) -> None:
 @main.command()
 @click.option("--since", type=int, default=None, help="Entries after this journal id.")
 @click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--user", "user", help="Only the commands of this user (name or uid).")
+@click.option("--group", "group", help="Only the commands of this group (name or gid: the caller's gid).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @one_line_errors
-def journal(since: int | None, limit: int, as_json: bool) -> None:
+def journal(since: int | None, limit: int, user: str | None, group: str | None, as_json: bool) -> None:
     """The journal: the most recent entries, or those after --since.
 
-    Example: filestore journal --since 1200 --limit 100 --json
+    Example: filestore journal --since 1200 --limit 100 --json; filestore journal --user ingest
     """
     db = open_database(settings())
-    rows = journal_queries.recent(db, since, limit)
+    rows = journal_queries.recent(db, since, limit, uid=principals.user_id(user) if user else None,
+                                  gid=principals.group_id(group) if group else None)
     if as_json:
         emit_json(rows)
         return

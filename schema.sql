@@ -1,4 +1,4 @@
--- Filestore mount: the data model (DESIGN.md section 3).
+-- Filestore mount: the data model (docs/design.md section 3).
 --
 -- This file is the documented contract of the database. It is applied at every start by
 -- core.schema.apply(), inside one transaction under an advisory lock, so it must stay
@@ -160,7 +160,7 @@ CREATE TABLE IF NOT EXISTS filestore.rollups (
     consistency_state   text NOT NULL DEFAULT 'pending' CHECK (consistency_state IN ('exact', 'pending', 'stale', 'rebuilding'))
 );
 COMMENT ON TABLE filestore.rollups IS
-    'Recursive statistics per directory (DESIGN.md section 5): bytes and counts of non-directory entries (files, symlinks, special files; a hard-linked file counts once per name) and of directories below it. Folded from filestore.rollup_deltas by core.rollups; rebuilt set-based by recalculation jobs.';
+    'Recursive statistics per directory (docs/design.md section 5): bytes and counts of non-directory entries (files, symlinks, special files; a hard-linked file counts once per name) and of directories below it. Folded from filestore.rollup_deltas by core.rollups; rebuilt set-based by recalculation jobs.';
 COMMENT ON COLUMN filestore.rollups.consistency_state IS 'exact (equals a recount), pending (deltas not folded yet), stale (known wrong, recalculation queued), rebuilding (a recalculation job runs).';
 
 -- Commands never update a rollup row: every ancestor of every path would be a hot row (the

@@ -306,7 +306,7 @@ class Filestore:
     def virtual_xattrs(self, node: Node) -> dict[bytes, bytes]:
         """The read-only user.filestore.* attributes, exact at the moment of asking: `state` of
         every node (ACTIVE, INCONSISTENT, MISSING: drift, issue 15) and a directory's rollup
-        fields (DESIGN.md section 5: the folded row plus pending deltas)."""
+        fields (docs/design.md section 5: the folded row plus pending deltas)."""
         out = {xattrs.VIRTUAL + b"state": self._state_of(node).encode()}
         if not node.is_dir:
             return out

@@ -1,4 +1,4 @@
-"""The commit pipeline through real mounts (DESIGN.md section 4; docs/architecture.md D36).
+"""The commit pipeline through real mounts (docs/design.md section 4; docs/architecture.md D36).
 
 A command is answered once it is carried out and in the intent log; its journal rows follow
 in a group commit. These tests hold the group back with a long FILESTORE_COMMIT_DELAY_MS, so

@@ -1,4 +1,4 @@
-"""No lost update between two mounts (issue 15; DESIGN.md optimistic versions, D36).
+"""No lost update between two mounts (issue 15; docs/design.md optimistic versions, D36).
 
 Two mounts of one database and one local backend, each with a FILESTORE_HOME of its own, are
 made to race: a thread in each writes, chmods, renames and unlinks the same few names at once. Run

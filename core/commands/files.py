@@ -4,7 +4,7 @@ All handles of one node in this process share one `OpenFile`, so every reader th
 mount sees the bytes written so far (as on a native filesystem), while readers of the
 backend itself see the old content until the write command lands (close-to-open).
 
-Where the bytes go (DESIGN.md section 4 cost model):
+Where the bytes go (docs/design.md section 4 cost model):
 - a new file, or a rewrite opened with O_TRUNC, is written to a staging file and renamed
   over the final name when the write command commits: nobody sees it half-written;
 - an existing file opened without O_TRUNC (appends, page writes) is written in place; an

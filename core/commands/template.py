@@ -1,4 +1,4 @@
-"""The one template every command runs through (STYLE.md section 2; DESIGN.md section 4).
+"""The one template every command runs through (docs/design.md section 4).
 
     validate (names, existence, emptiness, read-only backend, subtree rules; before `run`)
     -> intent line (core.journal.intents) -> executor: the physical change

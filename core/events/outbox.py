@@ -1,4 +1,4 @@
-"""Events derived from the journal (DESIGN.md section 6): one journal row -> its events.
+"""Events derived from the journal (docs/design.md section 6): one journal row -> its events.
 
 A committed row gives one node event per snapshot it wrote (the node state after the
 command), then one `filestore.command.completed`; a failed row gives the

@@ -1,6 +1,6 @@
 """The commit pipeline: every journal row is recorded here, in order, by group commit.
 
-DESIGN.md section 4 (docs/architecture.md D36). A mount's command is answered once it is
+docs/design.md section 4 (docs/architecture.md D36). A mount's command is answered once it is
 carried out on the backend and appended to the intent log as a complete, replayable record;
 `submit` queues it, and one committer thread records everything queued since its last commit,
 in order, in ONE statement (`records.statement`, one transaction). Then, and only then, the

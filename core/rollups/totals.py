@@ -1,4 +1,4 @@
-"""Directory rollups (DESIGN.md section 5): folding deltas into rows, recounting, reading totals.
+"""Directory rollups (docs/design.md section 5): folding deltas into rows, recounting, reading totals.
 
 Commands append deltas (core.rollups.deltas) and never update a rollup row. A folder (`fold`) adds batches of
 deltas to the rows; a directory's exact value at any moment is its row plus its pending

@@ -1,5 +1,5 @@
 """Shared cache of hot directory summaries, and the invalidation channel that keeps every
-process's in-memory views coherent (DESIGN.md sections 5 and 9).
+process's in-memory views coherent (docs/design.md sections 5 and 9).
 
 With a Redis (`REDIS_URL`), summaries live under `filestore:rollup:<backend>:<node>` with a
 TTL, and every change is announced on `filestore:invalidate`: directories whose rollups a fold

@@ -24,7 +24,7 @@ from . import emit_json, main, one_line_errors, settings
 
 @main.group("events")
 def events_group() -> None:
-    """Events derived from the journal (DESIGN.md section 6)."""
+    """Events derived from the journal (docs/design.md section 6)."""
 
 
 def _event_text(e: dict) -> str:

@@ -7,10 +7,11 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from conftest import FILESTORE, REPO, is_mounted, require_fuse, run_cli
+from conftest import FILESTORE, REPO, assert_consistent, is_mounted, require_fuse, run_cli
 
 UNREACHABLE = "postgresql://x@127.0.0.1:1/x"  # nothing listens on port 1
 
@@ -420,3 +421,34 @@ def test_admin_commands_exit_without_a_traceback(env, tmp_path):
 def test_version(env):
     done = run_cli(env, "--version")
     assert re.fullmatch(r"filestore, version \d+\.\d+\.\d+\n", done.stdout), done.stdout
+
+
+def test_mount_t_fuse_filestore_mounts_and_umount_unmounts(env, db, tmp_path):
+    """Issue 17: an /etc/fstab line (`HOME MOUNTPOINT fuse.filestore OPTIONS 0 0`) goes through
+    mount(8) and the standard mount.fuse3 helper, which runs `filestore HOME MOUNTPOINT -o ...`."""
+    require_fuse()
+    if os.geteuid() != 0 or not os.path.exists("/sbin/mount.fuse3"):
+        pytest.skip("mount(8) of a FUSE type needs root and mount.fuse3")
+    # mount(8) runs helpers with a fixed PATH; scripts/setup links the command there as root
+    assert os.path.exists("/usr/local/bin/filestore"), "run scripts/setup as root"
+    root = make_dir(tmp_path / "data", {"f": b"from disk"})
+    run_cli(env, "backend", "add", "data", str(root))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "fuse.filestore", env["FILESTORE_HOME"], str(mnt),
+                           "-o", f"defaults,_netdev,database_url={env['DATABASE_URL']}"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    pid = int(re.search(r"\(pid (\d+)\)", done.stdout).group(1))
+    try:
+        assert is_mounted(mnt)
+        assert (mnt / "data" / "f").read_bytes() == b"from disk"
+        (mnt / "data" / "g").write_bytes(b"through fstab")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, timeout=60)
+    deadline = time.monotonic() + 60
+    while process_alive(pid) and time.monotonic() < deadline:  # the server ends with its mount
+        time.sleep(0.05)
+    assert not process_alive(pid) and not is_mounted(mnt)
+    assert (root / "g").read_bytes() == b"through fstab"
+    assert_consistent(db, "data", root)

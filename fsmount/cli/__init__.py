@@ -57,7 +57,20 @@ def settings() -> config.Settings:
     return config.load()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Filestore(click.Group):
+    """The `filestore` command, also run as a mount helper: `mount -t fuse.filestore HOME DIR -o
+    OPTIONS` (an /etc/fstab line) has mount.fuse3 run `filestore HOME DIR -o OPTIONS`."""
+
+    def main(self, args=None, *rest, **kwargs):
+        argv = list(sys.argv[1:] if args is None else args)
+        if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in self.commands \
+                and not argv[1].startswith("-"):
+            from .mount import mount_helper
+            return mount_helper(argv[0], argv[1], argv[2:])
+        return super().main(args, *rest, **kwargs)
+
+
+@click.group(cls=_Filestore, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="filestore-mount", prog_name="filestore")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:

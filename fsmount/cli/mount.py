@@ -1,7 +1,8 @@
-"""`filestore mount|umount`."""
+"""`filestore mount|umount`, and the mount helper behind `mount -t fuse.filestore` (fstab)."""
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
@@ -51,3 +52,36 @@ def umount(mountpoint: str) -> None:
     """
     mounting.unmount(mountpoint, settings())
     click.echo(f"unmounted {mountpoint}")
+
+
+# `-o` options of an fstab line: these become the environment of the mount; the generic ones
+# mount(8) and mount.fuse3 pass along (rw, defaults, _netdev, x-systemd.*...) mean nothing here.
+_ENV_OPTIONS = {"database_url": "DATABASE_URL", "redis_url": "REDIS_URL", "backends_path": "FILESTORE_BACKENDS_PATH"}
+_FLAG_OPTIONS = {"xattrs": ("FILESTORE_XATTRS", "on"), "noxattrs": ("FILESTORE_XATTRS", "off"),
+                 "plain_dir_sizes": ("FILESTORE_DIR_SIZES", "plain")}
+
+
+def mount_helper(home: str, mountpoint: str, rest: list[str]) -> None:
+    """`filestore HOME MOUNTPOINT [-o opt[,opt...]]`, as mount.fuse3 runs it for an fstab line
+    such as `/var/lib/filestore /mnt/filestore fuse.filestore defaults,_netdev 0 0`: mounts
+    FILESTORE_HOME=HOME at MOUNTPOINT, detached, and returns once it is ready (like `mount`)."""
+    options: list[str] = []
+    args = iter(rest)
+    for arg in args:
+        if arg == "-o":
+            options += next(args, "").split(",")
+        elif arg.startswith("-o"):
+            options += arg[2:].split(",")
+        else:
+            print(f"filestore: unexpected argument {arg!r} (usage: filestore HOME MOUNTPOINT [-o OPTIONS])",
+                  file=sys.stderr)
+            sys.exit(2)
+    os.environ["FILESTORE_HOME"] = os.path.abspath(home)
+    for option in filter(None, options):
+        key, _, value = option.partition("=")
+        if key in _ENV_OPTIONS and value:
+            os.environ[_ENV_OPTIONS[key]] = value
+        elif key in _FLAG_OPTIONS:
+            name, setting = _FLAG_OPTIONS[key]
+            os.environ[name] = setting
+    mount.main([mountpoint], prog_name="filestore", standalone_mode=True)

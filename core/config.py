@@ -24,6 +24,10 @@ class Settings:
     # none), "on" (every backend) or "off" (none). Off, the kernel stops asking (ENOSYS) and
     # `ls -l` costs no round trip per entry (docs/architecture.md D38).
     xattrs: str = "auto"
+    # What the mount's namespace (nodes, names, listings) may hold in memory, in bytes
+    # (FILESTORE_NAMESPACE_MEMORY, with KiB/MiB/GiB suffixes): past it, what was used least
+    # recently is dropped and loaded again when needed (core.view.namespace).
+    namespace_memory: int = 512 << 20
 
     @property
     def staging_dir(self) -> Path:
@@ -59,7 +63,27 @@ def load(env: dict[str, str] | None = None) -> Settings:
         log_json=(env.get("FILESTORE_LOG_FORMAT", "").lower() == "json"),
         recursive_dir_sizes=(env.get("FILESTORE_DIR_SIZES", "recursive").lower() != "plain"),
         xattrs=_switch(env.get("FILESTORE_XATTRS", "auto")),
+        namespace_memory=parse_bytes(env.get("FILESTORE_NAMESPACE_MEMORY") or "512MiB", "FILESTORE_NAMESPACE_MEMORY"),
     )
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+
+
+def parse_bytes(value: str, name: str = "size") -> int:
+    """`512MiB`, `2G`, `1500000`: a number of bytes (binary units for K/M/G and KiB/MiB/GiB)."""
+    text = value.strip().lower().replace(" ", "")
+    number = text.rstrip("kmgtib")
+    unit = text[len(number):]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1
+    if amount < 0 or unit not in _UNITS:
+        from core.errors import ConfigError
+        raise ConfigError(f"{name}: not a size: {value!r} (e.g. 512MiB, 2GiB)")
+    return int(amount * _UNITS[unit])
 
 
 def _switch(value: str) -> str:

@@ -72,7 +72,7 @@ class Filestore:
         # One thread at a time runs core code: the serving thread, or a request waiting off it
         # (docs/concurrency.md). Nothing waits for the database while holding it.
         self.core_lock = threading.RLock()
-        self.ns = Namespace(self.db)
+        self.ns = Namespace(self.db, memory=settings.namespace_memory)
         self.intents = IntentLog(settings.intents_path, before_compact=self.db.flush_wal)
         self.cache = open_cache(settings.redis_url)
         self.jobs = JobQueue(self.db)
@@ -93,6 +93,7 @@ class Filestore:
         self.orch.served_rollups = self.rollups
         self.orch.after_answer.append(self)
         self.ns.unrecorded = self.files.unrecorded_in
+        self.ns.held = self.holds
         # Set by a serving mount: runs a function on the thread that serves requests (waiting
         # for it), and posts one there (not waiting: from the committer, which never waits).
         self.serving_call: Callable[[Callable[[], None]], None] = lambda fn: fn()

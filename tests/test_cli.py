@@ -452,3 +452,18 @@ def test_mount_t_fuse_filestore_mounts_and_umount_unmounts(env, db, tmp_path):
     assert not process_alive(pid) and not is_mounted(mnt)
     assert (root / "g").read_bytes() == b"through fstab"
     assert_consistent(db, "data", root)
+
+
+def test_backend_add_reports_its_progress_as_json_lines(env, tmp_path):
+    """Issue 17: `backend add --json` gives scripts JSON lines: progress (count, rate, elapsed),
+    the last one marked done with every entry counted, then the backend added."""
+    root = tmp_path / "tree"
+    for d in range(3):
+        make_dir(root / f"d{d}", {f"f{i}": b"x" for i in range(5)})
+    done = run_cli(env, "backend", "add", "tree", str(root), "--json")
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    progress = [line for line in lines if "progress" in line]
+    assert progress and progress[-1]["done"] and progress[-1]["count"] == 3 + 3 * 5, lines
+    assert all(p["rate_per_s"] >= 0 and p["elapsed_s"] >= 0 for p in progress)
+    assert lines[-1] == {"added": "tree", "root": str(root), "read_only": False, "observe_only": False}
+    assert done.stderr == ""  # not a terminal: no progress line drawn there

@@ -185,7 +185,7 @@ def _import_tree(db: Database, backend_id: int, executor, progress) -> None:
             conn.execute("UPDATE filestore.backend_mounts SET options = jsonb_set(options, '{import,pending}', %s)"
                          " WHERE id = %s", (json.dumps([[i, r.hex()] for i, r in pending]), backend_id))
         if progress:
-            progress(total)
+            progress(total, len(pending))
 
 
 def _node_row(node_id: int, backend_id: int, st: Stat) -> tuple:

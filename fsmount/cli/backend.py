@@ -1,7 +1,7 @@
 """`filestore backend add|list|remove`."""
 from __future__ import annotations
 
-import sys
+import json
 
 import click
 
@@ -9,6 +9,7 @@ from core.service import open_database
 from core.storage import backends
 
 from . import emit_json, main, one_line_errors, settings
+from .progress import Progress
 
 
 @main.group()
@@ -28,9 +29,11 @@ def backend() -> None:
 @click.option("--observe-only", is_flag=True,
               help="Rollout phase 1: changes made behind Filestore's back are journaled and published as drift and "
                    "their nodes marked INCONSISTENT, never adopted until `filestore drift adopt PATH`.")
+@click.option("--json", "json_progress", is_flag=True,
+              help="Progress as JSON lines on stdout (count, rate, elapsed), for scripts.")
 @one_line_errors
 def add(name: str, path: str, read_only: bool, endpoint_url: str | None, region: str | None, xattrs: bool,
-        observe_only: bool) -> None:
+        observe_only: bool, json_progress: bool) -> None:
     """Track the directory PATH, or the S3 prefix s3://BUCKET/PREFIX, as backend NAME,
     importing what it already holds. S3 credentials come the usual boto3 way (environment,
     profile, instance role).
@@ -41,17 +44,19 @@ def add(name: str, path: str, read_only: bool, endpoint_url: str | None, region:
     if (endpoint_url or region) and not path.startswith("s3://"):
         raise click.UsageError("--endpoint-url and --region apply to s3:// backends only")
     db = open_database(settings())
-    show = sys.stderr.isatty()
+    progress = Progress("imported entries", json_lines=json_progress)
 
-    def progress(count: int) -> None:
-        if show:
-            click.echo(f"\rimported {count} entries", nl=False, err=True)
+    def imported(count: int, directories_left: int = 0) -> None:
+        progress.update(count, note=f"{directories_left:,} directories to list" if directories_left else "")
 
-    added = backends.add(db, name, path, read_only=read_only, progress=progress,
+    added = backends.add(db, name, path, read_only=read_only, progress=imported,
                          options={"endpoint_url": endpoint_url, "region": region, "xattrs": xattrs or None,
                                   "observe_only": observe_only or None})
-    if show:
-        click.echo("", err=True)
+    progress.done()
+    if json_progress:
+        click.echo(json.dumps({"added": added.name, "root": added.root, "read_only": read_only,
+                               "observe_only": observe_only}))
+        return
     click.echo(f"added backend {added.name} -> {added.root}{' (read-only)' if read_only else ''}"
                f"{' (observe-only)' if observe_only else ''}")
 

@@ -193,6 +193,12 @@ class Operations(pyfuse3.Operations):
                     pyfuse3.invalidate_inode(inode, attr_only=attr_only)
                 except Exception:  # unknown to the kernel by now, or not mounted yet
                     pass
+        for parent, name, node_id in change.deleted:  # a watch on the file here sees it go (IN_DELETE_SELF)
+            if parent in self.lookups or parent == ROOT_INODE:
+                try:
+                    pyfuse3.invalidate_entry(parent, name, deleted=node_id)
+                except Exception:  # the name is another inode here by now, or unknown: dropped below
+                    pass
         for parent, name in change.names:  # a removed name must not stay cached, nor an added one stay absent
             if parent in self.lookups or parent == ROOT_INODE:
                 try:

@@ -91,3 +91,57 @@ def test_a_separate_sidecars_reconciliations_reach_the_mount(tracked, sidecars, 
                message="the mount reads the new content")
     os.unlink(root / "outside.txt")
     wait_until(lambda: "outside.txt" not in os.listdir(base), timeout=15, message="the mount drops it")
+
+
+class Inotify:
+    """The kernel's inotify on one path, read without a library: what `tail -F`, an editor or an
+    IDE watching a file in the mount relies on."""
+
+    IN_DELETE_SELF = 0x400
+
+    def __init__(self, path, mask: int):
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0
+        assert libc.inotify_add_watch(self.fd, os.fsencode(path), mask) >= 0
+        self.masks = 0
+
+    def read(self) -> int:
+        """Every event mask seen so far, or'ed."""
+        import struct
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            data = b""
+        offset = 0
+        while offset < len(data):
+            _, mask, _, length = struct.unpack_from("iIII", data, offset)
+            self.masks |= mask
+            offset += 16 + length
+        return self.masks
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def test_an_inotify_watch_in_one_mount_sees_a_delete_made_through_the_other(tracked, tmp_path, redis_server):
+    """Issue 16: the announcement of a removed name carries its node, and the other mount tells
+    its kernel the entry was deleted (not only that it is stale): a watch on the file reports
+    IN_DELETE_SELF. (This kernel gives a watch on the directory no IN_DELETE for it: FUSE's
+    delete notification reaches the file's watchers only.)"""
+    b = second_mount(tracked, tmp_path, redis_server.url)
+    (tracked.path / "gone.txt").write_bytes(b"x")
+    (tracked.path / "kept.txt").write_bytes(b"y")
+    b_dir = b.mountpoint / "local"
+    wait_until(lambda: sorted(os.listdir(b_dir)) == ["gone.txt", "kept.txt"], timeout=5, message="B lists both")
+    watch = Inotify(b_dir / "gone.txt", Inotify.IN_DELETE_SELF)
+    try:
+        os.unlink(tracked.path / "gone.txt")
+        wait_until(lambda: watch.read() & Inotify.IN_DELETE_SELF, timeout=5,
+                   message="IN_DELETE_SELF for gone.txt in mount B")
+        assert not (b_dir / "gone.txt").exists() and (b_dir / "kept.txt").exists()
+    finally:
+        watch.close()
+        b.stop()

@@ -143,6 +143,19 @@ class Batch:
                 names |= change.names_changed()
         return nodes, dirs, names
 
+    def removed(self) -> set[tuple[int, bytes, int]]:
+        """Names the group removed, with the node each named: (directory, name, node)."""
+        out: set[tuple[int, bytes, int]] = set()
+        for entry in self.entries:
+            if entry.replayed:
+                for payload in entry.payloads:
+                    out.update((u["parent_id"], bytes.fromhex(u["name"]), u["node_id"])
+                               for u in json.loads(payload).get("ul", ()))
+                continue
+            for record in entry.records:
+                out.update(record.change.unlinks)
+        return out
+
 
 def _touched_by(payload: dict, nodes: set, dirs: set, names: set) -> None:
     nodes.update(n["id"] for n in payload.get("n", ()))

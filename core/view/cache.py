@@ -37,10 +37,14 @@ class Invalidation:
     remote: bool = False  # announced by another process
     everything: bool = False  # announcements may have been missed: drop all
     folded: bool = False  # new rollup rows from a fold in this process (the exact totals did not move)
+    # (directory, name, node) names removed: the kernel is told the entry was deleted, so that
+    # inotify users of this mount see the removal another process made (IN_DELETE)
+    deleted: list[tuple[int, bytes, int]] = field(default_factory=list)
 
     def as_json(self, origin: str) -> str:
         return json.dumps({"origin": origin, "rollups": self.rollups, "nodes": self.nodes, "dirs": self.dirs,
-                           "names": [[d, n.hex()] for d, n in self.names]})
+                           "names": [[d, n.hex()] for d, n in self.names],
+                           "deleted": [[d, n.hex(), node] for d, n, node in self.deleted]})
 
 
 Listener = Callable[[Invalidation], None]
@@ -74,7 +78,8 @@ class InlineCache:
             ids.append(key[1])
         self._tell(Invalidation(rollups=ids, folded=True))
 
-    def announce(self, nodes: Iterable[int], dirs: Iterable[int], names: Iterable[tuple[int, bytes]] = ()) -> None:
+    def announce(self, nodes: Iterable[int], dirs: Iterable[int], names: Iterable[tuple[int, bytes]] = (),
+                 deleted: Iterable[tuple[int, bytes, int]] = ()) -> None:
         """A command changed these: nobody else holds them in this mode."""
 
     def subscribe(self, listener: Listener) -> None:
@@ -144,9 +149,10 @@ class RedisCache(InlineCache):
             log.warning("cache invalidation not published: %s", exc)
         self._tell(change)
 
-    def announce(self, nodes: Iterable[int], dirs: Iterable[int], names: Iterable[tuple[int, bytes]] = ()) -> None:
+    def announce(self, nodes: Iterable[int], dirs: Iterable[int], names: Iterable[tuple[int, bytes]] = (),
+                 deleted: Iterable[tuple[int, bytes, int]] = ()) -> None:
         with self._outbox_lock:
-            self._outbox.append((list(nodes), list(dirs), list(names)))
+            self._outbox.append((list(nodes), list(dirs), list(names), list(deleted)))
         self._outbox_ready.set()
 
     def _publish_loop(self) -> None:
@@ -158,9 +164,10 @@ class RedisCache(InlineCache):
                 batch, self._outbox = self._outbox, []
             if not batch:
                 continue
-            change = Invalidation(nodes=sorted({n for nodes, _, _ in batch for n in nodes}),
-                                  dirs=sorted({d for _, dirs, _ in batch for d in dirs}),
-                                  names=sorted({name for _, _, names in batch for name in names}))
+            change = Invalidation(nodes=sorted({n for nodes, _, _, _ in batch for n in nodes}),
+                                  dirs=sorted({d for _, dirs, _, _ in batch for d in dirs}),
+                                  names=sorted({name for _, _, names, _ in batch for name in names}),
+                                  deleted=sorted({entry for *_, deleted in batch for entry in deleted}))
             try:
                 self.client.publish(INVALIDATE_CHANNEL, change.as_json(self.origin))
             except Exception as exc:
@@ -191,7 +198,9 @@ class RedisCache(InlineCache):
                         continue
                     self._tell(Invalidation(data.get("rollups", []), data.get("nodes", []), data.get("dirs", []),
                                             [(d, bytes.fromhex(n)) for d, n in data.get("names", [])],
-                                            remote=True))
+                                            remote=True,
+                                            deleted=[(d, bytes.fromhex(n), node)
+                                                     for d, n, node in data.get("deleted", [])]))
             except Exception as exc:
                 if not self._stopped.is_set():
                     log.warning("invalidation channel lost (%s); retrying", exc)
@@ -218,7 +227,7 @@ class Announcements:
     def after_commit(self, batch) -> None:
         nodes, dirs, names = batch.touched()
         if nodes or dirs or names:
-            self.cache.announce(nodes, dirs, names)
+            self.cache.announce(nodes, dirs, names, batch.removed())
 
 
 def open_cache(redis_url: str, ttl: float = DEFAULT_TTL) -> InlineCache | RedisCache:

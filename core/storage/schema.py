@@ -5,8 +5,9 @@ from pathlib import Path
 
 import psycopg
 
-SCHEMA_VERSION = 8  # 6: filestore.uploads (S3 write-back, D34); 7: record_commands (group commit, D36);
-# 8: counters by directory node id, snapshot-window folds, drift index (D40)
+SCHEMA_VERSION = 9  # 6: filestore.uploads (S3 write-back, D34); 7: record_commands (group commit, D36);
+# 8: counters by directory node id, snapshot-window folds, drift index (D40);
+# 9: the journal hash chain (chain_prev, hash, its triggers and lock) and the time-travel indexes (D41)
 _LOCK_KEY = 0x46494C45  # "FILE": serialises concurrent starts
 
 

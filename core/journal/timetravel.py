@@ -114,7 +114,7 @@ SELECT e.name, e.node_id, n.data FROM filestore.entries_as_of(%(dir)s, %(at)s) e
 
 # Directory sizes then: the exact totals now, less what the journal recorded after `at`.
 _DIR_SIZES_LATER = """
-SELECT d.dir, coalesce(sum((x->>'size_bytes')::bigint), 0)
+SELECT d.dir, coalesce(sum((x->>'size_bytes')::bigint), 0)::bigint
   FROM filestore.journal_entries j, jsonb_array_elements(j.rollup) x,
        LATERAL (SELECT (v #>> '{}')::bigint AS dir FROM jsonb_array_elements(x->'dirs') v) d
  WHERE j.id > %(at)s AND j.rollup IS NOT NULL AND d.dir = ANY(%(dirs)s)
@@ -331,7 +331,7 @@ def _principals(db: Database, changes: list[Change], start: int, end: int) -> No
             (ids, start, end)):
         who.setdefault(node_id, []).append(principal_name(actor, uid))
     for change in changes:
-        change.principals = who.get(change.node_id, [])
+        change.principals = sorted(who.get(change.node_id, []))
 
 
 def principal_name(actor: str, uid: int | None) -> str:

@@ -1,0 +1,172 @@
+"""Time travel through a real mount (docs/architecture.md D41): a sequence of creates, writes,
+renames of files and directories, chmods, chowns and deletes by two users (forked children that
+dropped to ALICE's and BOB's uids); after each step the directories as the mount shows them
+(os.lstat of every entry) and the journal id. Then `ls --as-of @ID` at each step must equal
+what the mount showed, `diff` must list exactly the changes with their principals, and the
+history filters must pick exactly the rows asked for."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+from fixtures_posix import ALICE, BOB, User, _open_up
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acting as other users needs root")
+
+KIND = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink"}
+
+
+def as_user(user: User | None, fn, *args) -> None:
+    """Run fn(*args) in a child that dropped to `user` for real (None: as root, in this process)."""
+    if user is None:
+        fn(*args)
+        return
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups(list(user.groups or (user.gid,)))
+            os.setresgid(user.gid, user.gid, user.gid)
+            os.setresuid(user.uid, user.uid, user.uid)
+            os.umask(0o022)
+            fn(*args)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"{fn.__name__}{args} failed as uid {user.uid}"
+
+
+def write(path, data: bytes, flags=os.O_WRONLY | os.O_CREAT | os.O_TRUNC) -> None:
+    fd = os.open(path, flags, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def append(path, data: bytes) -> None:
+    write(path, data, os.O_WRONLY | os.O_APPEND)
+
+
+def shown(directory) -> dict[str, dict]:
+    """What the mount shows of a directory: each entry's lstat, as `ls --as-of --json` reports it."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        st = os.lstat(os.path.join(directory, name))
+        out[name] = {"kind": KIND[stat.S_IFMT(st.st_mode)], "size": st.st_size, "mode": oct(stat.S_IMODE(st.st_mode)),
+                     "uid": st.st_uid, "gid": st.st_gid, "mtime_ns": st.st_mtime_ns}
+    return out
+
+
+def as_of(t, path: str, at: int) -> dict[str, dict]:
+    done = t.cli("ls", "--as-of", f"@{at}", path, "--json")
+    return {e["name"]: {k: e[k] for k in ("kind", "size", "mode", "uid", "gid", "mtime_ns")}
+            for e in json.loads(done.stdout)["entries"]}
+
+
+def test_ls_as_of_equals_what_the_mount_showed_at_every_step(tracked):
+    t = tracked
+    _open_up(t.mount.mountpoint)  # pytest's temporary directories are 0700
+    d = t.path / "d"
+    steps = [
+        ("mkdir d", None, os.mkdir, d, 0o777),
+        ("chmod d 0777", None, os.chmod, d, 0o777),
+        ("alice creates a.txt", ALICE, write, d / "a.txt", b"hello"),
+        ("bob creates b.txt", BOB, write, d / "b.txt", b"bob's data"),
+        ("alice appends to a.txt", ALICE, append, d / "a.txt", b", world"),
+        ("alice renames a.txt", ALICE, os.rename, d / "a.txt", d / "a2.txt"),
+        ("bob makes sub", BOB, os.mkdir, d / "sub"),
+        ("bob opens sub to all", BOB, os.chmod, d / "sub", 0o777),
+        ("bob writes sub/x", BOB, write, d / "sub" / "x", b"x" * 1000),
+        ("bob renames the directory sub", BOB, os.rename, d / "sub", d / "sub2"),
+        ("alice chmods a2.txt", ALICE, os.chmod, d / "a2.txt", 0o600),
+        ("bob deletes b.txt", BOB, os.unlink, d / "b.txt"),
+        ("alice moves a2.txt into sub2", ALICE, os.rename, d / "a2.txt", d / "sub2" / "a3.txt"),
+        ("bob replaces sub2/x by renaming over it", BOB, write, d / "y", b"yy"),
+        ("bob renames y over sub2/x", BOB, os.rename, d / "y", d / "sub2" / "x"),
+        ("root chowns sub2 to alice", None, os.chown, d / "sub2", ALICE.uid, ALICE.gid),
+        ("alice deletes sub2/a3.txt", ALICE, os.unlink, d / "sub2" / "a3.txt"),
+    ]
+    seen = []  # (step, journal id, {directory: listing})
+    for label, user, fn, *args in steps:
+        as_user(user, fn, *args)
+        at = t.last_journal_id()
+        listings = {"": shown(t.path)}
+        for sub in ("d", "d/sub", "d/sub2"):
+            if os.path.isdir(t.path / sub):
+                listings[sub] = shown(t.path / sub)
+        seen.append((label, at, listings))
+    for label, at, listings in seen:
+        for sub, listing in listings.items():
+            assert as_of(t, f"local:/{sub}", at) == listing, f"after {label!r} (journal {at}), {sub or '/'}"
+    # A name that did not exist then is ENOENT, as ls would say.
+    first_at = seen[2][1]
+    done = t.cli("ls", "--as-of", f"@{first_at}", "local:/d/sub2", check=False)
+    assert done.returncode == 1 and "no such file or directory as of journal row" in done.stderr
+
+    # -- diff: exactly the changes between two steps, with who made them -----------------------
+    start, end = seen[4][1], seen[-1][1]  # after alice's append ... the end
+    done = t.cli("diff", "local:/d", "--from", f"@{start}", "--to", f"@{end}", "--all", "--json")
+    changes = {(c["change"], c["path"], c.get("old_path")): c for c in json.loads(done.stdout)["changes"]}
+    names = {k: sorted(v["principals"]) for k, v in changes.items()}
+    alice, bob, root = _names(ALICE.uid), _names(BOB.uid), _names(0)
+    assert names == {
+        ("created", "sub2", None): sorted([bob, root]),  # sub: made after start, renamed, chowned by root
+        ("created", "sub2/x", None): [bob],  # y, renamed over the first x (both made after start)
+        ("deleted", "a.txt", None): [alice],  # a.txt -> a2.txt -> sub2/a3.txt, then deleted
+        ("deleted", "b.txt", None): [bob],
+    }, json.dumps(list(changes.values()), indent=1)
+    # The summary per directory adds them up.
+    summary = json.loads(t.cli("diff", "local:/d", "--from", f"@{start}", "--to", f"@{end}", "--json").stdout)
+    by_dir = {row["directory"]: row for row in summary["directories"]}
+    assert by_dir["."]["created"] == 1 and by_dir["."]["deleted"] == 2
+    assert by_dir["."]["size_delta"] == -len(b"hello, world") - len(b"bob's data")
+    assert by_dir["sub2"]["created"] == 1 and by_dir["sub2"]["size_delta"] == 2
+    assert summary["size_delta"] == 2 - len(b"hello, world") - len(b"bob's data")
+
+    # A window with a move, a chmod and a change of owner of things that existed before it.
+    start, end = seen[8][1], seen[15][1]  # after bob wrote sub/x ... after root's chown
+    changes = json.loads(t.cli("diff", "local:/d", "--from", f"@{start}", "--to", f"@{end}", "--all",
+                               "--json").stdout)["changes"]
+    got = sorted((c["change"], c["path"], c.get("old_path"), tuple(c.get("what", ())), tuple(c["principals"]))
+                 for c in changes)
+    assert got == sorted([
+        ("moved", "sub2", "sub", (), tuple(sorted([bob, root]))),
+        ("modified", "sub2", None, ("uid", "gid"), tuple(sorted([bob, root]))),
+        ("moved", "sub2/a3.txt", "a2.txt", (), (alice,)),
+        ("modified", "sub2/a3.txt", None, ("mode",), (alice,)),
+        ("deleted", "b.txt", None, (), (bob,)),
+        ("deleted", "sub/x", None, (), (bob,)),  # replaced by the rename of y over it
+        ("created", "sub2/x", None, (), (bob,)),
+    ]), json.dumps(changes, indent=1)
+
+    # -- history filters -------------------------------------------------------------------------
+    rows = json.loads(t.cli("history", "-r", "local:/d", "--user", str(BOB.uid), "--json").stdout)["entries"]
+    assert rows and {r["uid"] for r in rows} == {BOB.uid}
+    renames = json.loads(t.cli("history", "-r", "local:/d", "--type", "rename", "--json").stdout)["entries"]
+    assert [(r["path"], r["uid"]) for r in renames] == [
+        ("d/a.txt", ALICE.uid), ("d/sub", BOB.uid), ("d/a2.txt", ALICE.uid), ("d/y", BOB.uid)]
+    window = json.loads(t.cli("history", "-r", "local:/d", "--since", f"@{seen[10][1]}", "--until",
+                              f"@{seen[12][1]}", "--json").stdout)["entries"]
+    assert [r["command"] for r in window] == ["setattr", "unlink", "rename"]
+    under_sub = json.loads(t.cli("history", "-r", "local:/d/sub2", "--json").stdout)["entries"]
+    assert {r["command"] for r in under_sub} >= {"rename", "setattr", "unlink"}
+    assert all(r["path"].startswith("d/sub") or r["args"].get("to", "").startswith("d/sub2") for r in under_sub)
+    # TIME as an age and as ISO 8601 (one parser): the whole sequence is less than an hour old.
+    assert len(json.loads(t.cli("history", "-r", "local:/d", "--since", "1h", "--json").stdout)["entries"]) > 10
+    assert json.loads(t.cli("history", "-r", "local:/d", "--until", "2000-01-01T00:00:00Z",
+                            "--json").stdout)["entries"] == []
+    bad = t.cli("history", "local:/d", "--since", "yesterday-ish", check=False)
+    assert bad.returncode == 1 and bad.stderr.startswith("filestore: 'yesterday-ish' is not a time")
+
+
+def _names(uid: int) -> str:
+    """How diff names a principal on this machine: the user name when the password database has one."""
+    import pwd
+    try:
+        return f"{pwd.getpwuid(uid).pw_name}({uid})"
+    except KeyError:
+        return f"uid {uid}"

@@ -170,3 +170,80 @@ def _names(uid: int) -> str:
         return f"{pwd.getpwuid(uid).pw_name}({uid})"
     except KeyError:
         return f"uid {uid}"
+
+
+def tree_of(root, *, times: bool) -> dict[str, tuple]:
+    """Every entry below root: kind, size (files), mode, owner and (with `times`) mtime."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            kind = KIND[stat.S_IFMT(st.st_mode)]
+            out[os.path.relpath(full, root)] = (kind, st.st_size if kind == "file" else None,
+                                                oct(stat.S_IMODE(st.st_mode)) if kind != "symlink" else None,
+                                                st.st_uid, st.st_gid, *((st.st_mtime_ns,) if times and kind != "symlink" else ()))
+    return out
+
+
+def test_restore_brings_back_names_modes_owners_and_directories(tracked):
+    t = tracked
+    proj = t.path / "proj"
+    os.mkdir(proj)
+    os.mkdir(proj / "docs", 0o750)
+    write(proj / "docs" / "a.txt", b"aaa")
+    write(proj / "docs" / "b.txt", b"bbb")
+    os.chown(proj / "docs" / "a.txt", ALICE.uid, ALICE.gid)
+    write(proj / "keep.txt", b"keep")
+    write(proj / "c.txt", b"first version")
+    write(proj / "empty", b"")
+    os.symlink("docs/a.txt", proj / "link")
+    os.mkdir(proj / "old")
+    os.mkdir(proj / "old" / "inner", 0o700)
+    then = t.last_journal_id()
+    seen_then = tree_of(proj, times=True)
+    disk_then = tree_of(t.backend_root / "proj", times=False)
+
+    os.rename(proj / "docs", proj / "documents")
+    os.rename(proj / "documents" / "a.txt", proj / "a-moved.txt")
+    os.chmod(proj / "keep.txt", 0o600)
+    os.chown(proj / "keep.txt", BOB.uid, BOB.gid)
+    os.unlink(proj / "documents" / "b.txt")
+    write(proj / "c.txt", b"second")
+    os.rmdir(proj / "old" / "inner")
+    os.rmdir(proj / "old")
+    os.unlink(proj / "empty")
+    os.unlink(proj / "link")
+    write(proj / "new.txt", b"made since")
+    before = t.last_journal_id()
+    disk_before = tree_of(t.backend_root / "proj", times=True)
+
+    # --dry-run says what it would do and what it cannot, and changes nothing.
+    dry = json.loads(t.cli("restore", str(proj), "--as-of", f"@{then}", "--dry-run", "--json").stdout)
+    assert [(s["action"], s["path"], s.get("source")) for s in dry["steps"] if s["action"] in
+            ("move", "mkdir", "symlink", "create")] == [
+        ("move", "docs", "documents"), ("create", "empty", None), ("symlink", "link", None),
+        ("mkdir", "old", None), ("move", "docs/a.txt", "a-moved.txt"), ("mkdir", "old/inner", None)]
+    assert sorted((c["path"], c["why"].split(":")[0]) for c in dry["cannot_restore"]) == [
+        ("c.txt", "content changed since"), ("docs/b.txt", "file deleted")]
+    assert dry["created_since_left_in_place"] == ["new.txt"]
+    assert t.last_journal_id() == before and tree_of(t.backend_root / "proj", times=True) == disk_before
+
+    done = t.cli("restore", str(proj), "--as-of", f"@{then}")
+    assert "cannot restore docs/b.txt: file deleted: its content is gone" in done.stdout
+    assert "cannot restore c.txt: content changed since" in done.stdout
+    # What the mount shows equals the earlier tree, but for what could not come back.
+    expected = {k: v for k, v in seen_then.items() if k not in ("docs/b.txt", "c.txt")}
+    now = tree_of(proj, times=True)
+    assert {k: v for k, v in now.items() if k not in ("c.txt", "new.txt")} == expected
+    # And so does the backend itself (names, kinds, sizes, modes, owners).
+    disk_now = tree_of(t.backend_root / "proj", times=False)
+    assert {k: v for k, v in disk_now.items() if k not in ("c.txt", "new.txt")} == \
+        {k: v for k, v in disk_then.items() if k not in ("docs/b.txt", "c.txt")}
+    # Every step was an ordinary command of the operator's, journaled.
+    rows = t.journal(before)
+    assert rows and {(r["actor"], r["uid"]) for r in rows} == {("fuse", 0)}
+    assert {"rename", "mkdir", "create", "symlink", "setattr"} <= {r["command"] for r in rows}
+    # Nothing more to do once restored (but the top's own time and the names that cannot come back).
+    again = json.loads(t.cli("restore", str(proj), "--as-of", f"@{then}", "--dry-run", "--json").stdout)
+    assert [s for s in again["steps"] if s["action"] != "utime"] == []

@@ -169,12 +169,24 @@ def _directories_then(conn, dirs: dict[int, Entry], at: int) -> None:
     later = dict(conn.execute(_DIR_SIZES_LATER, {"at": at, "dirs": ids}).fetchall())
     for node_id, entry in dirs.items():
         entry.size = max(0, now.get(node_id, 0) - later.get(node_id, 0))
+    for node_id, mtime_ns in _directory_times(conn, ids, at).items():
+        dirs[node_id].mtime_ns = mtime_ns
+
+
+def directory_times(db: Database, ids: list[int], at: int) -> dict[int, int]:
+    """The mtimes directories had after journal row `at` where a name change in them set it
+    later than their own snapshot (the others: their snapshot's)."""
+    with db.pool.connection() as conn:
+        return _directory_times(conn, ids, at)
+
+
+def _directory_times(conn, ids: list[int], at: int) -> dict[int, int]:
     own_journal = dict(conn.execute(
         "SELECT d.id, n.journal_id FROM unnest(%s::bigint[]) AS d(id)"
         " CROSS JOIN LATERAL filestore.node_as_of(d.id, %s) n", (ids, at)).fetchall())
-    for node_id, journal_id, ctime_ns in conn.execute(_DIR_TIMES, {"dirs": ids, "at": at}).fetchall():
-        if journal_id > own_journal.get(node_id, 0):
-            dirs[node_id].mtime_ns = ctime_ns
+    return {node_id: ctime_ns for node_id, journal_id, ctime_ns in
+            conn.execute(_DIR_TIMES, {"dirs": ids, "at": at}).fetchall()
+            if journal_id > own_journal.get(node_id, 0)}
 
 
 # == history filters ==========================================================================

@@ -114,3 +114,84 @@ def journal_verify(since: int | None, as_json: bool) -> None:
     legacy = f" (rows up to {verdict.starts_after} predate the chain)" if verdict.starts_after else ""
     click.echo(f"journal chain intact: {verdict.checked} rows checked{legacy};"
                f" head {verdict.head_id} {verdict.head_hash}")
+
+
+def _mount_of(path: str, backend: str) -> str:
+    """The mountpoint through which to act on `backend`: restore changes nothing behind the mount's back."""
+    absolute = os.path.abspath(path)
+    mounts = filestore_mounts()
+    for mountpoint in sorted(mounts, key=len, reverse=True):
+        if absolute.startswith(mountpoint.rstrip("/") + "/"):
+            return mountpoint
+    for mountpoint in mounts:
+        if os.path.isdir(os.path.join(mountpoint, backend)):
+            return mountpoint
+    raise click.ClickException("restore acts through a running mount, and no filestore mount shows backend "
+                               f"{backend!r}: mount it first")
+
+
+def _carry_out(step, base: str) -> None:
+    target = os.path.join(base, step.path)
+    if step.action == "move":
+        os.rename(os.path.join(base, step.source), target)
+    elif step.action == "mkdir":
+        os.mkdir(target, step.mode)
+        os.chmod(target, step.mode)  # the umask took bits
+    elif step.action == "symlink":
+        os.symlink(step.target, target)
+    elif step.action == "create":
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, step.mode))
+        os.chmod(target, step.mode)
+    elif step.action == "chmod":
+        os.chmod(target, step.mode)
+    elif step.action == "chown":
+        os.lchown(target, step.uid, step.gid)
+    elif step.action == "utime":
+        os.utime(target, ns=(os.lstat(target).st_atime_ns, step.mtime_ns), follow_symlinks=False)
+
+
+def _step_text(step) -> str:
+    detail = {"move": lambda s: f"{s.source} -> {s.path}", "chmod": lambda s: f"{s.path} {oct(s.mode)}",
+              "chown": lambda s: f"{s.path} {s.uid}:{s.gid}", "symlink": lambda s: f"{s.path} -> {s.target}",
+              "utime": lambda s: f"{s.path} mtime {dt.datetime.fromtimestamp(s.mtime_ns / 1e9).isoformat()}"}
+    return f"{step.action:<8} " + detail.get(step.action, lambda s: s.path)(step)
+
+
+@main.command("restore")
+@click.argument("path")
+@click.option("--as-of", "as_of", required=True, metavar="TIME", help=f"When: {_TIME_HELP}.")
+@click.option("--dry-run", is_flag=True, help="Say what would be done and what cannot be, change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@one_line_errors
+def restore(path: str, as_of: str, dry_run: bool, as_json: bool) -> None:
+    """Bring back names, modes, owners, times and directories under PATH as they were, where the
+    content still exists; through the running mount, journaled with you as principal.
+
+    Example: filestore restore /mnt/filestore/projects/releases --as-of 2h --dry-run
+    """
+    from core.journal import restore as restoring
+    db = open_database(settings())
+    backend, rel = _target(path)
+    base = os.path.join(_mount_of(path, backend), backend, os.fsdecode(rel)) if not dry_run else None
+    at = timetravel.resolve_time(db, as_of)
+    plan = restoring.plan(db, backend, rel, at)
+    done, failed = [], []
+    for step in plan.steps:
+        if dry_run:
+            continue
+        try:
+            _carry_out(step, base)
+            done.append(step)
+        except OSError as exc:
+            failed.append({"path": step.path, "node_id": step.node_id, "why": f"{step.action}: {exc.strerror}"})
+    if as_json:
+        emit_json({**plan.as_dict(), "dry_run": dry_run, "failed": failed})
+    else:
+        for step in plan.steps:
+            click.echo(("would " if dry_run else "") + _step_text(step))
+        for item in plan.cannot + failed:
+            click.echo(f"cannot restore {item['path']}: {item['why']}")
+        if plan.left_in_place:
+            click.echo(f"left in place: {len(plan.left_in_place)} entries created since")
+    if failed:
+        sys.exit(1)

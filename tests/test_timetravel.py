@@ -6,6 +6,7 @@ what the mount showed, `diff` must list exactly the changes with their principal
 history filters must pick exactly the rows asked for."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import stat
@@ -247,3 +248,21 @@ def test_restore_brings_back_names_modes_owners_and_directories(tracked):
     # Nothing more to do once restored (but the top's own time and the names that cannot come back).
     again = json.loads(t.cli("restore", str(proj), "--as-of", f"@{then}", "--dry-run", "--json").stdout)
     assert [s for s in again["steps"] if s["action"] != "utime"] == []
+    # The mount's group commits chained every row they wrote.
+    assert t.cli("journal", "verify").returncode == 0
+
+
+def test_one_time_parser_for_every_command():
+    from core.errors import ConfigError
+    from core.journal.timetravel import parse_time
+    now = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.timezone.utc)
+    assert parse_time("@42", now) == 42
+    assert parse_time("2h", now) == now - dt.timedelta(hours=2)
+    assert parse_time("3d", now) == now - dt.timedelta(days=3)
+    assert parse_time("90s", now) == now - dt.timedelta(seconds=90)
+    assert parse_time("2026-12-07T10:30:00Z", now) == dt.datetime(2026, 12, 7, 10, 30, tzinfo=dt.timezone.utc)
+    assert parse_time("2026-12-07T10:30+02:00", now) == dt.datetime(2026, 12, 7, 8, 30, tzinfo=dt.timezone.utc)
+    assert parse_time("2026-12-07", now).tzinfo is not None  # local time without a zone
+    for bad in ("@x", "@-1", "2 fortnights", "yesterday", ""):
+        with pytest.raises(ConfigError):
+            parse_time(bad, now)

@@ -336,10 +336,13 @@ def _principals(db: Database, changes: list[Change], start: int, end: int) -> No
     if not ids:
         return
     who: dict[int, list[str]] = {}
+    # Node by node through the snapshots' primary key (a journal id range would be most of the
+    # journal for a wide window: measured 6.9 s at 10 M rows, against one index probe per node).
     for node_id, actor, uid in db.query(
-            "SELECT DISTINCT s.node_id, j.actor, j.uid FROM filestore.snapshots s"
-            " JOIN filestore.journal_entries j ON j.id = s.journal_id"
-            " WHERE s.node_id = ANY(%s) AND s.journal_id > %s AND s.journal_id <= %s ORDER BY 1, 2, 3",
+            "SELECT DISTINCT n.id, j.actor, j.uid FROM unnest(%s::bigint[]) AS n(id)"
+            " CROSS JOIN LATERAL (SELECT s.journal_id FROM filestore.snapshots s WHERE s.node_id = n.id"
+            "                      AND s.journal_id > %s AND s.journal_id <= %s) AS s"
+            " JOIN filestore.journal_entries j ON j.id = s.journal_id ORDER BY 1, 2, 3",
             (ids, start, end)):
         who.setdefault(node_id, []).append(principal_name(actor, uid))
     for change in changes:

@@ -68,6 +68,6 @@ def main(verbose: int) -> None:
     logs.configure(level, settings().log_json)
 
 from . import admin, backend, drift, events, mount, sidecar, stats  # noqa: E402  (registers the commands on `main`)
-from . import timetravel  # noqa: E402  (ls --as-of, diff, restore, journal verify: D41)
+from . import timetravel, watch  # noqa: E402  (ls --as-of, diff, restore, journal verify, watch: D41)
 
-__all__ = ["main", "admin", "backend", "drift", "events", "mount", "sidecar", "stats", "timetravel"]
+__all__ = ["main", "admin", "backend", "drift", "events", "mount", "sidecar", "stats", "timetravel", "watch"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -341,7 +342,7 @@ def _principals(db: Database, changes: list[Change], start: int, end: int) -> No
     for node_id, actor, uid in db.query(
             "SELECT DISTINCT n.id, j.actor, j.uid FROM unnest(%s::bigint[]) AS n(id)"
             " CROSS JOIN LATERAL (SELECT s.journal_id FROM filestore.snapshots s WHERE s.node_id = n.id"
-            "                      AND s.journal_id > %s AND s.journal_id <= %s) AS s"
+            "                      AND s.journal_id > %s AND s.journal_id <= %s OFFSET 0) AS s"  # not flattened
             " JOIN filestore.journal_entries j ON j.id = s.journal_id ORDER BY 1, 2, 3",
             (ids, start, end)):
         who.setdefault(node_id, []).append(principal_name(actor, uid))
@@ -349,6 +350,7 @@ def _principals(db: Database, changes: list[Change], start: int, end: int) -> No
         change.principals = sorted(who.get(change.node_id, []))
 
 
+@functools.lru_cache(maxsize=1024)
 def principal_name(actor: str, uid: int | None) -> str:
     if uid is None:
         return actor

@@ -809,33 +809,83 @@ RETURNS bytea LANGUAGE sql IMMUTABLE AS $$
                 ELSE decode(p_name->>'hex', 'hex') END
 $$;
 
+-- A name as text for display: UTF-8 as is, anything else escaped (never an error: a fold calls it).
+CREATE OR REPLACE FUNCTION filestore.name_text(p_name bytea)
+RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN convert_from(p_name, 'UTF8');
+EXCEPTION WHEN OTHERS THEN
+    RETURN encode(p_name, 'escape');
+END $$;
+
 -- The names a directory had after journal row p_at: for each name, the latest snapshot that
 -- bound it (parent_id/name) or freed it (removed_entry, or a rename's from_parent_id/from_name).
 -- Within one journal row a binding wins over a release (a rename over an existing name).
+-- Entries imported with their backend (backend add writes no snapshots: its nodes are the ones
+-- without a version-1 snapshot) are bound from the start of the journal: those still there with
+-- no snapshot binding them, and those a later snapshot freed with none having bound them before.
 CREATE OR REPLACE FUNCTION filestore.entries_as_of(p_dir bigint, p_at bigint)
 RETURNS TABLE (name bytea, node_id bigint, journal_id bigint) LANGUAGE sql STABLE AS $$
+    WITH changes AS (
+        SELECT filestore.name_bytes(s.data->'name') AS name, s.node_id, s.data ? 'removed_entry' AS released,
+               s.journal_id
+          FROM filestore.snapshots s
+         WHERE (s.data->>'parent_id')::bigint = p_dir AND s.data ? 'parent_id' AND s.journal_id <= p_at
+        UNION ALL
+        SELECT filestore.name_bytes(s.data->'from_name'), s.node_id, true, s.journal_id
+          FROM filestore.snapshots s
+         WHERE (s.data->>'from_parent_id')::bigint = p_dir AND s.data ? 'from_parent_id' AND s.journal_id <= p_at
+    ), releases AS (  -- at any time: a name freed later was there before
+        SELECT filestore.name_bytes(s.data->'name') AS name, s.node_id, s.journal_id
+          FROM filestore.snapshots s
+         WHERE (s.data->>'parent_id')::bigint = p_dir AND s.data ? 'parent_id' AND s.data ? 'removed_entry'
+        UNION ALL
+        SELECT filestore.name_bytes(s.data->'from_name'), s.node_id, s.journal_id
+          FROM filestore.snapshots s
+         WHERE (s.data->>'from_parent_id')::bigint = p_dir AND s.data ? 'from_parent_id'
+    ), imported AS (
+        SELECT e.name, e.node_id, false AS released, 0::bigint AS journal_id
+          FROM filestore.entries e
+         WHERE e.parent_id = p_dir
+           AND NOT EXISTS (SELECT 1 FROM filestore.snapshots v WHERE v.node_id = e.node_id AND v.version = 1)
+           AND NOT EXISTS (SELECT 1 FROM filestore.snapshots s WHERE s.node_id = e.node_id AND s.data ? 'parent_id'
+                              AND (s.data->>'parent_id')::bigint = p_dir AND NOT s.data ? 'removed_entry'
+                              AND filestore.name_bytes(s.data->'name') = e.name)
+        UNION
+        SELECT r.name, r.node_id, false, 0
+          FROM releases r
+         WHERE NOT EXISTS (SELECT 1 FROM filestore.snapshots v WHERE v.node_id = r.node_id AND v.version = 1)
+           AND NOT EXISTS (SELECT 1 FROM filestore.snapshots s WHERE s.node_id = r.node_id AND s.data ? 'parent_id'
+                              AND (s.data->>'parent_id')::bigint = p_dir AND NOT s.data ? 'removed_entry'
+                              AND filestore.name_bytes(s.data->'name') = r.name AND s.journal_id < r.journal_id)
+    )
     SELECT b.name, b.node_id, b.journal_id FROM (
         SELECT DISTINCT ON (x.name) x.name, x.node_id, x.released, x.journal_id
-          FROM (SELECT filestore.name_bytes(s.data->'name') AS name, s.node_id, s.data ? 'removed_entry' AS released,
-                       s.journal_id
-                  FROM filestore.snapshots s
-                 WHERE (s.data->>'parent_id')::bigint = p_dir AND s.data ? 'parent_id' AND s.journal_id <= p_at
-                UNION ALL
-                SELECT filestore.name_bytes(s.data->'from_name'), s.node_id, true, s.journal_id
-                  FROM filestore.snapshots s
-                 WHERE (s.data->>'from_parent_id')::bigint = p_dir AND s.data ? 'from_parent_id'
-                   AND s.journal_id <= p_at) AS x
+          FROM (SELECT * FROM changes UNION ALL SELECT * FROM imported) AS x
          ORDER BY x.name, x.journal_id DESC, x.released ASC) AS b
      WHERE NOT b.released
 $$;
 COMMENT ON FUNCTION filestore.entries_as_of IS
-    'Directory entries (name, node, journal row that bound it) of a directory as they were after journal row p_at, from the snapshots (filestore ls --as-of, diff, restore).';
+    'Directory entries (name, node, journal row that bound it; 0 for an imported entry) of a directory as they were after journal row p_at, from the snapshots (filestore ls --as-of, diff, restore).';
 
--- A node's metadata after journal row p_at: its latest snapshot by then (NULL if it did not exist).
+-- A node's metadata after journal row p_at: its latest snapshot by then. A node imported with
+-- its backend has none before its first change: then the first snapshot after (what the import
+-- saw is not recorded), or the node row itself if it never changed.
 CREATE OR REPLACE FUNCTION filestore.node_as_of(p_node bigint, p_at bigint)
 RETURNS TABLE (version bigint, journal_id bigint, data jsonb) LANGUAGE sql STABLE AS $$
-    SELECT s.version, s.journal_id, s.data FROM filestore.snapshots s
-     WHERE s.node_id = p_node AND s.journal_id <= p_at ORDER BY s.version DESC LIMIT 1
+    SELECT * FROM (
+        (SELECT s.version, s.journal_id, s.data FROM filestore.snapshots s
+          WHERE s.node_id = p_node AND s.journal_id <= p_at ORDER BY s.version DESC LIMIT 1)
+        UNION ALL
+        (SELECT s.version, 0::bigint, s.data FROM filestore.snapshots s
+          WHERE s.node_id = p_node ORDER BY s.version LIMIT 1)
+        UNION ALL
+        (SELECT n.version, 0::bigint, jsonb_build_object(
+                    'kind', n.kind, 'size', n.size, 'mode', n.mode, 'uid', n.uid, 'gid', n.gid, 'rdev', n.rdev,
+                    'atime_ns', n.atime_ns, 'mtime_ns', n.mtime_ns, 'ctime_ns', n.ctime_ns, 'state', n.state,
+                    'checksum', n.checksum, 'target', filestore.name_text(n.symlink_target))
+           FROM filestore.nodes n WHERE n.id = p_node)
+    ) AS found LIMIT 1
 $$;
 
 -- A subtree as it was after journal row p_at: every node below p_top with its path (names
@@ -879,15 +929,6 @@ COMMENT ON TABLE filestore.watches IS
     'Thresholds on a directory''s recursive totals (filestore watch). Written by core.rollups.watches (add, remove) and by filestore.watch_crossings (above, crossings, crossed_at).';
 COMMENT ON COLUMN filestore.watches.metric IS 'size_bytes (recursive bytes) or file_count (recursive non-directory entries), as in filestore.rollups.';
 COMMENT ON COLUMN filestore.watches.above IS 'The side the folded value is on: value >= threshold. Set at add from the exact totals; flipped by each crossing.';
-
--- A name as text for display: UTF-8 as is, anything else escaped (never an error: a fold calls it).
-CREATE OR REPLACE FUNCTION filestore.name_text(p_name bytea)
-RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-    RETURN convert_from(p_name, 'UTF8');
-EXCEPTION WHEN OTHERS THEN
-    RETURN encode(p_name, 'escape');
-END $$;
 
 -- A node's backend-relative path now (names joined by /), '' for a backend root.
 CREATE OR REPLACE FUNCTION filestore.node_path(p_node bigint)

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from core.errors import ConfigError
 from core.journal import chain, timetravel
 from core.journal import history as journal_queries
 from core.service import open_database
@@ -126,8 +127,8 @@ def _mount_of(path: str, backend: str) -> str:
     for mountpoint in mounts:
         if os.path.isdir(os.path.join(mountpoint, backend)):
             return mountpoint
-    raise click.ClickException("restore acts through a running mount, and no filestore mount shows backend "
-                               f"{backend!r}: mount it first")
+    raise ConfigError(f"restore acts through a running mount, and no filestore mount shows backend {backend!r}:"
+                      " mount it first")
 
 
 def _carry_out(step, base: str) -> None:

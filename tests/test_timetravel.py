@@ -103,6 +103,18 @@ def test_ls_as_of_equals_what_the_mount_showed_at_every_step(tracked):
     for label, at, listings in seen:
         for sub, listing in listings.items():
             assert as_of(t, f"local:/{sub}", at) == listing, f"after {label!r} (journal {at}), {sub or '/'}"
+    # Subdirectory sizes then, from the journal after that row or from the subtree as it was: the same.
+    from core.journal import timetravel
+    from core.storage.db import Database
+    db = Database(t.env["DATABASE_URL"])
+    try:
+        for label, at, listings in seen:
+            for sub in listings:
+                sizes = [{e.name: e.size for e in timetravel.listing(db, "local", os.fsencode(sub), at, sizes_by=by)}
+                         for by in ("journal", "walk")]
+                assert sizes[0] == sizes[1] == {os.fsencode(n): e["size"] for n, e in listings[sub].items()}, label
+    finally:
+        db.close()
     # A name that did not exist then is ENOENT, as ls would say.
     first_at = seen[2][1]
     done = t.cli("ls", "--as-of", f"@{first_at}", "local:/d/sub2", check=False)

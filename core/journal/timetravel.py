@@ -146,8 +146,9 @@ def _entry(name: bytes, node_id: int, data: dict) -> Entry:
                  data["mtime_ns"], data.get("nlink"), data.get("target"))
 
 
-def listing(db: Database, backend: str, rel: bytes, at: int) -> list[Entry]:
-    """The directory `rel` as it was after journal row `at` (a file: itself alone)."""
+def listing(db: Database, backend: str, rel: bytes, at: int, *, sizes_by: str | None = None) -> list[Entry]:
+    """The directory `rel` as it was after journal row `at` (a file: itself alone).
+    `sizes_by`: how subdirectory sizes are found, "journal" or "walk" (default: the cheaper)."""
     node_id = resolve_as_of(db, backend, rel, at)
     with db.pool.connection() as conn:
         own = conn.execute("SELECT data FROM filestore.node_as_of(%s, %s)", (node_id, at)).fetchone()
@@ -159,17 +160,36 @@ def listing(db: Database, backend: str, rel: bytes, at: int) -> list[Entry]:
                    for name, nid, data in conn.execute(_LISTING, {"dir": node_id, "at": at}).fetchall()]
         dirs = {e.node_id: e for e in entries if e.kind == "dir"}
         if dirs:
-            _directories_then(conn, dirs, at)
+            _directories_then(conn, dirs, at, sizes_by)
     return entries
 
 
-def _directories_then(conn, dirs: dict[int, Entry], at: int) -> None:
+# Or counted from the subtrees as they were: cost by their size instead of the journal's length.
+_DIR_SIZES_WALKED = """
+SELECT d.id, (SELECT coalesce(sum((t.data->>'size')::bigint), 0)::bigint FROM filestore.tree_as_of(d.id, %(at)s) t
+               WHERE t.depth > 0 AND t.data->>'kind' <> 'dir')
+  FROM unnest(%(dirs)s::bigint[]) AS d(id)
+"""
+
+# A journal row costs about as much to scan as a tree entry to rebuild times this.
+WALK_COST = 20
+
+
+def _directories_then(conn, dirs: dict[int, Entry], at: int, by: str | None = None) -> None:
     ids = list(dirs)
-    now = dict(conn.execute("SELECT d.id, t.size_bytes FROM unnest(%s::bigint[]) AS d(id)"
-                            " CROSS JOIN LATERAL filestore.rollup_totals(d.id) t", (ids,)).fetchall())
-    later = dict(conn.execute(_DIR_SIZES_LATER, {"at": at, "dirs": ids}).fetchall())
-    for node_id, entry in dirs.items():
-        entry.size = max(0, now.get(node_id, 0) - later.get(node_id, 0))
+    now = {row[0]: row[1:] for row in conn.execute(
+        "SELECT d.id, t.size_bytes, t.file_count + t.dir_count FROM unnest(%s::bigint[]) AS d(id)"
+        " CROSS JOIN LATERAL filestore.rollup_totals(d.id) t", (ids,)).fetchall()}
+    if by is None:  # the cheaper way: the journal after `at`, or the subtrees (their size now as a guess)
+        later_rows = conn.execute("SELECT coalesce(max(id), 0) FROM filestore.journal_entries").fetchone()[0] - at
+        by = "journal" if later_rows <= WALK_COST * sum(n for _, n in now.values()) else "walk"
+    if by == "journal":
+        later = dict(conn.execute(_DIR_SIZES_LATER, {"at": at, "dirs": ids}).fetchall())
+        for node_id, entry in dirs.items():
+            entry.size = max(0, now.get(node_id, (0, 0))[0] - later.get(node_id, 0))
+    else:
+        for node_id, size in conn.execute(_DIR_SIZES_WALKED, {"at": at, "dirs": ids}).fetchall():
+            dirs[node_id].size = size
     for node_id, mtime_ns in _directory_times(conn, ids, at).items():
         dirs[node_id].mtime_ns = mtime_ns
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 
+import jsonschema
 from conftest import add_backend, wait_until
+
+from core.events import outbox
 
 
 def write(path, size: int) -> None:
@@ -59,6 +62,8 @@ def test_a_threshold_crossed_up_and_down_gives_two_events(tracked):
                                                   "--json").stdout.splitlines()]
     assert [(e["path"], e["node_id"], e["result"]["direction"], e["result"]["threshold"]) for e in events] == \
         [("w", node, "up", 1000), ("w", node, "down", 1000)]
+    for event in events:
+        jsonschema.validate(event, outbox.load_schema())
     listed = json.loads(t.cli("watch", "ls", "--json").stdout)
     assert [(x["id"], x["crossings"], x["above"], x["value"]) for x in listed] == [(watch["id"], 2, False, 600)]
     t.cli("watch", "remove", str(watch["id"]))

@@ -278,6 +278,11 @@ def test_one_time_parser_for_every_command():
     for bad in ("@x", "@-1", "2 fortnights", "yesterday", ""):
         with pytest.raises(ConfigError):
             parse_time(bad, now)
+    # --user: a name from the password database or a number.
+    from core.journal.timetravel import uid_of
+    assert uid_of("root") == 0 and uid_of("4001") == 4001
+    with pytest.raises(ConfigError):
+        uid_of("no-such-user-here")
 
 
 def test_restore_acts_only_through_a_running_mount(env, tmp_path):

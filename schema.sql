@@ -461,6 +461,27 @@ BEGIN
          WHERE c ? 'd';
     END IF;
 
+    -- Directory times, once per directory per group: the last command's time stands, as if
+    -- each had been written in turn (they carry no version), unless a later command of the
+    -- group wrote the directory's row itself (its values already include the times before it).
+    -- A row updated by every command of a group grows a chain of row versions that each later
+    -- update walks. Schema 11: done before the journal rows, so that the journal chain's lock
+    -- (taken by the journal insert, held to commit, D41) is the last lock a group takes: no
+    -- deadlock with another mount waiting for it while holding a directory row.
+    IF v_touches THEN
+        UPDATE filestore.nodes d SET mtime_ns = t.time_ns, ctime_ns = t.time_ns, updated_at = now()
+          FROM (SELECT DISTINCT ON (id) id, time_ns, pos
+                  FROM (SELECT (e.value->>'id')::bigint AS id, (e.value->>'time_ns')::bigint AS time_ns, c.pos
+                          FROM jsonb_array_elements(p_commands) WITH ORDINALITY AS c(cmd, pos),
+                               jsonb_array_elements(c.cmd->'t') AS e(value)
+                         WHERE c.cmd ? 't') AS touches
+                 ORDER BY id, pos DESC) AS t
+         WHERE d.id = t.id
+           AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_commands) WITH ORDINALITY AS c(cmd, pos),
+                                         jsonb_array_elements(c.cmd->'u') AS u(value)
+                            WHERE c.pos > t.pos AND c.cmd ? 'u' AND (u.value->'node'->>'id')::bigint = t.id);
+    END IF;
+
     -- Journal rows, in order (their ids follow it), and their snapshots.
     RETURN QUERY
     WITH cmds AS (
@@ -486,26 +507,6 @@ BEGIN
          WHERE cmds.c ? 's'
     )
     SELECT rows.rid, rows.id FROM rows;
-
-    -- Directory times, once per directory per group: the last command's time stands, as if
-    -- each had been written in turn (they carry no version), unless a later command of the
-    -- group wrote the directory's row itself (its values already include the times before it).
-    -- A row updated by every command of a group grows a chain of row versions that each later
-    -- update walks.
-    IF NOT v_touches THEN
-        RETURN;
-    END IF;
-    UPDATE filestore.nodes d SET mtime_ns = t.time_ns, ctime_ns = t.time_ns, updated_at = now()
-      FROM (SELECT DISTINCT ON (id) id, time_ns, pos
-              FROM (SELECT (e.value->>'id')::bigint AS id, (e.value->>'time_ns')::bigint AS time_ns, c.pos
-                      FROM jsonb_array_elements(p_commands) WITH ORDINALITY AS c(cmd, pos),
-                           jsonb_array_elements(c.cmd->'t') AS e(value)
-                     WHERE c.cmd ? 't') AS touches
-             ORDER BY id, pos DESC) AS t
-     WHERE d.id = t.id
-       AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_commands) WITH ORDINALITY AS c(cmd, pos),
-                                     jsonb_array_elements(c.cmd->'u') AS u(value)
-                        WHERE c.pos > t.pos AND c.cmd ? 'u' AND (u.value->'node'->>'id')::bigint = t.id);
 END $$;
 COMMENT ON FUNCTION filestore.record_commands IS
     'The one write path of journal rows (core.journal.records.statement): a group of commands recorded in order in one transaction (new nodes, version-checked node updates raising SQLSTATE FS409 on conflict, entries removed and added, directory times, journal rows, snapshots, rollup deltas, xattrs and write-back rows), with the relatime updates of reads. p_sync: the commit waits for the WAL to be flushed.';
@@ -793,3 +794,305 @@ CREATE POLICY by_backend ON filestore.nodes USING (filestore.backend_visible(bac
 ALTER TABLE filestore.backend_mounts ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS by_backend ON filestore.backend_mounts;
 CREATE POLICY by_backend ON filestore.backend_mounts USING (filestore.backend_visible(id));
+
+-- == Schema 11: a journal that proves itself, and time travel over it (issue 16; docs/architecture.md D41) ==
+
+-- Every journal row carries a hash chained over the previous row's hash and its own content,
+-- computed in the transaction that inserts it, by triggers (so every writer is covered: the
+-- group commits of record_commands and anything else that inserts). The chain follows journal
+-- id order: a statement that inserts journal rows first takes the chain lock (an advisory
+-- transaction lock, so held to commit), then its rows get their ids, so ids are handed out in
+-- chain order and each row's predecessor is the committed row with the highest id below it.
+-- Rows that predate schema 11 carry no hash: the chain starts after them (journal_chain).
+ALTER TABLE filestore.journal_entries ADD COLUMN IF NOT EXISTS chain_prev bigint;
+ALTER TABLE filestore.journal_entries ADD COLUMN IF NOT EXISTS hash bytea;
+COMMENT ON COLUMN filestore.journal_entries.chain_prev IS
+    'The journal row this one is chained after (the one with the highest id below it when it was written); NULL before schema 11. Maintained by filestore.journal_chain_link.';
+COMMENT ON COLUMN filestore.journal_entries.hash IS
+    'sha256(hash of row chain_prev || filestore.journal_row_content(this row)): the journal chain (D41). NULL for rows older than the chain, and for a row of a REPEATABLE READ transaction until the next committer seals it (journal_unchained). Checked by filestore journal verify.';
+
+CREATE TABLE IF NOT EXISTS filestore.journal_chain (
+    id            boolean PRIMARY KEY DEFAULT true CHECK (id),
+    starts_after  bigint NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE filestore.journal_chain IS
+    'One row: where the journal chain starts. Rows with id <= starts_after were written before schema 11 and carry no hash (they are not verified); the first chained row hashes over an empty predecessor.';
+
+-- A REPEATABLE READ transaction (a rollup recalculation, a counter repair) cannot see a chain
+-- step committed after its snapshot: its rows are written under the chain lock with no hash,
+-- listed here, and sealed by the next READ COMMITTED statement that takes the lock (before its
+-- own rows), or by journal verify.
+CREATE TABLE IF NOT EXISTS filestore.journal_unchained (
+    id  bigint PRIMARY KEY
+);
+COMMENT ON TABLE filestore.journal_unchained IS
+    'Journal rows written by REPEATABLE READ transactions, hashed by the next chain step (filestore.journal_seal). Empty almost always.';
+
+-- What a row's hash covers: every column but the hash, times as microseconds since the epoch
+-- (not as text, which would depend on the session's time zone).
+CREATE OR REPLACE FUNCTION filestore.journal_row_content(j filestore.journal_entries)
+RETURNS bytea LANGUAGE sql IMMUTABLE AS $$
+    SELECT convert_to(jsonb_build_array(
+        j.id, j.chain_prev, j.command, j.status, j.backend_id, j.node_id, j.path, j.args, j.result, j.error,
+        j.errno, j.actor, j.uid, j.gid, j.pid, j.request_id::text, j.idempotency_key, j.correlation_id,
+        j.txid::text, (extract(epoch FROM j.created_at) * 1000000)::bigint,
+        (extract(epoch FROM j.completed_at) * 1000000)::bigint, j.rollup, j.db_role)::text, 'UTF8')
+$$;
+COMMENT ON FUNCTION filestore.journal_row_content IS
+    'The bytes of a journal row that its chain hash covers (every column but hash).';
+
+CREATE OR REPLACE FUNCTION filestore.journal_row_hash(j filestore.journal_entries, p_prev bytea)
+RETURNS bytea LANGUAGE sql IMMUTABLE AS $$
+    SELECT sha256(coalesce(p_prev, '\x'::bytea) || filestore.journal_row_content(j))
+$$;
+
+-- Hash the rows REPEATABLE READ transactions left unchained, in id order. Called with the chain lock held.
+CREATE OR REPLACE FUNCTION filestore.journal_seal() RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_id bigint;
+    v_prev record;
+    v_row filestore.journal_entries;
+    v_n integer := 0;
+BEGIN
+    FOR v_id IN SELECT id FROM filestore.journal_unchained ORDER BY id LOOP
+        SELECT id, hash INTO v_prev FROM filestore.journal_entries WHERE id < v_id ORDER BY id DESC LIMIT 1;
+        SELECT * INTO v_row FROM filestore.journal_entries WHERE id = v_id;
+        IF FOUND THEN
+            v_row.chain_prev := v_prev.id;
+            UPDATE filestore.journal_entries SET chain_prev = v_prev.id, hash = filestore.journal_row_hash(v_row, v_prev.hash)
+             WHERE id = v_id;
+            v_n := v_n + 1;
+        END IF;
+        DELETE FROM filestore.journal_unchained WHERE id = v_id;
+    END LOOP;
+    RETURN v_n;
+END $$;
+
+-- Statement step: the chain lock, then the chain head of this transaction (kept in a
+-- transaction-local setting, so each row costs no query). Before any row gets its id.
+CREATE OR REPLACE FUNCTION filestore.journal_chain_begin() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    v_head record;
+BEGIN
+    PERFORM pg_advisory_xact_lock(1246909004);  -- 'JRNL': the journal chain
+    IF current_setting('transaction_isolation') <> 'read committed'
+       OR coalesce(current_setting('filestore.chain_head', true), '') <> '' THEN
+        RETURN NULL;
+    END IF;
+    IF EXISTS (SELECT 1 FROM filestore.journal_unchained) THEN
+        PERFORM filestore.journal_seal();
+    END IF;
+    SELECT id, hash INTO v_head FROM filestore.journal_entries ORDER BY id DESC LIMIT 1;
+    PERFORM set_config('filestore.chain_head',
+                       coalesce(v_head.id, 0)::text || ':' || coalesce(encode(v_head.hash, 'hex'), ''), true);
+    RETURN NULL;
+END $$;
+
+-- Row step: chain the row after the head and make it the head.
+CREATE OR REPLACE FUNCTION filestore.journal_chain_link() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    v_head text;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        NEW.chain_prev := NULL;
+        NEW.hash := NULL;
+        INSERT INTO filestore.journal_unchained (id) VALUES (NEW.id);
+        RETURN NEW;
+    END IF;
+    v_head := current_setting('filestore.chain_head');
+    NEW.chain_prev := nullif(split_part(v_head, ':', 1), '0')::bigint;
+    NEW.hash := filestore.journal_row_hash(NEW, decode(split_part(v_head, ':', 2), 'hex'));
+    PERFORM set_config('filestore.chain_head', NEW.id::text || ':' || encode(NEW.hash, 'hex'), true);
+    RETURN NEW;
+END $$;
+
+CREATE OR REPLACE TRIGGER journal_chain_begin BEFORE INSERT ON filestore.journal_entries
+    FOR EACH STATEMENT EXECUTE FUNCTION filestore.journal_chain_begin();
+CREATE OR REPLACE TRIGGER journal_chain_link BEFORE INSERT ON filestore.journal_entries
+    FOR EACH ROW EXECUTE FUNCTION filestore.journal_chain_link();
+-- After the triggers (whose creation waits for every transaction inserting rows): the rows
+-- already there predate the chain.
+INSERT INTO filestore.journal_chain (starts_after)
+SELECT coalesce(max(id), 0) FROM filestore.journal_entries
+ON CONFLICT (id) DO NOTHING;
+
+-- Time travel (filestore ls --as-of, diff, restore, history filters): the names a directory
+-- had are read from the snapshots of the commands that changed them (data.parent_id/name,
+-- and from_parent_id/from_name for the name a rename left), up to a journal id. Only
+-- snapshots that carry an entry pay for these (creates, renames, links, removals).
+CREATE INDEX IF NOT EXISTS snapshots_parent_idx ON filestore.snapshots (((data->>'parent_id')::bigint), journal_id)
+    WHERE data ? 'parent_id';
+CREATE INDEX IF NOT EXISTS snapshots_from_parent_idx ON filestore.snapshots (((data->>'from_parent_id')::bigint), journal_id)
+    WHERE data ? 'from_parent_id';
+-- TIME as a date: the last journal row written at or before it.
+CREATE INDEX IF NOT EXISTS journal_created_idx ON filestore.journal_entries (created_at);
+
+-- A name as snapshots keep it (core.model.name_arg: text when UTF-8, else {"hex": ...}) as bytes.
+CREATE OR REPLACE FUNCTION filestore.name_bytes(p_name jsonb)
+RETURNS bytea LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN jsonb_typeof(p_name) = 'string' THEN convert_to(p_name #>> '{}', 'UTF8')
+                ELSE decode(p_name->>'hex', 'hex') END
+$$;
+
+-- A name as text for display: UTF-8 as is, anything else escaped (never an error: a fold calls it).
+CREATE OR REPLACE FUNCTION filestore.name_text(p_name bytea)
+RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN convert_from(p_name, 'UTF8');
+EXCEPTION WHEN OTHERS THEN
+    RETURN encode(p_name, 'escape');
+END $$;
+
+-- The names a directory had after journal row p_at: for each name, the latest snapshot that
+-- bound it (parent_id/name) or freed it (removed_entry, or a rename's from_parent_id/from_name).
+-- Within one journal row a binding wins over a release (a rename over an existing name).
+-- Entries imported with their backend (backend add writes no snapshots: its nodes are the ones
+-- without a version-1 snapshot) are bound from the start of the journal: those still there with
+-- no snapshot binding them, and those a later snapshot freed with none having bound them before.
+CREATE OR REPLACE FUNCTION filestore.entries_as_of(p_dir bigint, p_at bigint)
+RETURNS TABLE (name bytea, node_id bigint, journal_id bigint) LANGUAGE sql STABLE AS $$
+    WITH changes AS (
+        SELECT filestore.name_bytes(s.data->'name') AS name, s.node_id, s.data ? 'removed_entry' AS released,
+               s.journal_id
+          FROM filestore.snapshots s
+         WHERE (s.data->>'parent_id')::bigint = p_dir AND s.data ? 'parent_id' AND s.journal_id <= p_at
+        UNION ALL
+        SELECT filestore.name_bytes(s.data->'from_name'), s.node_id, true, s.journal_id
+          FROM filestore.snapshots s
+         WHERE (s.data->>'from_parent_id')::bigint = p_dir AND s.data ? 'from_parent_id' AND s.journal_id <= p_at
+    ), releases AS (  -- at any time: a name freed later was there before
+        SELECT filestore.name_bytes(s.data->'name') AS name, s.node_id, s.journal_id
+          FROM filestore.snapshots s
+         WHERE (s.data->>'parent_id')::bigint = p_dir AND s.data ? 'parent_id' AND s.data ? 'removed_entry'
+        UNION ALL
+        SELECT filestore.name_bytes(s.data->'from_name'), s.node_id, s.journal_id
+          FROM filestore.snapshots s
+         WHERE (s.data->>'from_parent_id')::bigint = p_dir AND s.data ? 'from_parent_id'
+    ), imported AS (
+        SELECT e.name, e.node_id, false AS released, 0::bigint AS journal_id
+          FROM filestore.entries e
+         WHERE e.parent_id = p_dir
+           AND NOT EXISTS (SELECT 1 FROM filestore.snapshots v WHERE v.node_id = e.node_id AND v.version = 1)
+           AND NOT EXISTS (SELECT 1 FROM filestore.snapshots s WHERE s.node_id = e.node_id AND s.data ? 'parent_id'
+                              AND (s.data->>'parent_id')::bigint = p_dir AND NOT s.data ? 'removed_entry'
+                              AND filestore.name_bytes(s.data->'name') = e.name)
+        UNION
+        SELECT r.name, r.node_id, false, 0
+          FROM releases r
+         WHERE NOT EXISTS (SELECT 1 FROM filestore.snapshots v WHERE v.node_id = r.node_id AND v.version = 1)
+           AND NOT EXISTS (SELECT 1 FROM filestore.snapshots s WHERE s.node_id = r.node_id AND s.data ? 'parent_id'
+                              AND (s.data->>'parent_id')::bigint = p_dir AND NOT s.data ? 'removed_entry'
+                              AND filestore.name_bytes(s.data->'name') = r.name AND s.journal_id < r.journal_id)
+    )
+    SELECT b.name, b.node_id, b.journal_id FROM (
+        SELECT DISTINCT ON (x.name) x.name, x.node_id, x.released, x.journal_id
+          FROM (SELECT * FROM changes UNION ALL SELECT * FROM imported) AS x
+         ORDER BY x.name, x.journal_id DESC, x.released ASC) AS b
+     WHERE NOT b.released
+$$;
+COMMENT ON FUNCTION filestore.entries_as_of IS
+    'Directory entries (name, node, journal row that bound it; 0 for an imported entry) of a directory as they were after journal row p_at, from the snapshots (filestore ls --as-of, diff, restore).';
+
+-- A node's metadata after journal row p_at: its latest snapshot by then. A node imported with
+-- its backend has none before its first change: then the first snapshot after (what the import
+-- saw is not recorded), or the node row itself if it never changed.
+CREATE OR REPLACE FUNCTION filestore.node_as_of(p_node bigint, p_at bigint)
+RETURNS TABLE (version bigint, journal_id bigint, data jsonb) LANGUAGE sql STABLE AS $$
+    SELECT * FROM (
+        (SELECT s.version, s.journal_id, s.data FROM filestore.snapshots s
+          WHERE s.node_id = p_node AND s.journal_id <= p_at ORDER BY s.version DESC LIMIT 1)
+        UNION ALL
+        (SELECT s.version, 0::bigint, s.data FROM filestore.snapshots s
+          WHERE s.node_id = p_node ORDER BY s.version LIMIT 1)
+        UNION ALL
+        (SELECT n.version, 0::bigint, jsonb_build_object(
+                    'kind', n.kind, 'size', n.size, 'mode', n.mode, 'uid', n.uid, 'gid', n.gid, 'rdev', n.rdev,
+                    'atime_ns', n.atime_ns, 'mtime_ns', n.mtime_ns, 'ctime_ns', n.ctime_ns, 'state', n.state,
+                    'checksum', n.checksum, 'target', filestore.name_text(n.symlink_target))
+           FROM filestore.nodes n WHERE n.id = p_node)
+    ) AS found LIMIT 1
+$$;
+
+-- A subtree as it was after journal row p_at: every node below p_top with its path (names
+-- joined by /, bytes) and depth; p_top itself at depth 0 with an empty path.
+CREATE OR REPLACE FUNCTION filestore.tree_as_of(p_top bigint, p_at bigint)
+RETURNS TABLE (node_id bigint, parent_id bigint, name bytea, path bytea, depth integer, data jsonb)
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE t(node_id, parent_id, name, path, depth, data) AS (
+        SELECT p_top, NULL::bigint, ''::bytea, ''::bytea, 0,
+               coalesce((SELECT n.data FROM filestore.node_as_of(p_top, p_at) n),  -- a backend root may have none
+                        (SELECT jsonb_build_object('kind', nd.kind) FROM filestore.nodes nd WHERE nd.id = p_top))
+        UNION ALL
+        SELECT e.node_id, t.node_id, e.name, CASE WHEN t.depth = 0 THEN e.name ELSE t.path || '\x2f'::bytea || e.name END,
+               t.depth + 1, n.data
+          FROM t CROSS JOIN LATERAL filestore.entries_as_of(t.node_id, p_at) AS e
+          LEFT JOIN LATERAL filestore.node_as_of(e.node_id, p_at) AS n ON true
+         WHERE t.data->>'kind' = 'dir' AND t.depth < 4096)
+    SELECT * FROM t
+$$;
+COMMENT ON FUNCTION filestore.tree_as_of IS
+    'A subtree as it was after journal row p_at (filestore diff, restore): node, parent, name, path below p_top, depth and the node''s snapshot data then.';
+
+-- Threshold watches (filestore watch add|ls|remove): an event when a directory's folded
+-- rollup crosses a threshold, in either direction, once per crossing. Checked by a statement
+-- trigger on filestore.rollups, so the folds (and recalculations) that change the rows check
+-- them in their own transaction; the crossing is a journal row (command threshold.crossed),
+-- from which the relay derives the filestore.threshold.crossed event like any other.
+CREATE TABLE IF NOT EXISTS filestore.watches (
+    id          integer GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    node_id     bigint NOT NULL REFERENCES filestore.nodes(id),
+    backend_id  integer NOT NULL REFERENCES filestore.backend_mounts(id),
+    metric      text NOT NULL CHECK (metric IN ('size_bytes', 'file_count')),
+    threshold   bigint NOT NULL CHECK (threshold >= 0),
+    above       boolean NOT NULL,
+    crossings   bigint NOT NULL DEFAULT 0,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    crossed_at  timestamptz
+);
+CREATE INDEX IF NOT EXISTS watches_node_idx ON filestore.watches (node_id);
+COMMENT ON TABLE filestore.watches IS
+    'Thresholds on a directory''s recursive totals (filestore watch). Written by core.rollups.watches (add, remove) and by filestore.watch_crossings (above, crossings, crossed_at).';
+COMMENT ON COLUMN filestore.watches.metric IS 'size_bytes (recursive bytes) or file_count (recursive non-directory entries), as in filestore.rollups.';
+COMMENT ON COLUMN filestore.watches.above IS 'The side the folded value is on: value >= threshold. Set at add from the exact totals; flipped by each crossing.';
+
+-- A node's backend-relative path now (names joined by /), '' for a backend root.
+CREATE OR REPLACE FUNCTION filestore.node_path(p_node bigint)
+RETURNS text LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE up(id, name, depth) AS (
+        SELECT e.parent_id, e.name, 1 FROM filestore.entries e WHERE e.node_id = p_node
+        UNION ALL
+        SELECT e.parent_id, e.name, up.depth + 1 FROM up JOIN filestore.entries e ON e.node_id = up.id
+         WHERE up.depth < 4096)
+    SELECT coalesce(string_agg(filestore.name_text(name), '/' ORDER BY depth DESC), '') FROM up
+$$;
+
+CREATE OR REPLACE FUNCTION filestore.watch_crossings() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    v_commands jsonb;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM filestore.watches) THEN
+        RETURN NULL;  -- no watch: the folds pay one probe of an empty table
+    END IF;
+    WITH crossed AS (
+        UPDATE filestore.watches w SET above = NOT w.above, crossings = w.crossings + 1, crossed_at = now()
+          FROM changed c
+         WHERE c.node_id = w.node_id
+           AND ((CASE w.metric WHEN 'size_bytes' THEN c.size_bytes ELSE c.file_count END) >= w.threshold) <> w.above
+        RETURNING w.id, w.node_id, w.backend_id, w.metric, w.threshold, w.above,
+                  CASE w.metric WHEN 'size_bytes' THEN c.size_bytes ELSE c.file_count END AS value)
+    SELECT jsonb_agg(jsonb_build_object('j', jsonb_build_object(
+               'command', 'threshold.crossed', 'status', 'committed', 'actor', 'rollups',
+               'backend_id', x.backend_id, 'node_id', x.node_id, 'path', filestore.node_path(x.node_id),
+               'request_id', gen_random_uuid(),
+               'args', jsonb_build_object('watch_id', x.id, 'metric', x.metric, 'threshold', x.threshold),
+               'result', jsonb_build_object('value', x.value, 'direction', CASE WHEN x.above THEN 'up' ELSE 'down' END)))
+           ORDER BY x.id)
+      INTO v_commands FROM crossed x;
+    IF v_commands IS NOT NULL THEN
+        PERFORM filestore.record_commands(v_commands);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER rollups_watch_crossings AFTER UPDATE ON filestore.rollups
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION filestore.watch_crossings();

@@ -176,29 +176,38 @@ def test_rows_that_commit_out_of_id_order_are_not_skipped(database_url, journal_
     relay = Relay(database_url, conf=conf(redis_server.url))
     journal_row(journal_db, "before")
     assert relay.run_once() == 1
-    slow = psycopg.connect(database_url)        # takes the smaller id, commits last
+    # Since the journal chain (schema 11, D41) ids are handed out under the chain lock, held to
+    # commit: a second writer waits for the first to commit, so ids follow commit order.
+    slow = psycopg.connect(database_url)
     fast = psycopg.connect(database_url)
     try:
         slow_id = journal_row(slow, "slow")
-        fast_id = journal_row(fast, "fast")
-        assert slow_id < fast_id
-        fast.commit()
-        # A relay that followed ids alone would publish `fast` now and move past `slow` forever.
+        got: list[int] = []
+        waiting = threading.Thread(target=lambda: got.append(journal_row(fast, "fast")))
+        waiting.start()
+        wait_until(lambda: journal_db.execute(
+            "SELECT wait_event = 'advisory' FROM pg_stat_activity WHERE pid = %s", (fast.info.backend_pid,)
+        ).fetchone()[0], message="the second writer waits for the chain lock")
         assert relay.run_once() == 0
         slow.commit()
-        assert relay.run_once() == 2
+        waiting.join(30)
+        assert got and got[0] > slow_id
+        assert relay.run_once() == 1  # slow (fast is not committed yet)
+        fast.commit()
+        assert relay.run_once() == 1
     finally:
         slow.close()
         fast.close()
-    # The other interleaving: the older transaction takes the larger id.
+    # Transaction ids can still run against journal ids: the older transaction takes the larger id.
+    # The relay follows (txid, id) and waits for the older transaction.
     older, newer = psycopg.connect(database_url), psycopg.connect(database_url)
     try:
         older.execute("SELECT pg_current_xact_id()")   # older transaction id, no row yet
         newer_id = journal_row(newer, "newer")
-        older_id = journal_row(older, "older")
-        assert newer_id < older_id
         newer.commit()
         assert relay.run_once() == 0
+        older_id = journal_row(older, "older")
+        assert newer_id < older_id
         older.commit()
         assert relay.run_once() == 2
     finally:

@@ -37,7 +37,8 @@ COMPLETED = "filestore.command.completed"
 DRIFT = "filestore.drift.detected"
 RECONCILED = "filestore.node.reconciled"
 MISSING = "filestore.node.missing"
-TYPES = (CREATED, UPDATED, DELETED, COMPLETED, DRIFT, RECONCILED, MISSING)
+THRESHOLD = "filestore.threshold.crossed"  # a watch's threshold crossed by a rollup fold (D41)
+TYPES = (CREATED, UPDATED, DELETED, COMPLETED, DRIFT, RECONCILED, MISSING, THRESHOLD)
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "events.schema.json"
 
@@ -112,6 +113,10 @@ def derive(row: dict) -> list[dict[str, Any]]:
             events.append({**base, "type": DRIFT, "node_id": row["node_id"], "path": row["path"],
                            "previous_path": None, "kind": observed.get("kind"), "size": observed.get("size"),
                            "version": None, "state": None, "errno": None, "error": None, "result": None})
+        if row["command"] == "threshold.crossed":  # written by a rollup fold (schema 11, D41)
+            events.append({**base, "type": THRESHOLD, "node_id": row["node_id"], "path": row["path"],
+                           "previous_path": None, "kind": "dir", "size": None, "version": None, "state": None,
+                           "errno": None, "error": None, "result": {**args, **(row["result"] or {})}})
     events.append({**base, "type": COMPLETED, "node_id": row["node_id"], "path": row["path"],
                    "previous_path": args.get("from") if row["command"] == "rename" else None,
                    "kind": None, "size": None, "version": None, "state": None,

@@ -72,6 +72,9 @@ def _vec(rows: str, keys: Iterable[str]) -> str:
          WHERE r.command = 'drift' AND r.status = 'committed'
            AND NOT EXISTS (SELECT 1 FROM filestore.snapshots s WHERE s.journal_id = r.id) GROUP BY {g}
         UNION ALL
+        SELECT {k}, 'events.threshold.crossed', count(*)::bigint FROM {rows} r
+         WHERE r.command = 'threshold.crossed' AND r.status = 'committed' GROUP BY {g}
+        UNION ALL
         SELECT {k}, 'events.command.completed', count(*)::bigint FROM {rows} r GROUP BY {g}"""
 
 

@@ -265,6 +265,15 @@ def directories_below(conn: psycopg.Connection, top: int, depth: int) -> list[tu
     return [(r[0], bytes(r[1])) for r in rows]
 
 
+def backends(db: Database) -> list[tuple[str, int, Totals]]:
+    """`filestore du MOUNTPOINT`: (name, root node, exact totals) of every active backend, one snapshot."""
+    with db.pool.connection() as conn:
+        roots = conn.execute("SELECT name, root_node_id FROM filestore.backend_mounts"
+                             " WHERE state = 'active' AND root_node_id IS NOT NULL ORDER BY name").fetchall()
+        values = totals(conn, [root for _, root in roots])
+    return [(name, root, values[root]) for name, root in roots]
+
+
 def subtree(db: Database, top: int, depth: int) -> tuple[list[tuple[int, bytes]], dict[int, Totals]]:
     """`filestore du`: the directories down to `depth` below `top` (with their relative paths)
     and their exact totals, in one snapshot."""

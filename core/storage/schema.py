@@ -7,9 +7,10 @@ import psycopg
 
 from core.errors import ConfigError
 
-SCHEMA_VERSION = 10  # 6: filestore.uploads (S3 write-back, D34); 7: record_commands (group commit, D36);
+SCHEMA_VERSION = 11  # 6: filestore.uploads (S3 write-back, D34); 7: record_commands (group commit, D36);
 # 8: counters by directory node id, snapshot-window folds, drift index (D40); 9: name_adoptions (D43);
-# 10: access_rules and access_version (policies: principals, scopes, path allow-lists, D42)
+# 10: access_rules and access_version (policies: principals, scopes, path allow-lists, D42);
+# 11: the journal hash chain (chain_prev, hash, its triggers and lock) and the time-travel indexes (D41)
 _LOCK_KEY = 0x46494C45  # "FILE": serialises concurrent starts
 
 

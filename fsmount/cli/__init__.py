@@ -84,5 +84,7 @@ def main(verbose: int) -> None:
     logs.configure(level, settings().log_json)
 
 from . import admin, backend, drift, events, mount, policy, role, sidecar, stats  # noqa: E402  (registers the commands on `main`)
+from . import timetravel, watch  # noqa: E402  (ls --as-of, diff, restore, journal verify, watch: D41)
 
-__all__ = ["main", "admin", "backend", "drift", "events", "mount", "policy", "role", "sidecar", "stats"]
+__all__ = ["main", "admin", "backend", "drift", "events", "mount", "policy", "role", "sidecar", "stats", "timetravel",
+           "watch"]

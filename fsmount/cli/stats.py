@@ -48,7 +48,13 @@ def du(path: str, depth: int, exact: bool, as_json: bool) -> None:
     asking (folded rollups plus the changes not folded yet).
 
     Example: filestore du /mnt/filestore/projects --depth 1
+
+    PATH may be a mount point itself: the totals of every backend together (local and S3), and
+    with --depth 1 each backend's (D41).
     """
+    if os.path.abspath(path) in filestore_mounts():
+        _du_mount(os.path.abspath(path), depth, exact, as_json)
+        return
     db, backend, rel, top = _target(path)
     started = time.perf_counter()
     dirs, values = totals.subtree(db, top, depth)
@@ -64,9 +70,34 @@ def du(path: str, depth: int, exact: bool, as_json: bool) -> None:
     if as_json:
         emit_json({"backend": backend, "path": base, "query_ms": round(elapsed_ms, 3), "directories": rows})
         return
+    _print_du(rows, exact)
+
+
+def _print_du(rows: list[dict], exact: bool) -> None:
     for row in rows:
         size = str(row["size_bytes"]) if exact else _human(row["size_bytes"])
         click.echo(f"{size}\t{row['file_count']} files\t{row['dir_count']} dirs\t{row['consistency_state']}\t{row['path']}")
+
+
+def _du_mount(mountpoint: str, depth: int, exact: bool, as_json: bool) -> None:
+    """du of a mount root: every active backend's totals, added up (each backend root counts as a directory)."""
+    db = open_database(settings(), apply_schema=False)
+    started = time.perf_counter()
+    per_backend = totals.backends(db)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    rows = [{"path": f"{name}:/", "node_id": root, "size_bytes": t.size_bytes, "file_count": t.file_count,
+             "dir_count": t.dir_count, "consistency_state": t.state, "last_calculated_at": t.last_calculated_at}
+            for name, root, t in per_backend] if depth >= 1 else []
+    states = {t.state for _, _, t in per_backend}
+    rows.append({"path": mountpoint, "node_id": 1, "size_bytes": sum(t.size_bytes for _, _, t in per_backend),
+                 "file_count": sum(t.file_count for _, _, t in per_backend),
+                 "dir_count": sum(t.dir_count + 1 for _, _, t in per_backend),
+                 "consistency_state": "exact" if states <= {"exact"} else "pending" if "stale" not in states else "stale",
+                 "last_calculated_at": None})
+    if as_json:
+        emit_json({"mountpoint": mountpoint, "query_ms": round(elapsed_ms, 3), "directories": rows})
+        return
+    _print_du(rows, exact)
 
 
 @main.group("rollups")

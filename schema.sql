@@ -847,8 +847,12 @@ RETURNS bytea LANGUAGE sql IMMUTABLE AS $$
     SELECT sha256(coalesce(p_prev, '\x'::bytea) || filestore.journal_row_content(j))
 $$;
 
+-- The chain's functions run as the schema's owner (SECURITY DEFINER): a role limited by
+-- core.access.roles may append journal rows but neither update them (the seal does) nor see
+-- every backend's rows (row-level security would hide the chain head from it).
 -- Hash the rows REPEATABLE READ transactions left unchained, in id order. Called with the chain lock held.
-CREATE OR REPLACE FUNCTION filestore.journal_seal() RETURNS integer LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION filestore.journal_seal() RETURNS integer LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog AS $$
 DECLARE
     v_id bigint;
     v_prev record;
@@ -871,7 +875,8 @@ END $$;
 
 -- Statement step: the chain lock, then the chain head of this transaction (kept in a
 -- transaction-local setting, so each row costs no query). Before any row gets its id.
-CREATE OR REPLACE FUNCTION filestore.journal_chain_begin() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION filestore.journal_chain_begin() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog AS $$
 DECLARE
     v_head record;
 BEGIN
@@ -890,7 +895,8 @@ BEGIN
 END $$;
 
 -- Row step: chain the row after the head and make it the head.
-CREATE OR REPLACE FUNCTION filestore.journal_chain_link() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION filestore.journal_chain_link() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog AS $$
 DECLARE
     v_head text;
 BEGIN

@@ -232,11 +232,24 @@ class Operations(pyfuse3.Operations):
         attr.st_mode = stat_mod.S_IFDIR | 0o755
         attr.st_nlink = 2 + len(self.ns.backends)
         attr.st_uid = attr.st_gid = 0
-        attr.st_size = 4096
+        attr.st_size = self._all_backends_size() if self.recursive_dir_sizes else 4096
         attr.st_blksize = 4096
         attr.st_blocks = 8
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._started_ns
         return attr
+
+    def _all_backends_size(self) -> int:
+        """The mount root's size: every backend's recursive total, local and S3 together (as
+        `filestore du MOUNTPOINT` adds them up); a backend down or not folded yet counts 0."""
+        size = 0
+        for backend in list(self.ns.backends.values()):
+            try:
+                totals = self.fs.rollups.get(backend.id, backend.root_node_id)
+            except Exception:  # noqa: BLE001 - one backend's totals away must not fail the root's stat
+                continue
+            if totals is not None:
+                size += max(totals.size_bytes, 0)
+        return size
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         self.lookups[node.id] += 1

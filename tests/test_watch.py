@@ -93,3 +93,5 @@ def test_du_of_the_mount_point_adds_up_every_backend(tracked):
                        str(t.mount.mountpoint): (6244, 3, 4)}  # the two backend roots count as directories
     total = json.loads(t.cli("du", str(t.mount.mountpoint), "--json").stdout)["directories"]
     assert [(r["path"], r["size_bytes"]) for r in total] == [(str(t.mount.mountpoint), 6244)]
+    # and `stat` of the mount root, as of any directory in it: the total of every backend
+    wait_until(lambda: os.stat(t.mount.mountpoint).st_size == 6244, timeout=5, message="the root's size")

@@ -3,7 +3,6 @@ extended attributes; and a read's relatime update, which is no command at all.""
 from __future__ import annotations
 
 import errno
-import time
 from typing import Any
 
 from core.commands.template import Command, Template, idempotent
@@ -12,6 +11,7 @@ from core.errors import FsError
 from core.journal.records import Change
 from core.model import ROOT_INODE, S_ISGID, Node, Principal, display_name, drops_sgid, name_arg
 from executors.base import NoSpace, Stat, Unsupported
+from executors.s3_common import now_ns
 
 
 @idempotent
@@ -45,7 +45,9 @@ def setattr(t: Template, who: Principal, node_id: int, *, mode: int | None = Non
         def execute() -> Stat:
             if pending is not None:
                 cmd.args["upload"] = "pending"
-                now = time.time_ns()
+                # the kernel's coarse clock, as S3 stamps ctime (executors.s3_common.now_ns): a
+                # UTIME_NOW the kernel computes next must not come before this ctime
+                now = now_ns()
                 return Stat(node.kind, node.size, node.mode if mode is None else mode & 0o7777,
                             node.uid if uid is None else uid, node.gid if gid is None else gid, node.rdev,
                             times[0] if times else node.atime_ns, times[1] if times else node.mtime_ns, now)
@@ -133,7 +135,7 @@ def _xattr_change(t: Template, command: str, who: Principal, node_id: int, name:
 
     def record(st: Stat):
         current = t.ns.node(node_id)
-        ctime = st.ctime_ns if cmd.args["on_disk"] else max(time.time_ns(), current.ctime_ns)
+        ctime = st.ctime_ns if cmd.args["on_disk"] else max(now_ns(), current.ctime_ns)
         after = current.changed(ctime_ns=ctime, version=current.version + 1)
         change = Change(xattrs=[(node_id, name, value)])
         change.update(after, current.version)

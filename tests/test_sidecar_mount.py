@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool, run_cli, wait_until
+from fixtures_sidecar import free_port, http_get
 from test_sidecar import BOUND, journal, queue_empty
+
+
+def serving_http(tracked) -> int:
+    """Remount with /health, /ready and /metrics on a free port; returns the port."""
+    port = free_port()
+    tracked.mount.stop()
+    tracked.mount.env = dict(tracked.env, FILESTORE_HTTP_PORT=str(port))
+    tracked.mount.start()
+    return port
 
 from core.repair.watchers import DEBOUNCE_SECONDS
 
@@ -106,11 +116,7 @@ def test_an_outside_change_shows_in_the_running_mount(tracked):
 
 
 def test_the_mount_serves_health_ready_and_metrics_and_registers(tracked):
-    from fixtures_sidecar import free_port, http_get
-    port = free_port()
-    tracked.mount.stop()
-    tracked.mount.env = dict(tracked.env, FILESTORE_HTTP_PORT=str(port))
-    tracked.mount.start()
+    port = serving_http(tracked)
     (tracked.path / "f.txt").write_bytes(b"x")
     code, body = http_get(port, "/ready")
     assert code == 200 and json.loads(body)["checks"]["backend:local"]["ok"], body
@@ -129,11 +135,7 @@ def test_the_inline_watcher_does_not_queue_the_mounts_own_committed_writes(track
     """Its events are compared with the mount's namespace when the watcher flushes: what the
     mount already holds, or removed itself a moment ago, costs no reconcile job (each would be
     claimed, compared, finished)."""
-    from fixtures_sidecar import free_port, http_get
-    port = free_port()
-    tracked.mount.stop()
-    tracked.mount.env = dict(tracked.env, FILESTORE_HTTP_PORT=str(port))
-    tracked.mount.start()
+    port = serving_http(tracked)
     os.makedirs(tracked.path / "many")
     for i in range(60):
         (tracked.path / "many" / f"f{i}").write_bytes(CONTENT * (i + 1))
@@ -155,11 +157,7 @@ def test_files_written_through_the_mount_reach_the_inline_watcher_as_few_events(
     the close of its descriptor are all the watcher reads (watchdog read about 9 events per file,
     half of them from the staging area, each handed through three threads). An empty file is
     made in place, and costs what the kernel reports of it."""
-    from fixtures_sidecar import free_port, http_get
-    port = free_port()
-    tracked.mount.stop()
-    tracked.mount.env = dict(tracked.env, FILESTORE_HTTP_PORT=str(port))
-    tracked.mount.start()
+    port = serving_http(tracked)
     os.makedirs(tracked.path / "small")
     drained_after_sentinel(tracked, "sentinel.txt")
     before = counter(http_get(port, "/metrics")[1], "filestore_watch_events_total", backend="local")
@@ -184,11 +182,7 @@ def test_every_metric_the_grafana_dashboard_queries_is_exported(tracked):
     """Issue 17: docs/grafana/filestore.json queries only metric names a live mount's /metrics
     has (a histogram's _bucket/_count/_sum series by its family; a family whose labels were not
     used yet is there by its HELP line)."""
-    from fixtures_sidecar import free_port, http_get
-    port = free_port()
-    tracked.mount.stop()
-    tracked.mount.env = dict(tracked.env, FILESTORE_HTTP_PORT=str(port))
-    tracked.mount.start()
+    port = serving_http(tracked)
     (tracked.path / "f.txt").write_bytes(b"x")
     code, text = http_get(port, "/metrics")
     assert code == 200

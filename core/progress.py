@@ -58,6 +58,9 @@ class Meter:
         self.update(self.count, self.total, estimated=self.estimated, note=note)
 
     def finish(self) -> None:
+        """The work is done: what was done is the total (a tree that changed meanwhile)."""
+        if self.total is not None:
+            self.total = self.count
         if self.callback is not None:
             self.callback(self._step("", done=True))
 

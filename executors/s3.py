@@ -302,16 +302,13 @@ class S3Executor(ContentTransfers):
                     return None
                 for obj in page.get("Contents", []):
                     parts = obj["Key"][len(self.prefix):].split("/")
-                    marker = parts[-1] == ""
+                    marker = parts[-1] == ""  # a directory's own object
                     if marker:
                         parts.pop()
-                    if not parts or any(p in ("", ".", "..") for p in parts):
-                        continue
-                    for depth in range(1, len(parts)):
+                    valid = next((i for i, p in enumerate(parts) if p in ("", ".", "..")), len(parts))
+                    for depth in range(1, min(valid, len(parts) if marker else len(parts) - 1) + 1):
                         dirs.add("/".join(parts[:depth]))
-                    if marker:
-                        dirs.add("/".join(parts))
-                    else:
+                    if not marker and valid == len(parts):
                         files += 1
         return files + len(dirs)
 

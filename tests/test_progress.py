@@ -189,3 +189,24 @@ def test_an_import_killed_midway_resumes_and_ends_with_the_same_tree_as_an_unint
         assert_rollups_recount(db, name)
         done = run_cli(env, "stats", "verify", name, "--json", check=False)
         assert done.returncode == 0 and json_lines(done)[1]["differences"] == [], done.stdout
+
+
+def test_an_s3_import_counts_its_total_from_the_keys(env, db, s3_endpoint, bucket, s3):
+    """The S3 executor's count (a LIST without delimiter): objects, and the directories their
+    keys imply, once each (a directory marker too); keys the import skips are not counted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fixtures_s3 import S3_ENV
+
+    keys = [f"data/d{i % 7}/e{i % 3}/f{i:03}" for i in range(150)] + ["data/top.txt", "data/empty/", "data/a//b",
+                                                                       "elsewhere/x"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: s3.put_object(Bucket=bucket, Key=key, Body=b"x"), keys))
+    env.update(S3_ENV)
+    done = run_cli(env, "backend", "add", "s", f"s3://{bucket}/data", "--endpoint-url", s3_endpoint, "--json")
+    progress, result = json_lines(done)
+    names = len(db_tree(db, "s"))
+    assert names == 150 + 1 + 1 + 1 + 7 + 7 * 3  # files, top.txt, empty/, a (empty: `a//b` is no name), d0-d6, e0-e2
+    assert_progress(progress, "imported entries", names)
+    assert any(p["total"] == names and not p["estimated"] for p in progress[:-1]) or len(progress) == 1, progress
+    assert result["added"] == "s" and done.stderr == ""

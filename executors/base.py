@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 import stat as stat_mod
+import threading
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 

@@ -181,7 +181,7 @@ class _ImportCount:
     def _count(self, executor) -> None:
         try:
             self.counted = executor.count_tree(self._stop)
-        except Exception as exc:  # the import itself reports what fails; this only stays an estimate
+        except (ExecutorError, OSError) as exc:  # the import itself reports what fails; this stays an estimate
             log.debug("import count failed: %s", exc)
 
     def listed(self, dirs: int, entries: int, pending: int) -> None:

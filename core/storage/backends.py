@@ -121,7 +121,7 @@ def _register(db, name, kind, root, read_only, options, executor, who, progress)
                 " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
                 (name, kind, root, read_only, json.dumps({**options, **todo}), root_id)).fetchone()[0]
             _flush(conn, [_node_row(root_id, backend_id, root_stat)], [])
-    count = _ImportCount(db, backend_id, executor, progress)
+    count = _ImportCount(db, backend_id, executor, progress, resumed=bool(row))
     try:
         _import_tree(db, backend_id, executor, count.listed)
     finally:
@@ -166,9 +166,10 @@ class _ImportCount:
     an executor that has none, the total is estimated ("about") as the entries imported plus
     the directories still to list times the entries per directory listed so far."""
 
-    def __init__(self, db: Database, backend_id: int, executor, progress: Callback | None):
+    def __init__(self, db: Database, backend_id: int, executor, progress: Callback | None, *, resumed: bool):
+        # What earlier runs committed (0.2-0.4 s with 800,000 entries in the database): asked only on a resume.
         base = db.query("SELECT count(*) FROM filestore.entries e JOIN filestore.nodes n ON n.id = e.parent_id"
-                        " WHERE n.backend_id = %s", (backend_id,))[0][0] if progress else 0
+                        " WHERE n.backend_id = %s", (backend_id,))[0][0] if progress and resumed else 0
         self.meter = Meter(progress, "imported entries", base=base)
         self.dirs = self.entries = 0
         self.counted: int | None = None

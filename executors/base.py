@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import stat as stat_mod
+import threading
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -138,6 +139,10 @@ class Executor(Protocol):
     def stat_node(self, rel: bytes) -> Stat:
         """Like `stat`, for the node the last component names (never following a symlink)."""
     def listdir(self, rel: bytes) -> list[tuple[bytes, Stat]]: ...
+    def count_tree(self, stop: threading.Event) -> int | None:
+        """How many names the whole tree holds (every entry below the root, as `listdir` would
+        give them, directory by directory), counted cheaply: no stat per entry. None if `stop`
+        was set first. Optional: core estimates without it (backend import progress)."""
     def readlink(self, rel: bytes) -> bytes: ...
     def statfs(self) -> os.statvfs_result: ...
     def mkdir(self, parent: bytes, name: bytes, mode: int, uid: int, gid: int) -> Stat: ...

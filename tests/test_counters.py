@@ -28,7 +28,7 @@ def folded(tracked) -> None:
 
 def verify(tracked, *target: str) -> tuple[int, list[dict]]:
     done = tracked.cli("stats", "verify", *target, "--json", check=False)
-    return done.returncode, json.loads(done.stdout)["differences"]
+    return done.returncode, json.loads(done.stdout.splitlines()[-1])["differences"]  # after the progress lines
 
 
 def test_a_rename_moves_counters_from_the_old_path_to_the_new(tracked):

@@ -25,13 +25,16 @@ from datetime import datetime
 from typing import Any
 
 from core.errors import ConfigError
+from core.journal import history
 from core.journal.pipeline import Pipeline
 from core.journal.records import Change, Journal, Record
-from core.model import Principal, display_name, name_arg
+from core.model import Node, Principal, display_name, name_arg
+from core.progress import Callback, Meter
 from core.rollups import deltas
 from core.storage import store
 from core.storage.db import Database
 from core.storage.queue import RECONCILE, JobQueue
+from executors.base import ExecutorError, NotFound
 
 UNTRACKED = "UNTRACKED"
 ADOPT_WAIT_SECONDS = float(os.environ.get("FILESTORE_ADOPT_WAIT_SECONDS", "60"))
@@ -262,3 +265,88 @@ class Session:
     def close(self) -> None:
         self.pipeline.close()
         self.cache.close()
+
+
+# == scan: the backend compared with the database, now ================================
+@dataclass
+class Found:
+    """A difference a scan found: `new` on the backend (not in the database), `gone` from it
+    (in the database only), or `changed` (kind, size, mode, owner, mtime or target; or a node
+    already marked INCONSISTENT or MISSING)."""
+    backend: str
+    path: str
+    what: str
+    observed: dict | None
+    recorded: dict | None
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def scan(db: Database, backend: str, rel: bytes, *, home=None, progress: Callback | None = None) -> list[Found]:
+    """Compare the backend with the database at and under `rel`, directory by directory (the
+    audit's comparison, core.repair.reconcile, without queueing or changing anything): what
+    differs, by path. A new directory on the backend is one difference (not descended); a
+    directory gone or become something else counts its recorded subtree as scanned.
+
+    `progress` (core.progress): directories scanned of those the database holds there (its
+    rollup, so the total is known before the first listing)."""
+    from core.repair.reconcile import _describe, _describe_node, differs
+    from core.rollups import totals
+    from core.storage.backends import make_executor
+
+    backend_id, _ = _backend_id(db, backend)
+    top = history.resolve(db, backend, rel)
+    node = store.load_node(db, top)
+    if node is None or not node.is_dir:
+        raise ConfigError(f"{backend}:/{display_name(rel)} is not a directory: scan its directory")
+    known = {b.id: b for b in store.load_backends(db)}[backend_id]
+
+    def dirs_at(ids: list[int]) -> int:  # directories recorded at and below these, from their rollups
+        with db.pool.connection() as conn:
+            got = totals.totals(conn, ids)
+        return sum(got[i].dir_count + 1 for i in ids)
+
+    meter = Meter(progress, "directories scanned")
+    total = dirs_at([top])
+    executor = make_executor(known, home, read_only=True)
+    try:
+        owns = executor.owns_files
+        found: list[Found] = []
+        done = 0
+        meter.update(done, total)
+        stack: list[tuple[bytes, Node]] = [(rel.strip(b"/"), node)]
+        while stack:
+            here, dir_node = stack.pop()
+            try:
+                on_disk = dict(executor.listdir(here))
+            except ExecutorError as exc:
+                if not isinstance(exc, NotFound):  # the backend away, a permission: no answer
+                    raise ConfigError(f"scan of {backend}:/{display_name(here)} stopped: {exc}") from exc
+                found.append(Found(backend, display_name(here), "gone", None, _describe_node(dir_node)))
+                done += dirs_at([dir_node.id])
+                meter.update(done, total)
+                continue
+            recorded = {name: child for _, name, child in store.load_listing(db, dir_node.id)}
+            skipped: list[int] = []
+            for name in sorted(set(on_disk) | set(recorded)):
+                path = display_name(here + b"/" + name if here else name)
+                st, child = on_disk.get(name), recorded.get(name)
+                if child is None:
+                    found.append(Found(backend, path, "new", _describe(st), None))
+                    continue
+                if st is None:
+                    found.append(Found(backend, path, "gone", None, _describe_node(child)))
+                elif differs(child, st, owns):
+                    found.append(Found(backend, path, "changed", _describe(st), _describe_node(child)))
+                if child.is_dir and st is not None and st.kind == "dir":
+                    stack.append((here + b"/" + name if here else name, child))
+                elif child.is_dir:
+                    skipped.append(child.id)
+            done += 1 + (dirs_at(skipped) if skipped else 0)
+            meter.update(done, max(total, done))
+    finally:
+        executor.close()
+    meter.finish()
+    found.sort(key=lambda f: f.path)
+    return found

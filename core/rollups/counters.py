@@ -43,6 +43,7 @@ import psycopg
 from core.errors import ConfigError
 from core.journal import history, records
 from core.model import Principal
+from core.progress import Callback, Meter
 from core.storage.db import Database
 
 # Folds and checks take this session advisory lock, so that one fold at a time moves the
@@ -398,15 +399,26 @@ class Difference:
     expected: int
 
 
-def check(db: Database, subset: Subset, *, repair: bool = False, who: Principal | None = None) -> list[Difference]:
+CHECK_BATCH = 5000  # directories compared (and rewritten where they differ) a step
+
+
+def check(db: Database, subset: Subset, *, repair: bool = False, who: Principal | None = None,
+          progress: Callback | None = None) -> list[Difference]:
     """Count the subset again from the journal and the tree and compare it with the counters,
     in one snapshot taken right after a fold; with `repair`, replace what differs (a repaired
     subtree's ancestors are rebuilt from their direct children) and journal it
-    (`stats.repair`). Returns the differences found."""
+    (`stats.repair`). Returns the differences found.
+
+    `progress` (core.progress): directories compared of the subtree's, CHECK_BATCH at a time;
+    the fold and the recounts before are set-based statements with nothing to count (notes say
+    which runs)."""
+    meter = Meter(progress, "directories compared")
     with db.pool.connection() as conn, _locked(conn):
+        meter.note("folding the journal")
         _fold_in_snapshot(conn)
         differences: list[Difference] = []
         if subset.scope in ("global", "backend"):
+            meter.note(f"recounting the {subset.scope} counters (one statement)")
             expected = _recount_scope(conn, subset.scope, subset.key)
             recorded = _stored(conn, subset.scope, [subset.key])[subset.key]
             differences += _diff(subset.scope, subset.key, recorded, expected)
@@ -417,16 +429,20 @@ def check(db: Database, subset: Subset, *, repair: bool = False, who: Principal 
                     cur.executemany("INSERT INTO filestore.counters (scope, scope_key, counter, value)"
                                     " VALUES (%s, %s, %s, %s)",
                                     [(subset.scope, subset.key, n, v) for n, v in sorted(expected.items())])
-        dir_differences: list[Difference] = []
         if subset.root is not None:
-            fresh = recount(conn, subset.root)
-            stored = _stored(conn, "dir", [str(d) for d in fresh])
-            for dir_id, values in sorted(fresh.items()):
-                dir_differences += _diff("dir", str(dir_id), stored[str(dir_id)], values)
-            differences += dir_differences
+            meter.note("recounting the directories (one statement)")
+            fresh = sorted(recount(conn, subset.root).items())
+            meter.update(0, len(fresh))
+            for at in range(0, len(fresh), CHECK_BATCH):
+                chunk = dict(fresh[at:at + CHECK_BATCH])
+                stored = _stored(conn, "dir", [str(d) for d in chunk])
+                found = [x for dir_id, values in chunk.items() for x in _diff("dir", str(dir_id), stored[str(dir_id)],
+                                                                                 values)]
+                differences += found
+                if repair and found:
+                    _write_dirs(conn, {int(k): chunk[int(k)] for k in dict.fromkeys(d.key for d in found)})
+                meter.update(min(at + CHECK_BATCH, len(fresh)), len(fresh))
             if repair:
-                if dir_differences:
-                    _write_dirs(conn, fresh)
                 # Each ancestor again from what is directly in it, nearest first: right whether the
                 # subtree's rows or the ancestors' held the error.
                 for ancestor in _ancestors(conn, subset.root):
@@ -444,7 +460,8 @@ def check(db: Database, subset: Subset, *, repair: bool = False, who: Principal 
                 "stats.repair", "committed", who or Principal.current_process(), uuid.uuid4(), backend_id,
                 subset.root, None, {"scope": subset.scope, "key": subset.key},
                 result={"differences": len(differences)}))])
-        return differences
+    meter.finish()
+    return differences
 
 
 def _diff(scope: str, key: str, recorded: dict[str, int], expected: dict[str, int]) -> list[Difference]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -14,6 +14,7 @@ from core import config
 from core.errors import ConfigError
 from core.journal import records
 from core.model import Backend, Principal
+from core.progress import Callback, Meter
 from core.rollups import counters, totals
 from core.storage import store
 from core.storage.db import Database
@@ -60,11 +61,12 @@ def list_backends(db: Database) -> list[Backend]:
 
 
 def add(db: Database, name: str, root: str, *, read_only: bool = False, who: Principal | None = None,
-        progress: Callable[[int], None] | None = None, options: dict | None = None,
+        progress: Callback | None = None, options: dict | None = None,
         home: Path | None = None) -> Backend:
     """Register a local directory or an S3 prefix (`s3://bucket/prefix`) and import what it
     already holds, as one journaled command. The import commits directory by directory; if it
-    is cut off (S3 failing, a crash), the same command again resumes it where it stopped."""
+    is cut off (S3 failing, a crash), the same command again resumes it where it stopped.
+    `progress`: core.progress Steps, entries imported of the tree's total (_ImportCount)."""
     who = who or Principal.current_process()
     options = {k: v for k, v in (options or {}).items() if v is not None}
     if root.startswith("s3://"):
@@ -119,7 +121,12 @@ def _register(db, name, kind, root, read_only, options, executor, who, progress)
                 " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
                 (name, kind, root, read_only, json.dumps({**options, **todo}), root_id)).fetchone()[0]
             _flush(conn, [_node_row(root_id, backend_id, root_stat)], [])
-    _import_tree(db, backend_id, executor, progress)
+    count = _ImportCount(db, backend_id, executor, progress, resumed=bool(row))
+    try:
+        _import_tree(db, backend_id, executor, count.listed)
+    finally:
+        count.stop()
+    count.meter.note("rollups and counters of the imported tree")
     with db.pool.connection() as conn, conn.transaction():
         conn.execute("UPDATE filestore.backend_mounts SET options = options - 'import' WHERE id = %s", (backend_id,))
         counts = conn.execute(
@@ -143,12 +150,54 @@ def _register(db, name, kind, root, read_only, options, executor, who, progress)
     log.info("backend %s added at %s: %d entries imported", name, root, counts[0] + counts[1],
              extra={"journal_id": journal_id, "backend": name})
     totals.recalculate(db, root_id, who, reason="import")  # the imported tree's rollups, set-based
+    count.meter.finish()
     return Backend(backend_id, name, kind, root, read_only, root_id, options)
 
 
 def _new_ids(conn, n: int) -> list[int]:
     return [r[0] for r in conn.execute(
         "SELECT nextval('filestore.node_ids') FROM generate_series(1, %s)", (n,)).fetchall()]
+
+
+class _ImportCount:
+    """Where an import stands (issue 17): entries imported, by this run and by the runs it
+    resumes, of the tree's total. The executor counts the tree in a background thread
+    (`count_tree`: a scandir walk, a LIST without delimiter); until that count is in, or with
+    an executor that has none, the total is estimated ("about") as the entries imported plus
+    the directories still to list times the entries per directory listed so far."""
+
+    def __init__(self, db: Database, backend_id: int, executor, progress: Callback | None, *, resumed: bool):
+        # What earlier runs committed (0.2-0.4 s with 800,000 entries in the database): asked only on a resume.
+        base = db.query("SELECT count(*) FROM filestore.entries e JOIN filestore.nodes n ON n.id = e.parent_id"
+                        " WHERE n.backend_id = %s", (backend_id,))[0][0] if progress and resumed else 0
+        self.meter = Meter(progress, "imported entries", base=base)
+        self.dirs = self.entries = 0
+        self.counted: int | None = None
+        self._stop = threading.Event()
+        self._thread = None
+        if progress is not None and hasattr(executor, "count_tree"):
+            self._thread = threading.Thread(target=self._count, args=(executor,), name="import-count", daemon=True)
+            self._thread.start()
+
+    def _count(self, executor) -> None:
+        try:
+            self.counted = executor.count_tree(self._stop)
+        except (ExecutorError, OSError) as exc:  # the import itself reports what fails; this stays an estimate
+            log.debug("import count failed: %s", exc)
+
+    def listed(self, dirs: int, entries: int, pending: int) -> None:
+        """_import_tree's callback after each batch: directories and entries it listed, directories left."""
+        self.dirs += dirs
+        self.entries += entries
+        done = self.meter.base + self.entries
+        note = f"{pending:,} director{'y' if pending == 1 else 'ies'} to list" if pending else ""
+        if self.counted is not None:
+            self.meter.update(done, max(self.counted, done), note=note)
+        else:
+            self.meter.update(done, done + round(pending * self.entries / self.dirs), estimated=True, note=note)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _import_tree(db: Database, backend_id: int, executor, progress) -> None:
@@ -158,7 +207,6 @@ def _import_tree(db: Database, backend_id: int, executor, progress) -> None:
     pending = [(dir_id, bytes.fromhex(rel)) for dir_id, rel in db.query(
         "SELECT options->'import'->'pending' FROM filestore.backend_mounts WHERE id = %s", (backend_id,))[0][0]]
     seen_inodes: dict[int, int] = {}  # hard links met in this run (a resumed run starts afresh)
-    total = 0
     while pending:
         listed = []
         while pending and sum(len(children) for _, _, children in listed) < _IMPORT_BATCH:
@@ -180,12 +228,11 @@ def _import_tree(db: Database, backend_id: int, executor, progress) -> None:
                     entry_rows.append((dir_id, name, node_id))
                     if st.kind == "dir":
                         pending.append((node_id, rel + b"/" + name if rel else name))
-                total += len(children)
             _flush(conn, node_rows, entry_rows)
             conn.execute("UPDATE filestore.backend_mounts SET options = jsonb_set(options, '{import,pending}', %s)"
                          " WHERE id = %s", (json.dumps([[i, r.hex()] for i, r in pending]), backend_id))
         if progress:
-            progress(total, len(pending))
+            progress(len(listed), sum(len(children) for _, _, children in listed), len(pending))
 
 
 def _node_row(node_id: int, backend_id: int, st: Stat) -> tuple:

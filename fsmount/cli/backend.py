@@ -30,7 +30,7 @@ def backend() -> None:
               help="Rollout phase 1: changes made behind Filestore's back are journaled and published as drift and "
                    "their nodes marked INCONSISTENT, never adopted until `filestore drift adopt PATH`.")
 @click.option("--json", "json_progress", is_flag=True,
-              help="Progress as JSON lines on stdout (count, rate, elapsed), for scripts.")
+              help="Progress as JSON lines on stdout (count, total, rate, time left), then the result, for scripts.")
 @one_line_errors
 def add(name: str, path: str, read_only: bool, endpoint_url: str | None, region: str | None, xattrs: bool,
         observe_only: bool, json_progress: bool) -> None:
@@ -44,15 +44,9 @@ def add(name: str, path: str, read_only: bool, endpoint_url: str | None, region:
     if (endpoint_url or region) and not path.startswith("s3://"):
         raise click.UsageError("--endpoint-url and --region apply to s3:// backends only")
     db = open_database(settings())
-    progress = Progress("imported entries", json_lines=json_progress)
-
-    def imported(count: int, directories_left: int = 0) -> None:
-        progress.update(count, note=f"{directories_left:,} directories to list" if directories_left else "")
-
-    added = backends.add(db, name, path, read_only=read_only, progress=imported,
+    added = backends.add(db, name, path, read_only=read_only, progress=Progress(json_lines=json_progress),
                          options={"endpoint_url": endpoint_url, "region": region, "xattrs": xattrs or None,
                                   "observe_only": observe_only or None})
-    progress.done()
     if json_progress:
         click.echo(json.dumps({"added": added.name, "root": added.root, "read_only": read_only,
                                "observe_only": observe_only}))

@@ -1,7 +1,8 @@
-"""`filestore drift ls|purge|adopt`: changes made behind Filestore's back, seen and acted on."""
+"""`filestore drift ls|scan|purge|adopt`: changes made behind Filestore's back, seen and acted on."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 
@@ -14,6 +15,7 @@ from core.service import open_database
 
 from ..mount import filestore_mounts
 from . import emit_json, main, one_line_errors, settings
+from .progress import Progress
 
 
 def _target(path: str | None) -> tuple[str | None, bytes]:
@@ -118,3 +120,32 @@ def adopt(path: str) -> None:
     for d in adopted:
         click.echo(f"adopted {d.backend}:/{d.path} ({d.state.lower()})")
     click.echo(f"{len(adopted)} path(s) adopted")
+
+
+@drift_group.command("scan")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON lines on stdout: the progress (directories scanned of those recorded, rate, time left),"
+                   " then the result.")
+@one_line_errors
+def scan(path: str, as_json: bool) -> None:
+    """Compare the backend with the database at and under PATH (BACKEND, BACKEND:/DIR or a
+    directory in a mount), directory by directory, now, and list what differs: new on the
+    backend, gone from it, changed. Changes nothing (a mount or sidecar reconciles drift; on an
+    observe-only backend, `drift adopt`). Exits 1 when something differs. Progress is drawn on
+    a terminal: directories scanned of those recorded there.
+
+    Example: filestore drift scan local:/projects
+    """
+    conf = settings()
+    db = open_database(conf, apply_schema=False)
+    backend, rel = _target(path)
+    found = drift.scan(db, backend, rel, home=conf.home, progress=Progress(json_lines=as_json))
+    if as_json:
+        click.echo(json.dumps({"path": path, "differences": [f.as_json() for f in found]}))
+    else:
+        for f in found:
+            click.echo(f"{f.what:<8} {f.backend}:/{f.path}")
+        click.echo(f"{len(found)} difference(s) under {path}")
+    if found:
+        raise SystemExit(1)

@@ -1,6 +1,8 @@
-"""One progress display for the long admin commands (issue 17): a line redrawn on a terminal
-(count, rate, elapsed, and the time left when the total is known), JSON lines with `--json` for
-scripts, nothing otherwise."""
+"""One progress display for the long admin commands (issue 17). Core computes each Step (count,
+total or estimate, rate, time left: core.progress); this only draws it: a line redrawn on a
+terminal (stderr), JSON lines on stdout with `--json` (for scripts: every line of a command run
+with `--json` is one JSON document, the progress ones with a "progress" key, the result last),
+nothing otherwise."""
 from __future__ import annotations
 
 import json
@@ -9,45 +11,40 @@ import time
 
 import click
 
+from core.progress import Step
+
 
 class Progress:
-    def __init__(self, what: str, *, json_lines: bool = False, interval: float = 0.5):
-        self.what = what
+    """A core.progress callback. Steps are drawn at most every `interval` seconds; the last one
+    (done) always, and so is a step that starts something with nothing counted (a new note at
+    the same count: a long statement begins)."""
+
+    def __init__(self, *, json_lines: bool = False, interval: float = 0.5):
         self.json_lines = json_lines
         self.show = not json_lines and sys.stderr.isatty()
         self.interval = interval
-        self.started = time.monotonic()
         self._last = 0.0
-        self.count = 0
-        self.total: int | None = None
-        self.note = ""
+        self._drawn: tuple[int, str] | None = None  # count and note of the last step drawn
 
-    def update(self, count: int, *, total: int | None = None, note: str = "") -> None:
-        self.count, self.total, self.note = count, total, note
+    def __call__(self, step: Step) -> None:
         now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._last = now
-            self._emit(final=False)
-
-    def done(self) -> None:
-        self._emit(final=True)
-        if self.show:
-            click.echo("", err=True)
-
-    def _emit(self, *, final: bool) -> None:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        rate = self.count / elapsed
-        left = (self.total - self.count) / rate if self.total and rate > 0 and not final else None
+        phase = self._drawn is not None and self._drawn == (step.count, self._drawn[1]) and step.note != self._drawn[1]
+        if not step.done and not phase and now - self._last < self.interval:
+            return
+        self._last, self._drawn = now, (step.count, step.note)
         if self.json_lines:
-            click.echo(json.dumps({"progress": self.what, "count": self.count, "total": self.total,
-                                   "rate_per_s": round(rate, 1), "elapsed_s": round(elapsed, 1),
-                                   "left_s": None if left is None else round(left, 1), "done": final}))
+            click.echo(json.dumps(step.as_json()))
         elif self.show:
-            of = f" of {self.total:,}" if self.total else ""
-            eta = f", {_clock(left)} left" if left is not None else ""
-            note = f" ({self.note})" if self.note and not final else ""
-            click.echo(f"\r{self.what}: {self.count:,}{of}, {rate:,.0f}/s, {_clock(elapsed)}{eta}{note}\033[K",
-                       nl=False, err=True)
+            click.echo(f"\r{_line(step)}\033[K", nl=step.done, err=True)
+
+
+def _line(step: Step) -> str:
+    of = ""
+    if step.total is not None:
+        of = f" of {'about ' if step.estimated else ''}{step.total:,}"
+    left = f", {'about ' if step.estimated else ''}{_clock(step.left_s)} left" if step.left_s is not None else ""
+    note = f" ({step.note})" if step.note and not step.done else ""
+    return f"{step.what}: {step.count:,}{of}, {step.rate_per_s:,.0f}/s, {_clock(step.elapsed_s)}{left}{note}"
 
 
 def _clock(seconds: float) -> str:

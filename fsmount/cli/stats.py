@@ -1,6 +1,7 @@
 """`filestore du`, `filestore rollups verify|repair` and `filestore stats`: answers without a walk."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -14,6 +15,7 @@ from core.storage.queue import JobQueue
 
 from ..mount import filestore_mounts
 from . import emit_json, main, one_line_errors, settings
+from .progress import Progress
 
 
 def _human(size: int) -> str:
@@ -130,26 +132,41 @@ def verify(path: str, as_json: bool) -> None:
 @click.argument("path")
 @click.option("--queue", "queued", is_flag=True,
               help="Queue the recount on filestore_rollup_queue (a mount or sidecar runs it) and return.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Progress as JSON lines on stdout (directories written of the subtree's, rate, time left),"
+                   " then the result as one JSON line.")
 @one_line_errors
-def repair(path: str, queued: bool) -> None:
+def repair(path: str, queued: bool, as_json: bool) -> None:
     """Rebuild the rollups of the subtree at PATH from a recount (only that subtree is read).
+    Progress is drawn on a terminal: the recount itself is one statement, then the directories
+    are written batch by batch.
 
     Example: filestore rollups repair local:/projects
     """
     db, backend, rel, top = _target(path)
+    label = f"{backend}:/{os.fsdecode(rel)}"
     if queued:
         folder.enqueue_recalculation(JobQueue(db), [top], "repair")
-        click.echo(f"queued a recount of {backend}:/{os.fsdecode(rel)} on filestore_rollup_queue")
+        if as_json:
+            click.echo(json.dumps({"queued": label}))
+            return
+        click.echo(f"queued a recount of {label} on filestore_rollup_queue")
         return
-    before = totals.verify(db, top)
-    result = totals.recalculate(db, top, Principal.current_process(), reason="repair")
-    click.echo(f"repaired {backend}:/{os.fsdecode(rel)}: {len(before)} director{'y' if len(before) == 1 else 'ies'}"
+    result = totals.recalculate(db, top, Principal.current_process(), reason="repair",
+                                progress=Progress(json_lines=as_json))
+    if as_json:
+        click.echo(json.dumps({"repaired": label, **result}))
+        return
+    differed = result["differed"]
+    click.echo(f"repaired {label}: {differed} director{'y' if differed == 1 else 'ies'}"
                f" differed; {result['directories']} recounted in {result['milliseconds']} ms")
 
 
 @main.command()
 @click.argument("words", nargs=-1, metavar="[verify|repair] [BACKEND|PATH]")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON document on stdout; for verify and repair, JSON lines: the progress (directories"
+                   " compared of the subtree's, rate, time left), then the result.")
 @one_line_errors
 def stats(words: tuple[str, ...], as_json: bool) -> None:
     """Counters of commands, events, bytes and nodes by type: global, for a BACKEND, or below a
@@ -179,9 +196,9 @@ def stats(words: tuple[str, ...], as_json: bool) -> None:
         if subset.scope == "dir" and subset.root is None:
             raise click.ClickException(f"{label} is a {kind}: its counters are counted from its journal when asked;"
                                        " verify or repair its directory")
-        found = counters.check(db, subset, repair=action == "repair")
-        if as_json:
-            emit_json({"target": label, "action": action, "differences": [d.__dict__ for d in found]})
+        found = counters.check(db, subset, repair=action == "repair", progress=Progress(json_lines=as_json))
+        if as_json:  # after the progress lines: the result as the last one
+            click.echo(json.dumps({"target": label, "action": action, "differences": [d.__dict__ for d in found]}))
         else:
             for d in found:
                 click.echo(f"{d.scope} {d.key} {d.counter}: recorded {d.recorded}, counted {d.expected}")

@@ -1,5 +1,5 @@
 """Issue 17, progress everywhere long: `backend add`, `rollups repair`, `stats repair` and
-`drift scan` report count, total, rate and time left (core.progress), as JSON lines with
+`drift scan` report count, total, rate and time left (core.observe.progress), as JSON lines with
 `--json`, drawn on a terminal's stderr, and nothing on stderr otherwise; an import killed
 mid-way (SIGKILL of the real process) resumes and ends with the same tree as an
 uninterrupted one."""

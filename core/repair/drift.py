@@ -29,7 +29,7 @@ from core.journal import history
 from core.journal.pipeline import Pipeline
 from core.journal.records import Change, Journal, Record
 from core.model import Node, Principal, display_name, name_arg
-from core.progress import Callback, Meter
+from core.observe.progress import Callback, Meter
 from core.rollups import deltas
 from core.storage import store
 from core.storage.db import Database
@@ -289,7 +289,7 @@ def scan(db: Database, backend: str, rel: bytes, *, home=None, progress: Callbac
     differs, by path. A new directory on the backend is one difference (not descended); a
     directory gone or become something else counts its recorded subtree as scanned.
 
-    `progress` (core.progress): directories scanned of those the database holds there (its
+    `progress` (core.observe.progress): directories scanned of those the database holds there (its
     rollup, so the total is known before the first listing)."""
     from core.repair.reconcile import _describe, _describe_node, differs
     from core.rollups import totals

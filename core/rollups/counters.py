@@ -43,7 +43,7 @@ import psycopg
 from core.errors import ConfigError
 from core.journal import history, records
 from core.model import Principal
-from core.progress import Callback, Meter
+from core.observe.progress import Callback, Meter
 from core.storage.db import Database
 
 # Folds and checks take this session advisory lock, so that one fold at a time moves the
@@ -409,7 +409,7 @@ def check(db: Database, subset: Subset, *, repair: bool = False, who: Principal 
     subtree's ancestors are rebuilt from their direct children) and journal it
     (`stats.repair`). Returns the differences found.
 
-    `progress` (core.progress): directories compared of the subtree's, CHECK_BATCH at a time;
+    `progress` (core.observe.progress): directories compared of the subtree's, CHECK_BATCH at a time;
     the fold and the recounts before are set-based statements with nothing to count (notes say
     which runs)."""
     meter = Meter(progress, "directories compared")

@@ -21,7 +21,7 @@ import psycopg
 from core.journal import records
 from core.model import Principal
 from core.observe import metrics
-from core.progress import Callback, Meter
+from core.observe.progress import Callback, Meter
 from core.storage.db import Database
 
 # Folds take this advisory lock shared (several folders may run: they split batches with
@@ -136,7 +136,7 @@ def recalculate(db: Database, top: int, who: Principal | None = None, reason: st
     stay pending and fold on top, so nothing is counted twice or lost. Journaled (command
     `rollups.recalculate`, in the same transaction), so it is an event like any command.
 
-    `progress` (core.progress): directories written of the subtree's, batch by batch; the
+    `progress` (core.observe.progress): directories written of the subtree's, batch by batch; the
     recount before is one set-based statement with nothing to count (a note says it runs).
     The result also says how many directories `differed` from the recount."""
     started = time.monotonic()

@@ -14,7 +14,7 @@ from core import config
 from core.errors import ConfigError
 from core.journal import records
 from core.model import Backend, Principal
-from core.progress import Callback, Meter
+from core.observe.progress import Callback, Meter
 from core.rollups import counters, totals
 from core.storage import store
 from core.storage.db import Database
@@ -66,7 +66,7 @@ def add(db: Database, name: str, root: str, *, read_only: bool = False, who: Pri
     """Register a local directory or an S3 prefix (`s3://bucket/prefix`) and import what it
     already holds, as one journaled command. The import commits directory by directory; if it
     is cut off (S3 failing, a crash), the same command again resumes it where it stopped.
-    `progress`: core.progress Steps, entries imported of the tree's total (_ImportCount)."""
+    `progress`: core.observe.progress Steps, entries imported of the tree's total (_ImportCount)."""
     who = who or Principal.current_process()
     options = {k: v for k, v in (options or {}).items() if v is not None}
     if root.startswith("s3://"):

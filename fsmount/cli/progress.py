@@ -1,5 +1,5 @@
 """One progress display for the long admin commands (issue 17). Core computes each Step (count,
-total or estimate, rate, time left: core.progress); this only draws it: a line redrawn on a
+total or estimate, rate, time left: core.observe.progress); this only draws it: a line redrawn on a
 terminal (stderr), JSON lines on stdout with `--json` (for scripts: every line of a command run
 with `--json` is one JSON document, the progress ones with a "progress" key, the result last),
 nothing otherwise."""
@@ -11,11 +11,11 @@ import time
 
 import click
 
-from core.progress import Step
+from core.observe.progress import Step
 
 
 class Progress:
-    """A core.progress callback. Steps are drawn at most every `interval` seconds; the last one
+    """A core.observe.progress callback. Steps are drawn at most every `interval` seconds; the last one
     (done) always, and so is a step that starts something with nothing counted (a new note at
     the same count: a long statement begins)."""
 

@@ -54,3 +54,83 @@ def test_a_walk_of_200000_files_keeps_the_mount_within_its_namespace_memory(tmp_
     finally:
         mount.stop()
     assert_consistent(db, "big", root)
+
+
+# -- loading a directory costs what it holds, not what the database holds (issue 17, flat costs) --
+
+class RecordingDatabase:
+    """A core Database whose queries are recorded, to be EXPLAINed afterwards."""
+
+    def __init__(self, url: str):
+        from core.storage.db import Database
+
+        self.inner = Database(url)
+        self.seen: list[tuple[str, object]] = []
+
+    def query(self, sql, params=None):
+        self.seen.append((sql, params))
+        return self.inner.query(sql, params)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def plan_nodes(plan: dict):
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def scans_of_everything(db, sql: str, params) -> list[str]:
+    """The plan's steps that read a table of the tree whole (a sequential scan of nodes or
+    entries) or walk one of their indexes past many rows it then drops."""
+    plan = db.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchone()[0][0]["Plan"]
+    bad = []
+    for step in plan_nodes(plan):
+        loops = step.get("Actual Loops", 1)
+        removed = step.get("Rows Removed by Filter", 0) * loops
+        if step.get("Relation Name") in ("nodes", "entries") and step["Node Type"] == "Seq Scan" and loops:
+            bad.append(f"Seq Scan on {step['Relation Name']} ({step.get('Actual Rows')} rows x {loops})")
+        elif removed > 2000:
+            bad.append(f"{step['Node Type']} on {step.get('Relation Name')} dropping {removed} rows")
+    return bad
+
+
+def test_loading_a_directory_reads_its_own_rows_not_the_whole_tree(tmp_path, env, db, database_url):
+    """In a database of 40,000 nodes, a 1,000-entry directory and a directory of 20
+    directories (of 10 files each): their listings (what a mount loads on first use) and a
+    directory's own node (its link count counts its subdirectories) read their own rows through
+    indexes, entry by entry. Before, PostgreSQL read every node of the database for a listing
+    (a hash join over a sequential scan) and for each directory's link count, so both grew
+    with the whole tree (issue 17)."""
+    from core.storage import store
+
+    root = tmp_path / "tree"
+    for d in range(40):
+        sub = root / f"d{d:02}"
+        sub.mkdir(parents=True)
+        for f in range(1000):
+            (sub / f"f{f}").touch()
+    for d in range(20):
+        sub = root / "small" / f"s{d:02}"
+        sub.mkdir(parents=True)
+        for f in range(10):
+            (sub / f"f{f}").touch()
+    run_cli(env, "backend", "add", "tree", str(root), timeout=600)
+    db.execute("ANALYZE filestore.nodes")
+    db.execute("ANALYZE filestore.entries")
+    top = db.execute("SELECT root_node_id FROM filestore.backend_mounts WHERE name = 'tree'").fetchone()[0]
+    d07, small = (db.execute("SELECT node_id FROM filestore.entries WHERE parent_id = %s AND name = %s",
+                             (top, name)).fetchone()[0] for name in (b"d07", b"small"))
+    recording = RecordingDatabase(database_url)
+    try:
+        listing = store.load_listing(recording, d07)
+        assert sorted(name for _, name, _ in listing) == sorted(f"f{f}".encode() for f in range(1000))
+        assert [entry_id for entry_id, _, _ in listing] == sorted(entry_id for entry_id, _, _ in listing)
+        subdirs = store.load_listing(recording, small)
+        assert sorted((name, n.nlink) for _, name, n in subdirs) == [(f"s{d:02}".encode(), 2) for d in range(20)]
+        assert store.load_node(recording, small).nlink == 22
+    finally:
+        recording.close()
+    bad = {sql[:60]: scans_of_everything(db, sql, params) for sql, params in recording.seen}
+    assert not any(bad.values()), bad

@@ -1,9 +1,11 @@
 -- Filestore mount: the data model (docs/design.md section 3).
 --
--- This file is the documented contract of the database. It is applied at every start by
--- core.schema.apply(), inside one transaction under an advisory lock, so it must stay
+-- This file is the documented contract of the database. core.storage.schema.apply() runs it,
+-- inside one transaction under an advisory lock, when the database's version is below
+-- SCHEMA_VERSION (never beside live mounts otherwise: its DDL takes locks), so it must stay
 -- idempotent: CREATE ... IF NOT EXISTS, CREATE OR REPLACE, and ALTER ... ADD COLUMN IF NOT
--- EXISTS for later changes. Bump SCHEMA_VERSION in core/storage/schema.py with every change here.
+-- EXISTS for later changes. Bump SCHEMA_VERSION in core/storage/schema.py with every change
+-- here: an unbumped change never reaches an existing database.
 
 CREATE SCHEMA IF NOT EXISTS filestore;
 

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from conftest import FILESTORE, REPO, assert_consistent, is_mounted, require_fuse, run_cli
 
@@ -467,3 +468,14 @@ def test_backend_add_reports_its_progress_as_json_lines(env, tmp_path):
     assert all(p["rate_per_s"] >= 0 and p["elapsed_s"] >= 0 for p in progress)
     assert lines[-1] == {"added": "tree", "root": str(root), "read_only": False, "observe_only": False}
     assert done.stderr == ""  # not a terminal: no progress line drawn there
+
+
+def test_an_admin_command_beside_a_writer_of_the_journal_runs_no_ddl(env, database_url):
+    """A database at this code's schema version is left as it is: schema.sql's DDL (the
+    journal's triggers) waits for every transaction writing the journal, and `filestore history`
+    run beside a live mount's group commits ended in "deadlock detected" (issue 17's bench)."""
+    run_cli(env, "journal", "--limit", "1")  # the schema is in place, at this code's version
+    with psycopg.connect(database_url) as writer:
+        writer.execute("LOCK TABLE filestore.journal_entries IN ROW EXCLUSIVE MODE")  # as a group commit holds it
+        done = run_cli(env, "journal", "--limit", "1", "--json", timeout=30)
+        assert json.loads(done.stdout) == []

@@ -7,10 +7,11 @@ import psycopg
 
 from core.errors import ConfigError
 
-SCHEMA_VERSION = 11  # 6: filestore.uploads (S3 write-back, D34); 7: record_commands (group commit, D36);
+SCHEMA_VERSION = 12  # 6: filestore.uploads (S3 write-back, D34); 7: record_commands (group commit, D36);
 # 8: counters by directory node id, snapshot-window folds, drift index (D40); 9: name_adoptions (D43);
 # 10: access_rules and access_version (policies: principals, scopes, path allow-lists, D42);
-# 11: the journal hash chain (chain_prev, hash, its triggers and lock) and the time-travel indexes (D41)
+# 11: the journal hash chain (chain_prev, hash, its triggers and lock) and the time-travel indexes (D41);
+# 12: the chain's row hash functions STABLE, so that the row trigger inlines them
 _LOCK_KEY = 0x46494C45  # "FILE": serialises concurrent starts
 
 
@@ -30,6 +31,12 @@ def apply(conn: psycopg.Connection) -> int:
         if version is None or version < SCHEMA_VERSION:
             raise ConfigError(f"the schema is at version {version}, this code needs {SCHEMA_VERSION}: "
                               f"run `filestore init` as its owner")
+        return version
+    version = current_version(conn)
+    if version is not None and version >= SCHEMA_VERSION:
+        # Up to date (or newer): no DDL. schema.sql's DDL takes locks that an admin command run
+        # beside a live mount deadlocked on (`filestore history` against a mount's group commit),
+        # so every change to schema.sql comes with a new SCHEMA_VERSION.
         return version
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))

@@ -343,7 +343,11 @@ class ContentTransfers:
                 self._pending_made = True
             if sync:
                 os.fsync(fd)
-            os.rename(self.spool / staging_id, pending / staging_id)
+            try:
+                os.rename(self.spool / staging_id, pending / staging_id)
+            except FileNotFoundError:  # `pending` removed behind our back: made again
+                pending.mkdir(parents=True, exist_ok=True)
+                os.rename(self.spool / staging_id, pending / staging_id)
             if sync:
                 self._fsync_dir(pending)  # the rename too: a crash must not bring back the staging name
         except OSError as exc:
@@ -364,9 +368,9 @@ class ContentTransfers:
         """Make kept files durable, in one batch: their content (fsyncs in parallel, which the
         filesystem's journal commits together) and their names (one fsync of `pending`). A
         file already gone (uploaded, or dropped) needs nothing."""
-        if not pending_ids:
-            return
         pending = self.pending_dir
+        if not pending_ids or not pending.is_dir():
+            return
 
         def one(pending_id: str) -> None:
             try:

@@ -88,6 +88,7 @@ class Filestore:
         self.access = Gate(self.db, self.ns, self.orch, settings.redis_url)  # policies (D42): checked by the mount's handlers
         self.orch.adoption = self.adoption
         self.pipeline.listeners += [self.rollups, self.folder, self.writeback, self]
+        self.pipeline.before.append(self.writeback)  # kept spool files durable before their rows
         if self.cache.shared:
             self.pipeline.listeners.append(Announcements(self.cache))
         self.orch.served_rollups = self.rollups

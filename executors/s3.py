@@ -115,6 +115,7 @@ class S3Executor(ContentTransfers):
         self.client.meta.events.register("before-send.s3", self._fail_fast)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="s3")
         self._reader_pool = ThreadPoolExecutor(max(readahead, 1) * 2, thread_name_prefix="s3-read")
+        self._sync_pool = ThreadPoolExecutor(8, thread_name_prefix="s3-sync")  # sync_pending's fsyncs
         self.spool = Path(spool_dir)
         self.spool.mkdir(parents=True, exist_ok=True)
         self.cache = ChunkCache(Path(cache_dir), cache_bytes) if cache_dir is not None else None
@@ -158,6 +159,7 @@ class S3Executor(ContentTransfers):
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self._reader_pool.shutdown(wait=False, cancel_futures=True)
+        self._sync_pool.shutdown(wait=True)
 
     # -- keys -------------------------------------------------------------------------
     def check_name(self, parent: bytes, name: bytes) -> None:

@@ -331,22 +331,64 @@ class ContentTransfers:
     def pending_dir(self):
         return self.spool.with_name("pending")
 
-    def keep(self, staging_id: str, fd: int) -> str:
-        """Make a spool file safe on local disk (fsync) and move it out of the staging area,
-        which recovery empties, into `pending`; returns its pending id (its name there)."""
+    def keep(self, staging_id: str, fd: int, *, sync: bool = True) -> str:
+        """Move a spool file out of the staging area, which recovery empties, into `pending`;
+        returns its pending id (its name there). With `sync`, safe on local disk first (fsync
+        of the file and of the directory); without, the caller makes it durable later, many
+        at once (`sync_pending`: write-back does it before the journal records the upload)."""
         pending = self.pending_dir
         try:
-            pending.mkdir(parents=True, exist_ok=True)
-            os.fsync(fd)
-            os.rename(self.spool / staging_id, pending / staging_id)
-            dir_fd = os.open(pending, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if not self._pending_made:
+                pending.mkdir(parents=True, exist_ok=True)
+                self._pending_made = True
+            if sync:
+                os.fsync(fd)
             try:
-                os.fsync(dir_fd)  # the rename too: a crash must not bring back the staging name
-            finally:
-                os.close(dir_fd)
+                os.rename(self.spool / staging_id, pending / staging_id)
+            except FileNotFoundError:  # `pending` removed behind our back: made again
+                pending.mkdir(parents=True, exist_ok=True)
+                os.rename(self.spool / staging_id, pending / staging_id)
+            if sync:
+                self._fsync_dir(pending)  # the rename too: a crash must not bring back the staging name
         except OSError as exc:
             raise from_os_error(exc) from exc
         return staging_id
+
+    _pending_made = False
+
+    @staticmethod
+    def _fsync_dir(path) -> None:
+        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def sync_pending(self, pending_ids: list[str]) -> None:
+        """Make kept files durable, in one batch: their content (fsyncs in parallel, which the
+        filesystem's journal commits together) and their names (one fsync of `pending`). A
+        file already gone (uploaded, or dropped) needs nothing."""
+        pending = self.pending_dir
+        if not pending_ids or not pending.is_dir():
+            return
+
+        def one(pending_id: str) -> None:
+            try:
+                fd = os.open(pending / pending_id, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        try:
+            if len(pending_ids) == 1:
+                one(pending_ids[0])
+            else:
+                list(self._sync_pool.map(one, pending_ids))
+            self._fsync_dir(pending)
+        except OSError as exc:
+            raise from_os_error(exc) from exc
 
     def pending_ids(self) -> list[str]:
         try:

@@ -723,7 +723,9 @@ def every_byte_but_slash_and_nul(r: Run):
     r.do("stat", os.stat, r.p(EVERY_BYTE), keep=meta)
     r.do("mkdir", os.mkdir, r.p(EVERY_BYTE[::-1]))
     for i, chunk in enumerate((b"\x01\x02", b"\xff\xfe", b" lead", b"trail ", b"-", b"\n", b"\\", b"\xc3\x28")):
-        r.do(f"name {i}", write, r.p(chunk), b"")
+        # the newline name is a directory: a file's object is written back after close, where
+        # the tests' S3 endpoint (moto) refuses such a key (fixtures_posix.DIFFERENCES)
+        r.do(f"name {i}", *((os.mkdir, r.p(chunk)) if chunk == b"\n" else (write, r.p(chunk), b"")))
     r.do("rename to the odd name", os.rename, r.p(b"\n"), r.p(b"\x80odd"))
     r.note("listing", sorted(os.listdir(os.fsencode(r.root))))
 

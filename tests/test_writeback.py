@@ -302,3 +302,53 @@ def test_two_thousand_small_files_are_all_in_the_bucket_after_unmount(tmp_path, 
                 assert etags[f"data/d{d}/f{i}"] == hashlib.md5(b"%04d-%02d " % (i, d) * 512).hexdigest()
     finally:
         stop_and_check(t, s3)
+
+
+def test_an_empty_file_created_and_closed_waits_for_no_put_and_is_uploaded_empty(wb, s3, fault_proxy):
+    """D48: the create of an empty file is answered from the namespace and its close
+    from the local spool (S3 refuses every PUT meanwhile); ONE PUT lands the empty object after."""
+    t = wb
+    fault_proxy.fail_when = puts_fail
+    fd = os.open(t.path / "empty", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    os.close(fd)  # answered although S3 refuses every PUT
+    with pytest.raises(FileExistsError):  # O_EXCL decided by the namespace
+        os.open(t.path / "empty", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    st = os.stat(t.path / "empty")
+    assert st.st_size == 0 and st.st_mode & 0o777 == 0o640
+    assert "empty" in os.listdir(t.path) and (t.path / "empty").read_bytes() == b""
+    node = t.node("empty", "s3")
+    assert node["checksum"] is None and pending_uploads(t.db) == 1
+    create = [j for j in t.journal() if j["node_id"] == node["id"] and j["command"] == "create"]
+    assert create[0]["status"] == "committed" and create[0]["args"]["upload"] == "pending"
+    assert keys(s3, t.bucket) == []
+    os.chmod(t.path / "empty", 0o600)  # recorded; the landing applies it
+    os.rename(t.path / "empty", t.path / "renamed")  # retargets the pending upload
+    fd = os.open(t.path / "gone", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.close(fd)
+    os.unlink(t.path / "gone")  # cancels its upload
+    fault_proxy.fail_when = None
+    wait_uploaded(t)
+    assert keys(s3, t.bucket) == ["data/renamed"]
+    head = s3.head_object(Bucket=t.bucket, Key="data/renamed")
+    assert head["ContentLength"] == 0 and int(head["Metadata"]["mode"]) & 0o777 == 0o600
+    assert t.node("renamed", "s3")["checksum"] == head["ETag"].strip('"') == hashlib.md5(b"").hexdigest()
+
+
+def test_a_crash_after_empty_creates_are_closed_uploads_them_at_the_next_start(wb, s3, fault_proxy):
+    t = wb
+    fault_proxy.fail_when = puts_fail
+    for i in range(5):
+        os.close(os.open(t.path / f"e{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    t.mount.kill()  # SIGKILL after the creates and closes were answered, before any PUT landed
+    assert keys(s3, t.bucket) == [] and len(os.listdir(t.pending)) == 5
+    fault_proxy.fail_when = None
+    t.mount.start()  # resumes this home's uploads before serving
+    wait_uploaded(t)
+    assert keys(s3, t.bucket) == [f"data/e{i}" for i in range(5)]
+    for i in range(5):
+        node = t.node(f"e{i}", "s3")
+        assert node["size"] == 0 and node["checksum"] == hashlib.md5(b"").hexdigest()
+        assert os.stat(t.path / f"e{i}").st_size == 0
+    journal = t.journal()
+    assert sum(1 for j in journal if j["command"] == "create" and j["status"] == "committed") == 5
+    assert sum(1 for j in journal if j["command"] == "upload") == 5

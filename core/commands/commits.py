@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from core.commands.content import PendingCreate
 from core.commands.template import write_args
+from core.errors import translated
 from core.faults import crash_point
 from core.model import Backend, Principal, new_request_id
 from core.view.namespace import Namespace
@@ -114,9 +115,18 @@ class ContentCommits:
         """First close (or fsync) of a file created here: land it and record create (+ write)."""
         executor = of.backend.executor
         node = self.ns.node(of.node_id)
+        request_id = of.request_id or new_request_id()
+        written = of.staging_id is not None
+        if not written and not durable and self._writes_back_new(of.backend):
+            # An empty new file written back (D48): an empty spool file is kept and
+            # uploaded like any content, so its close waits for no PUT (it was one synchronous
+            # PUT with If-None-Match, on the serving thread).
+            staging_id = f"{os.getpid()}.{request_id}"
+            with translated():
+                of.fd = executor.stage(staging_id)
+            of.staging_id = staging_id
         staging_id = of.staging_id
         write_back = self._writes_back(of.backend, staging_id, durable)
-        request_id = of.request_id or new_request_id()
         kept = []
 
         def land(parent_rel: bytes, name: bytes) -> Stat:
@@ -142,7 +152,7 @@ class ContentCommits:
             crash_point("after_land")
             return st
 
-        write = write_args(of.ranges, staged=True, durable=durable, attrs=of.attrs) if staging_id else None
+        write = write_args(of.ranges, staged=True, durable=durable, attrs=of.attrs) if written else None
         self.orch.finish_create(of.pending, land=land, write=write, writer=of.who, request_id=request_id,
                                 upload=(lambda: kept[0].row) if write_back else None)
 
@@ -150,6 +160,11 @@ class ContentCommits:
         if self.writeback is None:
             return contextlib.nullcontext()
         return self.writeback.clear(backend, keys=(rel,))
+
+    def _writes_back_new(self, backend: Backend) -> bool:
+        """Is an empty new file on this backend written back (S3, write-back on and running)?"""
+        wb = self.writeback
+        return wb is not None and wb.on and wb.running and wb.is_s3(backend)
 
     def _writes_back(self, backend: Backend, staging_id: str | None, durable: bool) -> bool:
         wb = self.writeback

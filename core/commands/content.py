@@ -102,6 +102,8 @@ def finish_create(t: Template, pending: PendingCreate, *, land: Callable[[bytes,
                   args={"parent_id": parent_id, "name": name_arg(name), "mode": node.mode},
                   paths=(rel,), request_id=request_id)
     write_cmd = None
+    if upload is not None and write is None:
+        cmd.args["upload"] = "pending"
     if write is not None:
         if upload is not None:
             write = {**write, "upload": "pending"}
@@ -119,6 +121,8 @@ def finish_create(t: Template, pending: PendingCreate, *, land: Callable[[bytes,
             final = current.changed(size=st.size, atime_ns=st.atime_ns, mtime_ns=st.mtime_ns,
                                     ctime_ns=st.ctime_ns, checksum=st.checksum, version=1)
             created_link.insert(final, parent_id=parent_id, name=name_arg(name))
+            if upload is not None:  # written back: an empty object uploaded after (D48)
+                created_link.uploads_added.append(upload())
             pairs = [(cmd, created_link)]
         else:  # version 1 as created (empty), version 2 with the content that landed
             created = current.changed(size=0, version=1, atime_ns=node.atime_ns,

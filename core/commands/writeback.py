@@ -144,6 +144,11 @@ class WriteBack:
     def is_s3(backend: Backend) -> bool:
         return backend.executor.writes_back
 
+    @property
+    def running(self) -> bool:
+        """The uploader pool is started (after `start`, until `drain`)."""
+        return self._pool is not None
+
     def applies(self, backend: Backend, staging_id: str) -> bool:
         """Is this close written back? S3, on, uploader running, and a whole spool file (a sparse
         one, standing for parts of a large object, is uploaded at close as before)."""
@@ -154,7 +159,9 @@ class WriteBack:
              request_id: uuid.UUID) -> tuple[Upload, Stat]:
         """Make the content safe on local disk and describe it: the Stat the write command
         records (checksum None until uploaded) and the Upload to queue once it committed."""
-        pending_id = backend.executor.keep(staging_id, fd)
+        # Not fsynced here: the committer makes the group's kept files durable at once before
+        # it records them (`before_commit`); close waits for neither (D48).
+        pending_id = backend.executor.keep(staging_id, fd, sync=False)
         st = os.fstat(fd)
         upload = Upload(node.id, backend, pending_id, rel, st.st_size, st.st_mtime_ns, request_id, self.owner)
         with self._lock:  # reads in this mount come from the spool file from now on
@@ -162,6 +169,21 @@ class WriteBack:
             self._kept[(node.id, pending_id)] = upload
         return upload, Stat("file", st.st_size, node.mode, node.uid, node.gid, 0, st.st_atime_ns,
                             st.st_mtime_ns, time.time_ns(), checksum=None)
+
+    def before_commit(self, group: list) -> None:
+        """The committer is about to record these entries: the spool files their upload rows
+        name are made durable first, in one batch per backend (a row is never durable without
+        its spool file: a power loss would otherwise leave a LOST UPLOAD)."""
+        by_backend: dict[int, tuple[Backend, list[str]]] = {}
+        with self._lock:
+            for entry in group:
+                for record in entry.records:
+                    for row in record.change.uploads_added:
+                        upload = self._kept.get((row.node_id, row.spool))
+                        if upload is not None:
+                            by_backend.setdefault(upload.backend.id, (upload.backend, []))[1].append(row.spool)
+        for backend, pending_ids in by_backend.values():
+            backend.executor.sync_pending(pending_ids)
 
     def after_commit(self, batch: Batch) -> None:
         """The write commands that recorded kept content are committed: upload it now."""
@@ -512,6 +534,9 @@ class WriteBack:
         for backend in backends.values():
             if not self.is_s3(backend):
                 continue
+            # Rows replayed from the intent log after a crash were recorded without
+            # `before_commit`: their spool files are made durable now (page cache survived).
+            backend.executor.sync_pending(sorted(recorded.get(backend.id, ())))
             for pending_id in backend.executor.pending_ids():
                 if pending_id not in recorded.get(backend.id, set()):
                     log.warning("removing kept spool file %s of %s: its write command never committed",

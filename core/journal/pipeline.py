@@ -174,6 +174,13 @@ class AfterCommit(Protocol):
     def after_commit(self, batch: Batch) -> None: ...
 
 
+class BeforeCommit(Protocol):
+    """Run by the committer before it sends a group: what the group's records refer to outside
+    the database is made durable first (write-back's spool files, D48)."""
+
+    def before_commit(self, group: list["Entry"]) -> None: ...
+
+
 class Adopter(Protocol):
     """Resolves an entry that cannot be recorded as it is (a conflict, a constraint): the
     records to commit in its place, keeping its journal rows and adopting the backend's state."""
@@ -200,6 +207,7 @@ class Pipeline:
         self.intents = intents
         self.settings = settings or Settings.from_env()
         self.listeners: list[AfterCommit] = list(listeners)
+        self.before: list[BeforeCommit] = []
         self.adopter = adopter
         # Held by the committer from sending a group until its listeners ran: a reader that
         # must see the database and the in-flight changes as one (core.rollups.folder.RollupView)
@@ -402,6 +410,8 @@ class Pipeline:
     def _commit(self, group: list[Entry], atimes: list[tuple[int, int]], sync: bool) -> bool:
         """Record a group (durably with `sync`); False if stopping with the database away."""
         started = time.perf_counter()
+        for hook in self.before:
+            hook.before_commit(group)  # raising: the group stays queued, tried again (_loop)
         attempt = 0
         pending = group
         while True:

@@ -367,10 +367,6 @@ class Operations(pyfuse3.Operations):
         """A directory's entries durable: everything answered so far committed, WAL flushed."""
         REQUESTS["fsyncdir"].inc()
         await self._durable("fsyncdir")
-        try:  # S3: the removals answered before it are carried out (core.commands.deletes)
-            await trio.to_thread.run_sync(self.fs.deletes.sync, limiter=WAITERS)
-        except Exception as exc:
-            raise _answer("fsyncdir", exc) from None
 
     @changing
     def mkdir(self, parent_inode, name, mode, ctx):

@@ -138,22 +138,6 @@ class Deletes:
                 self._cond.notify_all()
                 self._cond.wait(min(left, 0.2))
 
-    def sync(self) -> None:
-        """Until every deletion queued now is sent (fsync of a directory: the removals answered
-        before it are carried out in S3). Past FILESTORE_S3_WAIT_SECONDS: EIO."""
-        with self._cond:
-            waiting = {id(d) for ds in self._queued.values() for d in ds}
-            if not waiting:
-                return
-            deadline = time.monotonic() + self.wait_seconds
-            while any(id(d) in waiting for ds in self._queued.values() for d in ds):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._thread is None or self._give_up:
-                    raise FsError(errno.EIO, "object deletions still queued (S3 failing)")
-                self._urgent = True
-                self._cond.notify_all()
-                self._cond.wait(min(left, 0.2))
-
     # -- sending (the sender thread) --------------------------------------------------------
     def start(self) -> None:
         if self._thread is not None:

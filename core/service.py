@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import psycopg
 
 from core.access.gate import Gate
-from core.commands import writeback, xattrs
+from core.commands import deletes, writeback, xattrs
 from core.commands.files import FileTable
 from core.commands.orchestrator import Orchestrator
 from core.config import Settings
@@ -82,12 +82,15 @@ class Filestore:
         self.rollups = folder.RollupView(self.db, self.cache, self.ns.parent_of, self.pipeline)
         # S3 content recorded at close and uploaded in the background (started by a mount only)
         self.writeback = writeback.WriteBack(self.db, self.ns, self.jobs, settings.home, self.pipeline)
+        # S3 object deletions queued by unlink/rmdir, sent in batches (started by a mount only)
+        self.deletes = deletes.Deletes(self.db, writeback.owner_of(settings.home), self.writeback.wait_seconds)
+        self.writeback.deletes = self.deletes
         self.files = FileTable(self.orch, self.ns, self.writeback)
         self.orch.files = self.files
         self.adoption = recovery.Adoption(self)
         self.access = Gate(self.db, self.ns, self.orch, settings.redis_url)  # policies (D42): checked by the mount's handlers
         self.orch.adoption = self.adoption
-        self.pipeline.listeners += [self.rollups, self.folder, self.writeback, self]
+        self.pipeline.listeners += [self.rollups, self.folder, self.writeback, self.deletes, self]
         self.pipeline.before.append(self.writeback)  # kept spool files durable before their rows
         if self.cache.shared:
             self.pipeline.listeners.append(Announcements(self.cache))
@@ -351,6 +354,7 @@ class Filestore:
     def close(self) -> None:
         self.writeback.drain()
         self.pipeline.close()
+        self.deletes.drain()  # after the pipeline: every deletion answered is committed by then
         self.stop_workers()
         self.cache.close()
         for backend in self.ns.backends.values():

@@ -445,6 +445,11 @@ class S3Executor(ContentTransfers):
             raise PartlyDone(f"rename {src_dir} -> {dst_dir}: sources not all deleted: {exc}") from exc
         return len(keys)
 
+    def delete_paths(self, rels: list[tuple[bytes, bool]]) -> None:
+        """Delete the objects of these paths, (path, is a directory: its marker object), with
+        DeleteObjects calls of up to 1,000 keys; keys already gone are fine (core.commands.deletes)."""
+        self._delete_many([self._dir_key(rel) if is_dir else self._key(rel) for rel, is_dir in rels])
+
     def _delete_many(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
             batch = keys[start:start + 1000]

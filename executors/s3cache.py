@@ -104,8 +104,11 @@ class Reader:
         self._streak = self._streak + 1 if sequential else 0
         self._next_offset = end
         first, last = offset // self._chunk, (end - 1) // self._chunk
-        if self._streak >= 2:
-            for index in range(last + 1, min(last + 1 + self._readahead, self._chunks())):
+        if self._streak:
+            # From the first read at the start (or right after the last one): the next chunk;
+            # from the second on, `readahead` chunks, fetched in parallel ranged GETs.
+            depth = self._readahead if self._streak >= 2 else 1
+            for index in range(last + 1, min(last + 1 + depth, self._chunks())):
                 self._prefetch(index)
         parts = []
         for index in range(first, last + 1):

@@ -95,6 +95,8 @@ def serve(settings: Settings, mountpoint: str) -> None:
             log.info("recovery: %s", report)
         fs.writeback.start()
         fs.writeback.resume(fs.ns.backends)  # uploads a crash left pending, before serving
+        fs.deletes.start()
+        fs.deletes.resume(fs.ns.backends)  # S3 deletions a crash left queued
         loops = eventloops.start_in_mount(fs)
         fs.warm()
         options = set(pyfuse3.default_options)

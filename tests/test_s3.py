@@ -329,7 +329,8 @@ def test_import_then_rename_a_directory_of_1000_objects(tmp_path, env, db, s3_en
         os.rename(t.path / "moved" / "sub3" / "f0513", t.path / "moved" / "renamed")
         assert s3.get_object(Bucket=bucket, Key="data/moved/renamed")["Body"].read() == b"513"
         subprocess.run(["rm", "-r", str(t.path / "moved")], check=True)
-        assert keys(s3, bucket, "data/") == []
+        # the deletions are sent in batches once rm -r answered (D49)
+        wait_until(lambda: keys(s3, bucket, "data/") == [], message="the objects to be deleted")
     finally:
         stop_and_check(t, s3)
 

@@ -9,6 +9,7 @@ import errno
 import time
 from typing import Any
 
+from core.commands.deletes import deletes_of
 from core.commands.template import Command, Template, idempotent, touch_cached
 from core.commands.validation import new_owner, new_path, parent_for_new_name
 from core.journal.records import Change
@@ -166,18 +167,27 @@ def _remove_name(t: Template, command: str, who: Principal, parent_id: int, name
     executor = backend.executor
     # S3: an rmdir lists the prefix, so uploads still being sent under it for files no longer
     # there finish first; an unlink of a file whose upload is pending cancels it (writeback).
+    deletes = deletes_of(t.files)
     with t.files.clear(backend, under=(rel,) if command == "rmdir" else ()):
         upload = t.files.pending_upload(node.id) if command == "unlink" and node.nlink <= 1 else None
-        _remove(t, cmd, command, node, parent, parent_id, parent_rel, name, rel, executor, upload)
+        # S3: the object's deletion is queued with the command and sent in a batch once it is
+        # committed (core.commands.deletes); an rmdir lists nothing (the listing above says empty)
+        queued = deletes is not None and deletes.applies(backend) and (command == "rmdir" or node.nlink <= 1)
+        _remove(t, cmd, command, node, parent, parent_id, parent_rel, name, rel, executor, upload,
+                deletes if queued else None)
         if upload is not None:
             t.files.cancel_upload(node.id)
 
 
 def _remove(t: Template, cmd: Command, command: str, node: Node, parent: Node, parent_id: int, parent_rel: bytes,
-            name: bytes, rel: bytes, executor, upload) -> None:
+            name: bytes, rel: bytes, executor, upload, deletes=None) -> None:
+    sent_away = upload is not None and upload.sending == rel
+    if sent_away:
+        deletes = None  # the send under way to that key deletes it once it stops (writeback)
+
     def execute() -> None:
-        if upload is not None and upload.sending == rel:
-            return  # the send under way to that key deletes it once it stops (writeback)
+        if sent_away or deletes is not None:
+            return
         (executor.rmdir if command == "rmdir" else executor.unlink)(parent_rel, name)
 
     def record(_):
@@ -191,6 +201,10 @@ def _remove(t: Template, cmd: Command, command: str, node: Node, parent: Node, p
         if upload is not None:  # its content never lands: the row goes with this command
             change.uploads_landed.append((node.id, upload.pending_id))
             cmd.args["upload"] = "cancelled"
+        if deletes is not None:  # after the cancelled upload's row: they share the node's key
+            change.uploads_added.append(deletes.queue(cmd.backend, node.id, rel, is_dir=command == "rmdir",
+                                                      request_id=cmd.request_id))
+            cmd.args["object"] = "queued"
 
         def apply():
             t.ns.unlink(parent_id, name, node.id)

@@ -5,6 +5,7 @@ import errno
 import time
 from dataclasses import dataclass
 
+from core.commands.deletes import deletes_of
 from core.commands.template import Command, Template, idempotent, join, touch_cached
 from core.commands.validation import check_backend_name, check_name, is_within
 from core.errors import FsError
@@ -90,6 +91,11 @@ def _move(t: Template, cmd: Command, src: Node, dst: Node | None, old: Side, new
     only for uploads still being sent under either name for files no longer there; a file
     copied onto a key waits for a send still under way to that key."""
     files = t.files
+    deletes = deletes_of(files)
+    if deletes is not None:
+        # S3: deletions still queued at the new key, or under either directory (a directory
+        # rename lists and copies them), are sent first (core.commands.deletes)
+        deletes.flush(cmd.backend, keys=(new.rel,), under=(old.rel, new.rel) if src.is_dir else ())
     for _ in range(3):
         copies = not src.is_dir and files.pending_upload(src.id) is None
         keys = (new.rel,) if copies else ()

@@ -138,6 +138,7 @@ class WriteBack:
         self._stopping = threading.Event()
         self._give_up = False
         self._kept: dict[tuple[int, str], Upload] = {}  # recorded, its write command not committed yet
+        self.deletes = None  # core.commands.deletes.Deletes (set by core.service): keys with a deletion queued
 
     # -- deciding and recording (serving thread) ---------------------------------------
     @staticmethod
@@ -292,6 +293,8 @@ class WriteBack:
             yield
             return
         prefixes = tuple(u + b"/" if u else b"" for u in under)
+        if keys and self.deletes is not None:
+            self.deletes.flush(backend, keys=keys)  # a queued deletion of the key is sent first
 
         def at_key(key: bytes) -> bool:
             return key in keys
@@ -403,6 +406,8 @@ class WriteBack:
                 while key in self._sending:
                     self._sends.wait(0.5)
         try:
+            if self.deletes is not None:
+                self.deletes.flush(upload.backend, keys=(rel,))  # a queued deletion of the key goes first
             try:
                 st = executor.upload_pending(upload.pending_id, rel, mode=node.mode, uid=node.uid, gid=node.gid,
                                              times_ns=(node.atime_ns, node.mtime_ns),
@@ -507,8 +512,8 @@ class WriteBack:
         """At start, before serving: queue this home's uploads left by a crash (or an unmount
         with S3 failing); report those whose spool file is gone; delete kept spool files whose
         write command never committed. Returns how many were queued."""
-        rows = self.db.query_dicts("SELECT * FROM filestore.uploads WHERE owner = %s ORDER BY created_at",
-                                   (self.owner,))
+        rows = self.db.query_dicts("SELECT * FROM filestore.uploads WHERE owner = %s AND spool NOT LIKE 'delete:%%'"
+                                   " ORDER BY created_at", (self.owner,))  # deletions: core.commands.deletes
         queued = 0
         recorded: dict[int, set[str]] = {}
         for row in rows:

@@ -123,7 +123,9 @@ class WriteBack:
         self.jobs = jobs
         self.on = enabled() if on is None else on
         self.owner = owner_of(home)
-        self.workers = max(1, int(_env_float("FILESTORE_S3_UPLOADS", 16)))
+        # 4, not 16: upload threads run botocore under the GIL beside the serving thread, and 16
+        # of them halved the rate of closes on a loopback endpoint for no faster landing (D50).
+        self.workers = max(1, int(_env_float("FILESTORE_S3_UPLOADS", 4)))
         self.wait_seconds = _env_float("FILESTORE_S3_WAIT_SECONDS", 30)
         self.pending: dict[int, Upload] = {}
         self._lock = threading.Lock()

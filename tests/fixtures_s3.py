@@ -138,7 +138,8 @@ def pending_uploads(db) -> int:
 
 def wait_uploaded(t: S3Tracked, timeout: float = 60) -> None:
     """Write-back (D34): wait until every upload recorded at close has landed (the closes'
-    records committed first: an upload starts once its write command is in the journal)."""
+    records committed first: an upload starts once its write command is in the journal), and
+    every deletion queued by an unlink or rmdir has been sent (their rows are uploads rows, D49)."""
     t.settle()
     wait_until(lambda: pending_uploads(t.db) == 0, timeout=timeout, message="pending uploads to land")
 
@@ -314,3 +315,16 @@ def assert_bucket_consistent(db, backend: str, s3, bucket: str, prefix: str, *, 
     assert not differing, f"{backend}: bucket vs database differ: {differing}"
     uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     assert not uploads, f"multipart uploads left open: {[u['Key'] for u in uploads]}"
+
+
+@pytest.fixture
+def s3_proxied(tmp_path, env, db, s3_endpoint, bucket, s3, fault_proxy):
+    """A mount over the bucket through the fault proxy, one attempt per request and no inline
+    audits: the requests the proxy counts are the mount's own."""
+    env["FILESTORE_INLINE_LOOPS"] = "0"
+    t = start_s3_mount(tmp_path, env, db, fault_proxy.url, bucket, options={"max_attempts": 1})
+    try:
+        yield t
+    finally:
+        fault_proxy.fail_when = None
+        stop_and_check(t, s3)

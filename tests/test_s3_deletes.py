@@ -10,7 +10,7 @@ import threading
 
 import pytest
 from conftest import wait_until
-from fixtures_s3 import start_s3_mount, stop_and_check, wait_uploaded
+from fixtures_s3 import wait_uploaded
 
 
 def keys(s3, bucket: str, prefix: str = "data/") -> list[str]:
@@ -43,14 +43,8 @@ def make_tree(root, dirs: int = 3, files: int = 40) -> int:
 
 
 @pytest.fixture
-def t(tmp_path, env, db, s3_endpoint, bucket, s3, fault_proxy):
-    env["FILESTORE_INLINE_LOOPS"] = "0"  # no audits: the requests counted are the mount's
-    tracked = start_s3_mount(tmp_path, env, db, fault_proxy.url, bucket, options={"max_attempts": 1})
-    try:
-        yield tracked
-    finally:
-        fault_proxy.fail_when = None
-        stop_and_check(tracked, s3)
+def t(s3_proxied):
+    return s3_proxied
 
 
 def test_rm_r_deletes_every_object_with_batched_deletes_and_journals_each_removal(t, s3, fault_proxy):

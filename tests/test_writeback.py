@@ -49,14 +49,8 @@ def in_thread(fn):
 
 
 @pytest.fixture
-def wb(tmp_path, env, db, s3_endpoint, bucket, s3, fault_proxy):
-    env["FILESTORE_INLINE_LOOPS"] = "0"  # no audits: the GETs and PUTs counted are the mount's
-    t = start_s3_mount(tmp_path, env, db, fault_proxy.url, bucket, options={"max_attempts": 1})
-    try:
-        yield t
-    finally:
-        fault_proxy.fail_when = None
-        stop_and_check(t, s3)
+def wb(s3_proxied):
+    return s3_proxied
 
 
 def test_close_returns_before_the_upload_which_lands_when_s3_answers(wb, s3, fault_proxy):

@@ -5,6 +5,7 @@ import errno
 import os
 import stat as stat_mod
 import threading
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -138,7 +139,16 @@ class Executor(Protocol):
     def stat(self, rel: bytes) -> Stat: ...
     def stat_node(self, rel: bytes) -> Stat:
         """Like `stat`, for the node the last component names (never following a symlink)."""
-    def listdir(self, rel: bytes) -> list[tuple[bytes, Stat]]: ...
+    def listdir(self, rel: bytes) -> list[tuple[bytes, Stat]]:
+        """Every entry of directory `rel` (the concatenation of `listdir_pages`)."""
+    def listdir_pages(self, rel: bytes, skip: Callable[[list[bytes]], Collection[bytes]] | None = None,
+                      page_size: int = 1000) -> Iterator[list[tuple[bytes, Stat]]]:
+        """The entries of directory `rel` in pages of about `page_size` (a directory of any size
+        is never held whole: what reads the directory reads it a page at a time, so a page is
+        listed only when the one before has been taken). `skip`, if given, is called with each
+        page's names before anything per entry is asked of the backend (a stat, a HEAD) and
+        returns the names to leave out (those a resumed import already has). Entries gone
+        between the listing and their stat are left out; a page may come out empty."""
     def count_tree(self, stop: threading.Event) -> int | None:
         """How many names the whole tree holds (every entry below the root, as `listdir` would
         give them, directory by directory), counted cheaply: no stat per entry. None if `stop`

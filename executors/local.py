@@ -34,6 +34,7 @@ from .base import (
 )
 
 STAGING_NAME = b".filestore.staging"
+LIST_PAGE = 1000  # entries a page of listdir_pages
 
 _SYS_OPENAT2 = 437  # x86_64 and aarch64 share it
 _RESOLVE_NO_MAGICLINKS = 0x02
@@ -244,23 +245,44 @@ class LocalExecutor:
             return stat_from(st, target)
 
     def listdir(self, rel: bytes) -> list[tuple[bytes, Stat]]:
-        out = []
+        return [item for page in self.listdir_pages(rel) for item in page]
+
+    def listdir_pages(self, rel: bytes, skip=None,
+                      page_size: int = LIST_PAGE) -> Iterator[list[tuple[bytes, Stat]]]:
+        """The entries of a directory, `page_size` names at a time from a scandir of its
+        descriptor (executors.base.Executor.listdir_pages): the staging area and names gone
+        before their stat are left out, as are those `skip` returns, before any stat."""
         with self._dir(rel) as pfd, _os_errors():
             dfd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
             try:
-                names = os.listdir(dfd)
+                with os.scandir(dfd) as it:  # reads the directory a buffer at a time
+                    names: list[bytes] = []
+                    for entry in it:
+                        name = os.fsencode(entry.name)
+                        if name == STAGING_NAME:  # ours, or a nested backend's: never part of the tree
+                            continue
+                        names.append(name)
+                        if len(names) >= page_size:
+                            yield self._stat_page(pfd, names, skip)
+                            names = []
+                    if names:
+                        yield self._stat_page(pfd, names, skip)
             finally:
                 os.close(dfd)
-            for name in names:
-                name = os.fsencode(name)
-                if name == STAGING_NAME:  # ours, or a nested backend's: never part of the tree
-                    continue
-                try:
-                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
+
+    @staticmethod
+    def _stat_page(pfd: int, names: list[bytes], skip) -> list[tuple[bytes, Stat]]:
+        leave = skip(names) if skip is not None else ()
+        out = []
+        for name in names:
+            if name in leave:
+                continue
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
                 target = os.readlink(name, dir_fd=pfd) if stat_mod.S_ISLNK(st.st_mode) else None
-                out.append((name, stat_from(st, target)))
+            except FileNotFoundError:  # gone since the directory was read
+                continue
+            out.append((name, stat_from(st, target)))
         return out
 
     def count_tree(self, stop) -> int | None:

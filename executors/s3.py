@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import stat as stat_mod
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -70,6 +71,8 @@ from .s3_common import (
 )
 from .s3_content import ContentTransfers, _Sparse
 from .s3cache import ChunkCache, Reader
+
+LIST_PAGE = 1000  # keys and common prefixes a LIST request of listdir_pages (S3's own maximum)
 
 
 class S3Executor(ContentTransfers):
@@ -262,25 +265,66 @@ class S3Executor(ContentTransfers):
         raise NotFound(f"no object or prefix {key}")
 
     def listdir(self, rel: bytes) -> list[tuple[bytes, Stat]]:
-        """Every entry of a directory (paginated LIST with a delimiter); a HEAD per entry,
-        in parallel, for the metadata that listings do not carry. Keys that cannot be names
-        (an empty component, '.' or '..') are skipped."""
+        return [item for page in self.listdir_pages(rel) for item in page]
+
+    def listdir_pages(self, rel: bytes, skip=None,
+                      page_size: int = LIST_PAGE) -> Iterator[list[tuple[bytes, Stat]]]:
+        """The entries of a directory a LIST page at a time (a LIST with a delimiter, `page_size`
+        keys and common prefixes a request), each page with a HEAD per entry, in parallel, for
+        the metadata that listings do not carry; names `skip` returns are left out before their
+        HEAD (executors.base.Executor.listdir_pages). Keys that cannot be names (an empty
+        component, '.' or '..') are skipped.
+
+        A key `x` beside keys under `x/` is the directory `x` (the directory wins). S3 lists in
+        UTF-8 binary order, keys and common prefixes merged: `x/` comes after `x` and after every
+        name that is `x` followed by a byte below '/' (`x-1`, `x.txt`), possibly pages later. So a
+        file `x` is held back until the listing has passed `x/` (an entry sorting after `x/` was
+        seen, or the listing ended) and then emitted, unless `x/` was seen meanwhile. Each entry
+        listed passes the `x/` of every name before it that is not a prefix of it, so what is held
+        is a chain of names each a prefix of the next (`x`, `x-1`, `x-1.txt`): a handful of names,
+        however many entries the directory holds."""
         dir_key = self._dir_key(rel)
-        files: dict[str, dict] = {}
-        dirs: set[str] = set()
+        held: list[str] = []  # file names whose `name/` the listing has not passed yet
         paginator = self.client.get_paginator("list_objects_v2")
         with _s3_errors(f"LIST {dir_key}"):
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=dir_key, Delimiter="/"):
-                for obj in page.get("Contents", []):
-                    name = obj["Key"][len(dir_key):]
-                    if name and name not in (".", ".."):
-                        files[name] = obj
-                for common in page.get("CommonPrefixes", []):
-                    name = common["Prefix"][len(dir_key):-1]
-                    if name and name not in (".", "..") and "/" not in name:
-                        dirs.add(name)
-        for name in dirs:
-            files.pop(name, None)  # a key `x` beside keys under `x/`: the directory wins
+            pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=dir_key, Delimiter="/",
+                                            PaginationConfig={"PageSize": page_size}))
+        while True:
+            with _s3_errors(f"LIST {dir_key}"):
+                page = next(pages, None)
+            if page is None:
+                break
+            listed = []  # (key relative to dir_key, is_dir): one sorted sequence, as S3 lists it
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(dir_key):]
+                if name and name not in (".", ".."):
+                    listed.append((name, False))
+            for common in page.get("CommonPrefixes", []):
+                name = common["Prefix"][len(dir_key):-1]
+                if name and name not in (".", "..") and "/" not in name:
+                    listed.append((name + "/", True))
+            listed.sort()
+            ready: list[tuple[str, bool]] = []
+            for name, is_dir in listed:
+                if held and any(x + "/" < name for x in held):  # past their `x/`, not seen: files
+                    ready += [(x, False) for x in held if x + "/" < name]
+                    held = [x for x in held if x + "/" >= name]
+                if is_dir:
+                    name = name[:-1]
+                    if name in held:  # a key `x` beside keys under `x/`: the directory wins
+                        held.remove(name)
+                    ready.append((name, True))
+                else:
+                    held.append(name)
+            if ready:
+                yield self._head_page(dir_key, ready, skip)
+        if held:
+            yield self._head_page(dir_key, [(name, False) for name in held], skip)
+
+    def _head_page(self, dir_key: str, items: list[tuple[str, bool]], skip) -> list[tuple[bytes, Stat]]:
+        if skip is not None:
+            leave = skip([name.encode() for name, _ in items])
+            items = [item for item in items if item[0].encode() not in leave]
 
         def one(item: tuple[str, bool]) -> tuple[bytes, Stat] | None:
             name, is_dir = item
@@ -290,7 +334,6 @@ class S3Executor(ContentTransfers):
                 return (name.encode(), self._implied_dir()) if is_dir else None
             return name.encode(), self._stat_of(head, is_dir=is_dir, key=key)
 
-        items = [(n, False) for n in files] + [(n, True) for n in dirs]
         return [r for r in self.pool.map(one, items) if r is not None]
 
     def count_tree(self, stop) -> int | None:

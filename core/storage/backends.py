@@ -19,7 +19,7 @@ from core.rollups import counters, totals
 from core.storage import store
 from core.storage.db import Database
 from executors.base import ExecutorError, Stat
-from executors.local import LocalExecutor
+from executors.local import LIST_PAGE, LocalExecutor
 
 _IMPORT_BATCH = 2000
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def _register(db, name, kind, root, read_only, options, executor, who, progress)
         root_stat = executor.stat(b"")
         with db.pool.connection() as conn, conn.transaction():
             root_id = _new_ids(conn, 1)[0]
-            todo = {"import": {"pending": [[root_id, ""]]}}
+            todo = {"import": {"pending": [[root_id, "", False]], "links": {}}}
             backend_id = conn.execute(
                 "INSERT INTO filestore.backend_mounts (name, kind, root, read_only, options, root_node_id)"
                 " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
@@ -186,7 +186,9 @@ class _ImportCount:
             log.debug("import count failed: %s", exc)
 
     def listed(self, dirs: int, entries: int, pending: int) -> None:
-        """_import_tree's callback after each batch: directories and entries it listed, directories left."""
+        """_import_tree's callback after each batch: directories it finished listing and entries
+        it committed, directories left (one partly listed among them when a batch ended within
+        a directory; before any directory is done, each left is guessed at the entries so far)."""
         self.dirs += dirs
         self.entries += entries
         done = self.meter.base + self.entries
@@ -194,45 +196,98 @@ class _ImportCount:
         if self.counted is not None:
             self.meter.update(done, max(self.counted, done), note=note)
         else:
-            self.meter.update(done, done + round(pending * self.entries / self.dirs), estimated=True, note=note)
+            self.meter.update(done, done + round(pending * self.entries / max(self.dirs, 1)), estimated=True,
+                              note=note)
 
     def stop(self) -> None:
         self._stop.set()
 
 
+def _batch_size() -> int:
+    """Entries a transaction of the import commits: _IMPORT_BATCH, or FILESTORE_IMPORT_BATCH
+    (tests make it small to cut an import between two given entries)."""
+    return max(int(os.environ.get("FILESTORE_IMPORT_BATCH") or _IMPORT_BATCH), 1)
+
+
 def _import_tree(db: Database, backend_id: int, executor, progress) -> None:
-    """Depth-first through the to-do list: directories are listed (paginated by the executor)
-    outside any transaction, and their entries committed with the to-do list that follows, in
-    batches of about _IMPORT_BATCH entries, so a cut-off import loses at most one batch."""
-    pending = [(dir_id, bytes.fromhex(rel)) for dir_id, rel in db.query(
-        "SELECT options->'import'->'pending' FROM filestore.backend_mounts WHERE id = %s", (backend_id,))[0][0]]
-    seen_inodes: dict[int, int] = {}  # hard links met in this run (a resumed run starts afresh)
-    while pending:
-        listed = []
-        while pending and sum(len(children) for _, _, children in listed) < _IMPORT_BATCH:
-            dir_id, rel = pending.pop()
-            listed.append((dir_id, rel, executor.listdir(rel)))
-        node_rows: list[tuple] = []
-        entry_rows: list[tuple] = []
+    """Depth-first through the to-do list, each directory read a page at a time
+    (executor.listdir_pages, outside any transaction): whenever about a batch of entries has
+    accumulated (_batch_size), also in the middle of a directory, they are committed in one
+    transaction with the to-do list that follows, so a cut-off import loses at most one batch
+    and holds at most a batch of rows, a page and the to-do list.
+
+    The to-do list (options.import.pending) is [directory node id, path hex, partial]: a
+    partial directory has some of its entries committed already, and is listed again with
+    those names skipped before their stat (one query a page); the subdirectories among them
+    are on the to-do list already, put there by the batch that committed them. ([id, hex], an
+    import begun before pages, is a directory not begun.) With it, options.import.links: the
+    hard links met whose other names are still to come, inode -> [node id, names to come], so
+    that the names of a file on either side of a cut are still one node; a group is dropped
+    once its st_nlink names are in."""
+    state = db.query("SELECT options->'import' FROM filestore.backend_mounts WHERE id = %s", (backend_id,))[0][0]
+    pending = [(item[0], bytes.fromhex(item[1]), bool(item[2:] and item[2])) for item in state["pending"]]
+    links: dict[int, list[int]] = {int(ino): group for ino, group in (state.get("links") or {}).items()}
+    batch = _batch_size()
+    page_size = min(LIST_PAGE, batch)
+    node_rows: list[tuple] = []
+    entry_rows: list[tuple] = []
+    listed_dirs = 0  # directories whose last page is in, since the last commit
+
+    def commit(todo: list[tuple[int, bytes, bool]]) -> None:
+        nonlocal listed_dirs
+        entries = len(entry_rows)
         with db.pool.connection() as conn, conn.transaction():
-            for dir_id, rel, children in listed:
-                ids = _new_ids(conn, len(children)) if children else []
-                for (name, st), node_id in zip(children, ids):
-                    if st.kind != "dir" and st.nlink > 1:
-                        existing = seen_inodes.get(st.ino)  # hard links: one node with several names
-                        if existing is not None:
-                            entry_rows.append((dir_id, name, existing))
-                            continue
-                        seen_inodes[st.ino] = node_id
-                    node_rows.append(_node_row(node_id, backend_id, st))
-                    entry_rows.append((dir_id, name, node_id))
-                    if st.kind == "dir":
-                        pending.append((node_id, rel + b"/" + name if rel else name))
             _flush(conn, node_rows, entry_rows)
-            conn.execute("UPDATE filestore.backend_mounts SET options = jsonb_set(options, '{import,pending}', %s)"
-                         " WHERE id = %s", (json.dumps([[i, r.hex()] for i, r in pending]), backend_id))
+            conn.execute(
+                "UPDATE filestore.backend_mounts SET options = jsonb_set(jsonb_set(options, '{import,pending}', %s),"
+                " '{import,links}', %s) WHERE id = %s",
+                (json.dumps([[i, r.hex(), p] for i, r, p in todo]),
+                 json.dumps({str(ino): group for ino, group in links.items()}), backend_id))
         if progress:
-            progress(len(listed), sum(len(children) for _, _, children in listed), len(pending))
+            progress(listed_dirs, entries, len(todo))
+        listed_dirs = 0
+
+    while pending:
+        dir_id, rel, partial = pending.pop()
+        found: list[tuple[int, bytes, bool]] = []  # its subdirectories met so far
+        skip = (lambda names, dir_id=dir_id: _imported(db, dir_id, names)) if partial else None
+        for page in executor.listdir_pages(rel, skip, page_size):
+            if len(entry_rows) >= batch:  # mid-directory: this one goes on the list as partial
+                commit(pending + found + [(dir_id, rel, True)])
+            ids = iter(_new_ids_outside(db, len(page)) if page else ())
+            for name, st in page:
+                if st.kind != "dir" and st.nlink > 1:  # hard links: one node with several names
+                    group = links.get(st.ino)
+                    if group is not None:
+                        entry_rows.append((dir_id, name, group[0]))
+                        group[1] -= 1
+                        if group[1] <= 0:
+                            del links[st.ino]
+                        continue
+                node_id = next(ids)
+                if st.kind != "dir" and st.nlink > 1:
+                    links[st.ino] = [node_id, st.nlink - 1]
+                node_rows.append(_node_row(node_id, backend_id, st))
+                entry_rows.append((dir_id, name, node_id))
+                if st.kind == "dir":
+                    found.append((node_id, rel + b"/" + name if rel else name, False))
+        pending.extend(found)
+        listed_dirs += 1
+        if len(entry_rows) >= batch:
+            commit(pending)
+    commit(pending)
+
+
+def _imported(db: Database, dir_id: int, names: list[bytes]) -> set[bytes]:
+    """Which of `names` a partly imported directory has already (a resumed import skips them)."""
+    return {bytes(r[0]) for r in db.query(
+        "SELECT name FROM filestore.entries WHERE parent_id = %s AND name = ANY(%s)", (dir_id, names))}
+
+
+def _new_ids_outside(db: Database, n: int) -> list[int]:
+    """Node ids for a page of entries, drawn before its batch's transaction (a sequence is not
+    transactional: ids of a batch never committed are only skipped)."""
+    return [r[0] for r in db.query("SELECT nextval('filestore.node_ids') FROM generate_series(1, %s)", (n,))]
 
 
 def _node_row(node_id: int, backend_id: int, st: Stat) -> tuple:

@@ -221,11 +221,11 @@ def _import_tree(db: Database, backend_id: int, executor, progress) -> None:
                     if st.kind != "dir" and st.nlink > 1:
                         existing = seen_inodes.get(st.ino)  # hard links: one node with several names
                         if existing is not None:
-                            entry_rows.append((dir_id, name, existing))
+                            entry_rows.append((dir_id, name, existing, False))
                             continue
                         seen_inodes[st.ino] = node_id
                     node_rows.append(_node_row(node_id, backend_id, st))
-                    entry_rows.append((dir_id, name, node_id))
+                    entry_rows.append((dir_id, name, node_id, st.kind == "dir"))
                     if st.kind == "dir":
                         pending.append((node_id, rel + b"/" + name if rel else name))
             _flush(conn, node_rows, entry_rows)
@@ -249,7 +249,7 @@ def _flush(conn, node_rows: list, entry_rows: list) -> None:
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 node_rows)
         if entry_rows:
-            cur.executemany("INSERT INTO filestore.entries (parent_id, name, node_id) VALUES (%s, %s, %s)",
+            cur.executemany("INSERT INTO filestore.entries (parent_id, name, node_id, is_dir) VALUES (%s, %s, %s, %s)",
                             entry_rows)
     node_rows.clear()
     entry_rows.clear()

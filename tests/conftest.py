@@ -297,6 +297,9 @@ def assert_consistent(db: psycopg.Connection, backend: str, root: Path, *, home:
         SELECT n.id FROM filestore.nodes n WHERE n.version > 1 AND NOT EXISTS (
             SELECT 1 FROM filestore.snapshots s WHERE s.node_id = n.id AND s.version = n.version)""").fetchall()
     assert not unsnapshotted, f"nodes without a snapshot of their version: {unsnapshotted}"
+    misfiled = db.execute("""SELECT e.id, e.name, n.kind, e.is_dir FROM filestore.entries e
+        JOIN filestore.nodes n ON n.id = e.node_id WHERE e.is_dir <> (n.kind = 'dir') LIMIT 5""").fetchall()
+    assert not misfiled, f"entries whose is_dir (directory link counts) is not their node's kind: {misfiled}"
     staged = os.listdir(root / STAGING) if (root / STAGING).exists() else []
     assert not staged, f"staging files left behind: {staged}"
     assert_rollups_recount(db, backend)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import threading
 
@@ -98,6 +99,31 @@ def test_fsync_returns_once_the_object_is_in_s3(wb, s3, fault_proxy):
         assert t.node("f", "s3")["checksum"] is not None and pending_uploads(t.db) == 0
     finally:
         os.close(fd)
+
+
+def test_status_reports_uploads_that_keep_failing_and_is_healthy_once_they_land(wb, s3, fault_proxy):
+    """S3 refuses every PUT: the upload is retried for as long as it takes (its spool file is
+    the only copy), and `filestore status` says so: the backend's write-back failing with S3's
+    error, the report unhealthy (exit 1). Once S3 answers, it lands and the report is healthy."""
+    t = wb
+    fault_proxy.fail_when = puts_fail
+    (t.path / "kept.bin").write_bytes(b"k" * 5000)
+    (t.path / "other.bin").write_bytes(b"o" * 3000)
+    wait_until(lambda: failed_attempts(t.db) >= 3, timeout=60, message="three failed attempts each")
+    done = t.cli("status", "--json", check=False)
+    report = json.loads(done.stdout)
+    assert done.returncode == 1 and not report["healthy"], done.stdout
+    [backlog] = report["writeback"]
+    assert (backlog["backend"], backlog["uploads"], backlog["deletions"], backlog["failing"]) == ("s3", 2, 0, 2)
+    assert backlog["max_attempts"] >= 3 and backlog["oldest_age_seconds"] > 0
+    assert any(code in backlog["last_error"] for code in ("InternalError", "SlowDown", "ServiceUnavailable"))
+    text = t.cli("status", check=False).stdout
+    assert "S3 write-back" in text and "last error" in text and "NOT healthy" in text, text
+    fault_proxy.fail_when = None
+    wait_uploaded(t)
+    done = t.cli("status", "--json", check=False)
+    report = json.loads(done.stdout)
+    assert report["writeback"] == [] and report["healthy"] and done.returncode == 0, done.stdout
 
 
 def test_renames_and_unlinks_of_pending_files_do_not_wait_for_their_uploads(wb, s3, fault_proxy):

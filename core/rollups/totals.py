@@ -106,8 +106,7 @@ WITH RECURSIVE tree(node_id, path) AS (
     SELECT %(top)s::bigint, ARRAY[%(top)s::bigint]
     UNION ALL
     SELECT e.node_id, t.path || e.node_id FROM tree t
-      JOIN filestore.entries e ON e.parent_id = t.node_id
-      JOIN filestore.nodes n ON n.id = e.node_id AND n.kind = 'dir'),
+      JOIN filestore.entries e ON e.parent_id = t.node_id AND e.is_dir),
 counted AS (
     SELECT u.dir,
            sum(CASE WHEN n.kind <> 'dir' THEN n.size ELSE 0 END)::bigint AS s,
@@ -229,8 +228,7 @@ def children_totals(conn: psycopg.Connection, parent_id: int) -> dict[int, Total
     """Exact totals now of every subdirectory of a directory, in one query."""
     rows = conn.execute("""
         WITH kids AS (
-            SELECT e.node_id FROM filestore.entries e JOIN filestore.nodes n ON n.id = e.node_id
-             WHERE e.parent_id = %(parent)s AND n.kind = 'dir'),
+            SELECT e.node_id FROM filestore.entries e WHERE e.parent_id = %(parent)s AND e.is_dir),
         pending AS (
             SELECT u.dir, sum(d.size_bytes)::bigint AS s, sum(d.file_count)::bigint AS f,
                    sum(d.dir_count)::bigint AS dc, count(*) AS n
@@ -277,8 +275,7 @@ def directories_below(conn: psycopg.Connection, top: int, depth: int) -> list[tu
             UNION ALL
             SELECT e.node_id, CASE WHEN t.depth = 0 THEN e.name ELSE t.path || '\\x2f'::bytea || e.name END,
                    t.depth + 1
-              FROM t JOIN filestore.entries e ON e.parent_id = t.node_id
-              JOIN filestore.nodes n ON n.id = e.node_id AND n.kind = 'dir'
+              FROM t JOIN filestore.entries e ON e.parent_id = t.node_id AND e.is_dir
              WHERE t.depth < %(depth)s)
         SELECT node_id, path FROM t""", {"top": top, "depth": depth}).fetchall()
     return [(r[0], bytes(r[1])) for r in rows]

@@ -259,7 +259,7 @@ def _import_tree(db: Database, backend_id: int, executor, progress) -> None:
                 if st.kind != "dir" and st.nlink > 1:  # hard links: one node with several names
                     group = links.get(st.ino)
                     if group is not None:
-                        entry_rows.append((dir_id, name, group[0]))
+                        entry_rows.append((dir_id, name, group[0], False))
                         group[1] -= 1
                         if group[1] <= 0:
                             del links[st.ino]
@@ -268,7 +268,7 @@ def _import_tree(db: Database, backend_id: int, executor, progress) -> None:
                 if st.kind != "dir" and st.nlink > 1:
                     links[st.ino] = [node_id, st.nlink - 1]
                 node_rows.append(_node_row(node_id, backend_id, st))
-                entry_rows.append((dir_id, name, node_id))
+                entry_rows.append((dir_id, name, node_id, st.kind == "dir"))
                 if st.kind == "dir":
                     found.append((node_id, rel + b"/" + name if rel else name, False))
         pending.extend(found)
@@ -304,7 +304,7 @@ def _flush(conn, node_rows: list, entry_rows: list) -> None:
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 node_rows)
         if entry_rows:
-            cur.executemany("INSERT INTO filestore.entries (parent_id, name, node_id) VALUES (%s, %s, %s)",
+            cur.executemany("INSERT INTO filestore.entries (parent_id, name, node_id, is_dir) VALUES (%s, %s, %s, %s)",
                             entry_rows)
     node_rows.clear()
     entry_rows.clear()

@@ -6,6 +6,7 @@ stays one node, and no directory's listing is ever held whole. S3 listings are s
 with a key `x` beside keys under `x/` still the directory `x` when the two are pages apart."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -316,3 +317,27 @@ def test_an_s3_import_killed_midway_resumes_without_heading_what_it_has(env, db,
     run_cli(env, "backend", "add", "whole", root, "--endpoint-url", s3_endpoint)
     assert_same_import(db, env, "resumed", "whole", 1_500 + 2)
 
+
+
+def test_an_import_begun_by_the_code_before_pages_resumes(env, db, tmp_path):
+    """A to-do list in the form the import wrote before pages ([id, path hex], no `links`): a
+    kill between two directories (directories of one batch each, so no directory is partial),
+    the to-do list rewritten in that form, and the same command again finishes the tree. (A
+    compatibility check: the code before pages passes it too.)"""
+    root = tmp_path / "tree"
+    for d in range(12):
+        (root / f"d{d:02}").mkdir(parents=True)
+        for i in range(300):
+            (root / f"d{d:02}" / f"f{i:03}").write_bytes(b"w" * (i % 5))
+    env = dict(env, FILESTORE_IMPORT_BATCH="300")
+    def some_directories_in() -> bool:
+        return 3 <= sum(entries_in(db, node_at(db, "resumed", f"d{d:02}".encode())) > 0 for d in range(12)) < 10
+
+    kill_when(start_import(env, "resumed", str(root)), some_directories_in)
+    state = import_state(db, "resumed")
+    assert state["pending"] and not any(item[2:] and item[2] for item in state["pending"]), state
+    db.execute("UPDATE filestore.backend_mounts SET options = jsonb_set(options - 'import', '{import}', %s)"
+               " WHERE name = 'resumed'", (json.dumps({"pending": [item[:2] for item in state["pending"]]}),))
+    run_cli(env, "backend", "add", "resumed", str(root))
+    run_cli(env, "backend", "add", "whole", str(root))
+    assert_same_import(db, env, "resumed", "whole", 12 + 12 * 300)

@@ -16,6 +16,7 @@ import bisect
 import collections
 import errno
 import logging
+import os
 import threading
 from collections.abc import Callable
 
@@ -26,10 +27,28 @@ from core.storage.db import Database
 
 log = logging.getLogger(__name__)
 
-# What one node costs the namespace in memory, all included (its Node, its entry in a listing,
-# its parent link): measured about 1 KB (issue 17: 343 MB after a walk of 300,000 files).
-BYTES_PER_NODE = 1024
+# What one node costs the mount's memory, all included (its Node, its entry in a listing, its
+# parent link, and what Python's allocator keeps of the nodes dropped), with a margin: measured
+# 1.16 KiB a node at the peak of two walks of 1,000,000 files (scripts/bench_scale --walk-budget)
+# and 1.24 KiB at 200,000 (tests/test_scale.py). The budget is the mount's resident memory, as
+# top shows it: what the process held when the namespace was made comes off it first.
+BYTES_PER_NODE = 1536
+# The listings used last stay (a command in progress may hold them): up to this many, as long as
+# they hold no more than a quarter of the budget's nodes, and at least RECENT_LISTINGS_MIN.
 RECENT_LISTINGS_KEPT = 64
+RECENT_LISTINGS_MIN = 8
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class Listing:
@@ -68,7 +87,7 @@ class Namespace:
         self.nodes: dict[int, Node] = {}
         # least recently used first (moved to the end when used)
         self.listings: collections.OrderedDict[int, Listing] = collections.OrderedDict()
-        self.max_nodes = max(memory // BYTES_PER_NODE, 1000)
+        self.max_nodes = max((memory - _rss_bytes()) // BYTES_PER_NODE, 1000)
         # Set by the service: has this process changes of the node the database lacks? Kept.
         self.held: Callable[[int], bool] = lambda node_id: False
         # One name of each node: (parent, name); None for a node whose last name this process
@@ -145,8 +164,7 @@ class Namespace:
         the backend roots, `keep_dir` (being answered from now) or the listings used last."""
         target = self.max_nodes * 3 // 4
         before = len(self.nodes)
-        # the listings used last stay: a command in progress may hold them
-        for dir_id in list(self.listings)[:-RECENT_LISTINGS_KEPT]:
+        for dir_id in list(self.listings)[:-self._recent_kept()]:
             if len(self.nodes) <= target:
                 break
             if dir_id == keep_dir or self.held(dir_id):
@@ -161,6 +179,16 @@ class Namespace:
                 if node_id != keep_dir and node_id not in self.listings:
                     self._drop(node_id)
         log.debug("namespace: %d of %d nodes dropped (budget %d)", before - len(self.nodes), before, self.max_nodes)
+
+    def _recent_kept(self) -> int:
+        """How many of the listings used last eviction leaves alone (see RECENT_LISTINGS_KEPT)."""
+        kept = held = 0
+        for listing in reversed(self.listings.values()):
+            held += len(listing.by_name)
+            if kept >= RECENT_LISTINGS_KEPT or (kept >= RECENT_LISTINGS_MIN and held > self.max_nodes // 4):
+                break
+            kept += 1
+        return max(kept, 1)
 
     def _drop(self, node_id: int) -> None:
         if node_id in self.backend_roots or self.held(node_id):

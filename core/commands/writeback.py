@@ -569,7 +569,10 @@ class WriteBack:
             time.sleep(0.05)
         if self.pending:
             self._give_up = True
-        self._pool.shutdown(wait=not self.pending, cancel_futures=True)
+        # Nothing pending: what is still queued is uploads cancelled before they started (their
+        # file unlinked or replaced), each of which drops its spool file when it runs: let them
+        # run. Cancelled with the queue, their spool files stayed until the next start's resume.
+        self._pool.shutdown(wait=not self.pending, cancel_futures=bool(self.pending))
         self._pool = None
         remaining = len(self.pending)
         if remaining:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Options of an S3 backend (backend_mounts.options) and the executor arguments they set.
 S3_OPTIONS = ("endpoint_url", "region", "part_size", "multipart_threshold", "copy_threshold", "cache_bytes",
-              "chunk_size", "workers", "max_attempts")
+              "chunk_size", "readahead", "workers", "max_attempts")
 
 
 def make_executor(backend: Backend, home: Path | None = None, *, read_only: bool | None = None):

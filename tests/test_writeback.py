@@ -300,6 +300,25 @@ def test_another_mount_never_reads_the_old_object_of_a_pending_file(wb, s3, faul
         b.stop()
 
 
+def test_an_unmount_right_after_a_write_and_its_unlink_leaves_no_spool_file(tmp_path, env, db, s3_endpoint, bucket,
+                                                                            s3):
+    """A file written (its content kept in a spool file for write-back) and unlinked before its
+    group committed, then the unmount: the upload, handed over at commit, is dropped with its
+    spool file. Groups wait 3 s for company here, so the unmount begins before the commit (the
+    window SQLite's -wal file met in CI: written, closed, unlinked, unmounted)."""
+    env["FILESTORE_INLINE_LOOPS"] = "0"
+    env["FILESTORE_COMMIT_DELAY_MS"] = "3000"
+    t = start_s3_mount(tmp_path, env, db, s3_endpoint, bucket)
+    try:
+        (t.path / "gone").write_bytes(b"written, then unlinked before its commit")
+        assert len(os.listdir(t.pending)) == 1  # kept for write-back, not committed yet
+        os.unlink(t.path / "gone")
+        t.mount.stop()  # no upload pending any more: only the commit hands this one over
+        assert keys(s3, bucket) == []
+    finally:
+        stop_and_check(t, s3)  # no spool file left, bucket = database
+
+
 def test_two_thousand_small_files_are_all_in_the_bucket_after_unmount(tmp_path, env, db, s3_endpoint, bucket, s3):
     env["FILESTORE_INLINE_LOOPS"] = "0"
     t = start_s3_mount(tmp_path, env, db, s3_endpoint, bucket)

@@ -194,8 +194,12 @@ class WriteBack:
             for row in record.change.uploads_added:
                 with self._lock:
                     upload = self._kept.pop((row.node_id, row.spool), None)
-                if upload is not None and self._pool is not None:
+                if upload is None:
+                    continue
+                if self._pool is not None:
                     self._pool.submit(self._work, upload)
+                elif upload.cancelled:  # unlinked before its write committed, after the drain
+                    self._dropped(upload)
 
     def enqueue(self, upload: Upload) -> None:
         with self._lock:
@@ -564,6 +568,14 @@ class WriteBack:
             log.info("unmount: waiting for %d pending uploads", left)
         timeout = _env_float("FILESTORE_S3_DRAIN_SECONDS", 600) if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        # The write commands answered and not committed yet hand their uploads over at commit
+        # (`after_commit`): committed first, so that the pool still takes them (one unlinked
+        # meanwhile is not in `pending`, and would otherwise keep its spool file until the
+        # next start). With PostgreSQL away, the next start's resume sorts them out.
+        try:
+            self.pipeline.sync(timeout=min(timeout, 60.0))
+        except (TimeoutError, FsError) as exc:
+            log.warning("unmount: write commands not committed before the uploads drain: %s", exc)
         self._stopping.set()
         while (self.pending or self._sending) and not self._give_up and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -307,6 +307,10 @@ def scan(db: Database, backend: str, rel: bytes, *, home=None, progress: Callbac
             got = totals.totals(conn, ids)
         return sum(got[i].dir_count + 1 for i in ids)
 
+    # The mount's own changes in flight (an upload recorded and not sent, a deletion queued:
+    # core.commands.writeback and deletes) are not differences, as the reconciler holds too.
+    rows = db.query("SELECT node_id, path FROM filestore.uploads WHERE backend_id = %s", (backend_id,))
+    moving_nodes, moving_paths = {r[0] for r in rows}, {bytes(r[1]) for r in rows}
     meter = Meter(progress, "directories scanned")
     total = dirs_at([top])
     executor = make_executor(known, home, read_only=True)
@@ -330,8 +334,11 @@ def scan(db: Database, backend: str, rel: bytes, *, home=None, progress: Callbac
             recorded = {name: child for _, name, child in store.load_listing(db, dir_node.id)}
             skipped: list[int] = []
             for name in sorted(set(on_disk) | set(recorded)):
-                path = display_name(here + b"/" + name if here else name)
+                key = here + b"/" + name if here else name
+                path = display_name(key)
                 st, child = on_disk.get(name), recorded.get(name)
+                if key in moving_paths or (child is not None and child.id in moving_nodes):
+                    continue
                 if child is None:
                     found.append(Found(backend, path, "new", _describe(st), None))
                     continue

@@ -152,15 +152,24 @@ class Reconciler:
             if st.kind == "dir" and payload.get("deep"):
                 self._compare_listing(backend, rel, node, source, recurse=source == "audit", extra=adopt)
             return "unchanged"
-        if node is not None and self.db.query("SELECT 1 FROM filestore.uploads WHERE node_id = %s", (node.id,)):
-            # Recorded, not uploaded yet (write-back): S3 holds the old object, or none, until then.
-            raise Busy(f"{display_name(rel)} has an upload pending")
+        if self._in_transit(backend, rel, node):
+            raise Busy(f"{display_name(rel)} has an upload or a deletion pending")
         if observe_only(backend) and not adopt:
             settled = node is not None and st is not None and \
                 not differs(node.changed(state="ACTIVE"), st, backend.executor.owns_files)
             if not settled:  # (back as recorded: nothing to adopt, the mark goes below)
                 return self._observe(backend, rel, node, st, source)
         return self._heal(backend, rel, parent, name, found, st, src, source, payload)
+
+    def _in_transit(self, backend: Backend, rel: bytes, node: Node | None) -> bool:
+        """Is the object at `rel` about to change by a write-back row (core.commands.writeback,
+        core.commands.deletes)? An upload recorded and not sent (S3 holds the old object, or
+        none, until then), or the deletion of a name already removed from the journal (S3
+        holds the object until the batch is sent): either is the mount's own change in flight,
+        never drift to adopt."""
+        return bool(self.db.query(
+            "SELECT 1 FROM filestore.uploads WHERE node_id = %s OR (backend_id = %s AND path = %s) LIMIT 1",
+            (node.id if node is not None else None, backend.id, rel)))
 
     # == observe-only (seed 001, rollout phase 1) ========================================
     def _observe(self, backend: Backend, rel: bytes, node: Node | None, st: Stat | None, source: str) -> str:

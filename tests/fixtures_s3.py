@@ -171,7 +171,10 @@ class FaultProxy:
     forwarding them. The real endpoint cannot fail on demand; AWS does so under load.
     `fail_rate` can be changed while it runs; `counts` tallies what was forwarded by method, `bytes_in` the bodies sent.
     `fail_when(method, path)` fails the requests it picks, every time; `hold_when(method, path)`
-    holds them (as a request stuck on the network would be) until `release()`, then fails them."""
+    holds them (as a request stuck on the network would be) until `release()`, then fails them;
+    `mangle_when(method, path)` flips a bit in the middle of the bodies it picks (corrupted on the
+    way); `strip_checksums` drops the x-amz-checksum-* headers from answers (a store that knows
+    no checksums)."""
 
     ERRORS = [(500, "InternalError"), (503, "SlowDown"), (503, "ServiceUnavailable")]
 
@@ -185,6 +188,8 @@ class FaultProxy:
         self.bytes_in = 0  # request bodies forwarded: what clients uploaded
         self.fail_when = None
         self.hold_when = None
+        self.mangle_when = None
+        self.strip_checksums = False
         self.held = 0
         self._released = threading.Event()
         proxy = self
@@ -210,6 +215,9 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
+                if body and proxy.mangle_when and proxy.mangle_when(self.command, self.path):
+                    middle = len(body) // 2
+                    body = body[:middle] + bytes([body[middle] ^ 1]) + body[middle + 1:]
                 held = bool(proxy.hold_when and proxy.hold_when(self.command, self.path))
                 if held:
                     with proxy.lock:
@@ -245,8 +253,10 @@ class FaultProxy:
                     conn.close()
                 self.send_response(resp.status)
                 for key, value in resp.getheaders():
-                    if key.lower() not in ("transfer-encoding", "content-length", "connection", "server", "date"):
-                        self.send_header(key, value)
+                    if key.lower() in ("transfer-encoding", "content-length", "connection", "server", "date") or \
+                            (proxy.strip_checksums and key.lower().startswith("x-amz-checksum-")):
+                        continue
+                    self.send_header(key, value)
                 length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
                 self.send_header("Content-Length", length or "0")
                 self.end_headers()

@@ -108,6 +108,27 @@ def test_multipart_upload_is_verified_and_parallel(x, s3, bucket):
     assert checked.get("ChecksumCRC32") and "ChecksumCRC64NVME" not in checked, checked
 
 
+def test_a_part_received_wrong_by_a_store_without_checksums_fails_the_upload(fault_proxy, bucket, s3, tmp_path):
+    """A store that answers no part checksum (the proxy strips them: moto echoes the CRC32 it was
+    sent without checking it) has each part's ETag compared with the part's MD5 here, and the
+    object's ETag with the MD5 of the part MD5s (D54): a clean upload passes both, and a part
+    corrupted on the way fails the upload, which leaves the old object as it was."""
+    ex = make_executor(fault_proxy.url, bucket, tmp_path, max_attempts=1)
+    try:
+        fault_proxy.strip_checksums = True
+        old = os.urandom(13 * MiB)
+        st = land_bytes(ex, b"", b"big", old)
+        assert st.checksum.endswith("-3") and s3.get_object(Bucket=bucket, Key="root/big")["Body"].read() == old
+        fault_proxy.mangle_when = lambda method, path: method == "PUT" and "partNumber=2" in path
+        with pytest.raises(base.ExecutorError, match="part 2 of root/big: ETag does not match"):
+            land_bytes(ex, b"", b"big", os.urandom(13 * MiB), staging_id="2.t")
+        got = s3.get_object(Bucket=bucket, Key="root/big")
+        assert got["ETag"].strip('"') == st.checksum and got["Body"].read() == old
+        assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")  # the failed one aborted
+    finally:
+        ex.close()
+
+
 def test_multipart_copy_above_the_copy_limit(s3_endpoint, bucket, s3, tmp_path):
     # CopyObject stops at 5 GiB; the limit is lowered here so that UploadPartCopy is exercised.
     ex = make_executor(s3_endpoint, bucket, tmp_path, copy_threshold=6 * MiB)

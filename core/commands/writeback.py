@@ -572,10 +572,13 @@ class WriteBack:
         # (`after_commit`): committed first, so that the pool still takes them (one unlinked
         # meanwhile is not in `pending`, and would otherwise keep its spool file until the
         # next start). With PostgreSQL away, the next start's resume sorts them out.
-        try:
-            self.pipeline.sync(timeout=min(timeout, 60.0))
-        except (TimeoutError, FsError) as exc:
-            log.warning("unmount: write commands not committed before the uploads drain: %s", exc)
+        with self._lock:
+            handing_over = bool(self._kept)
+        if handing_over:
+            try:
+                self.pipeline.sync(timeout=min(timeout, 60.0))
+            except (TimeoutError, FsError) as exc:
+                log.warning("unmount: write commands not committed before the uploads drain: %s", exc)
         self._stopping.set()
         while (self.pending or self._sending) and not self._give_up and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -409,3 +409,20 @@ def test_a_directory_total_below_zero_is_served_as_zero_not_as_a_corrupt_inode(t
     assert os.listdir(tracked.path / "n") == ["f"]
     assert (tracked.path / "n" / "f").read_bytes() == b"12345"
     assert "1 directory differed" in tracked.cli("rollups", "repair", "local:/n").stdout
+
+
+def test_a_directory_whose_parent_must_be_read_is_served_a_plain_size_while_the_database_is_away():
+    """During a PostgreSQL outage reads go on (the pipeline issue): a directory's totals that are
+    not in memory are served as a plain directory's size. Finding the siblings to load with it
+    asks the database for the parent too (a backend root's parent, always): that failure is the
+    outage's as well, not an error of getattr (CI: EIO and a traceback during the outage test).
+    The database here is a fake on purpose: a parent lookup that fails as a pool timeout does."""
+    import psycopg
+
+    from core.rollups.folder import RollupView
+    from core.view.cache import InlineCache
+
+    def parent_of(dir_id: int):
+        raise psycopg.OperationalError("couldn't get a connection after 5.00 sec")
+    view = RollupView(None, InlineCache(), parent_of, None)
+    assert view.get(1, 42) is None

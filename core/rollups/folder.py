@@ -91,8 +91,8 @@ class RollupView:
 
     def _load(self, dir_id: int) -> Served | None:
         # `ls -l` asks for every subdirectory in turn: load the directory's siblings at once.
-        parent = self.parent_of(dir_id)
         try:
+            parent = self.parent_of(dir_id)  # may ask the database too (a backend root's, always)
             with self.pipeline.commit_lock, self.db.pool.connection() as conn:
                 loaded = totals.children_totals(conn, parent[0]) if parent else {}
                 if dir_id not in loaded:

@@ -394,3 +394,57 @@ def test_a_crash_after_empty_creates_are_closed_uploads_them_at_the_next_start(w
     journal = t.journal()
     assert sum(1 for j in journal if j["command"] == "create" and j["status"] == "committed") == 5
     assert sum(1 for j in journal if j["command"] == "upload") == 5
+
+
+HOUR = "3600"
+
+
+@pytest.fixture
+def holding(request, tmp_path, env, db, bucket, s3, fault_proxy):
+    """A mount whose write-back holds uploads (D55) by the settings given as the test's
+    parameter: (FILESTORE_S3_WRITEBACK_IDLE_MS, FILESTORE_S3_WRITEBACK_HOLD_SECONDS)."""
+    idle_ms, hold_seconds = request.param
+    env.update(FILESTORE_INLINE_LOOPS="0", FILESTORE_S3_WRITEBACK_IDLE_MS=idle_ms,
+               FILESTORE_S3_WRITEBACK_HOLD_SECONDS=hold_seconds)
+    t = start_s3_mount(tmp_path, env, db, fault_proxy.url, bucket, options={"max_attempts": 1})
+    try:
+        yield t
+    finally:
+        stop_and_check(t, s3)
+
+
+@pytest.mark.parametrize("holding", [(HOUR + "000", HOUR)], indirect=True)
+def test_held_uploads_wait_for_a_pause_but_an_fsync_sends_its_file_at_once_and_the_unmount_the_rest(
+        holding, s3, fault_proxy):
+    """Closes keep coming (no pause is long enough here, no hold ends): the uploads are held,
+    committed and readable from the spool. Whoever waits for one is not held: fsync sends its
+    own file alone; the unmount sends the others."""
+    t = holding
+    for name in ("a", "b", "c"):
+        (t.path / name).write_bytes(name.encode() * 1000)
+    t.settle()
+    assert pending_uploads(t.db) == 3
+    threading.Event().wait(1.5)  # time enough for three uploads, were they not held
+    assert fault_proxy.counts["PUT"] == 0 and keys(s3, t.bucket) == []
+    assert (t.path / "b").read_bytes() == b"b" * 1000
+    fd = os.open(t.path / "b", os.O_RDONLY)
+    try:
+        os.fsync(fd)  # durable in the backend: uploaded before it returns
+    finally:
+        os.close(fd)
+    assert keys(s3, t.bucket) == ["data/b"] and fault_proxy.counts["PUT"] == 1
+    assert pending_uploads(t.db) == 2
+    t.mount.stop()
+    assert keys(s3, t.bucket) == ["data/a", "data/b", "data/c"]
+    assert body(s3, t.bucket, "data/c") == b"c" * 1000
+
+
+@pytest.mark.parametrize("holding", [("200", HOUR), (HOUR + "000", "1")], indirect=True,
+                         ids=["a pause in closes", "the hold's end"])
+def test_held_uploads_are_released_by_a_pause_in_closes_or_at_the_end_of_their_hold(holding, s3):
+    """Either release alone lands them, with nobody waiting for them (the other is an hour)."""
+    t = holding
+    for name in ("a", "b"):
+        (t.path / name).write_bytes(name.encode() * 1000)
+    wait_uploaded(t, timeout=30)
+    assert keys(s3, t.bucket) == ["data/a", "data/b"]

@@ -90,6 +90,8 @@ class Upload:
     landed: Node | None = None  # the node as the upload command left it
     cancelled: bool = False  # its file was removed (unlink, replaced): never lands; its row is gone
     sending: bytes | None = None  # the key (backend-relative path) a send is under way to
+    kept_at: float = field(default_factory=time.monotonic)
+    urgent: bool = False  # someone waits for it (fsync, a write to it, the unmount): not held back
 
     @property
     def row(self) -> records.Upload:
@@ -141,6 +143,14 @@ class WriteBack:
         self._give_up = False
         self._kept: dict[tuple[int, str], Upload] = {}  # recorded, its write command not committed yet
         self.deletes = None  # core.commands.deletes.Deletes (set by core.service): keys with a deletion queued
+        # Uploads held back while closes keep coming (D55): released once no close was kept for
+        # `hold_idle` seconds, or `hold_max` after their own close, or when someone waits for one.
+        self.hold_idle = _env_float("FILESTORE_S3_WRITEBACK_IDLE_MS", 100) / 1000
+        self.hold_max = _env_float("FILESTORE_S3_WRITEBACK_HOLD_SECONDS", 5)
+        self._held: list[Upload] = []
+        self._hold = threading.Condition(threading.Lock())
+        self._releaser: threading.Thread | None = None
+        self._last_kept = 0.0  # monotonic time of the last close kept (serving thread)
 
     # -- deciding and recording (serving thread) ---------------------------------------
     @staticmethod
@@ -167,6 +177,7 @@ class WriteBack:
         pending_id = backend.executor.keep(staging_id, fd, sync=False)
         st = os.fstat(fd)
         upload = Upload(node.id, backend, pending_id, rel, st.st_size, st.st_mtime_ns, request_id, self.owner)
+        self._last_kept = upload.kept_at
         with self._lock:  # reads in this mount come from the spool file from now on
             self.pending[node.id] = upload
             self._kept[(node.id, pending_id)] = upload
@@ -197,7 +208,7 @@ class WriteBack:
                 if upload is None:
                     continue
                 if self._pool is not None:
-                    self._pool.submit(self._work, upload)
+                    self._hold_back(upload)
                 elif upload.cancelled:  # unlinked before its write committed, after the drain
                     self._dropped(upload)
 
@@ -212,6 +223,7 @@ class WriteBack:
         Past FILESTORE_S3_WAIT_SECONDS: EIO (S3 is failing; the upload goes on)."""
         upload = self.pending.get(node_id)
         if upload is not None:
+            self._hurry(upload)
             if not upload.done.wait(self.wait_seconds):
                 raise FsError(errno.EIO, f"upload of {display_name(upload.rel)} still pending "
                                          f"({upload.attempts} failed attempts)")
@@ -361,6 +373,49 @@ class WriteBack:
             return
         self._db = Database(self.db.url, pool_size=2)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="upload")
+        if self.hold_max > 0:
+            self._releaser = threading.Thread(target=self._release, name="upload-hold", daemon=True)
+            self._releaser.start()
+
+    def _hold_back(self, upload: Upload) -> None:
+        """Queue a committed upload: held while this mount keeps closing files (D55), so that a
+        burst of small files is answered without uploads taking the CPU and the GIL from it."""
+        with self._hold:
+            if self._releaser is None or upload.urgent or upload.cancelled:
+                self._pool.submit(self._work, upload)
+                return
+            self._held.append(upload)
+            if len(self._held) == 1:  # otherwise the releaser already wakes when the oldest is due
+                self._hold.notify()
+
+    def _hurry(self, upload: Upload) -> None:
+        with self._hold:
+            upload.urgent = True
+            self._hold.notify()
+
+    def _release(self) -> None:
+        """The releaser thread: hands held uploads to the pool, oldest first, once closes pause
+        for `hold_idle`, each at the latest `hold_max` after its close, an urgent one at once,
+        all of them when the unmount begins (then it stops: uploads go to the pool directly)."""
+        with self._hold:
+            while True:
+                now = time.monotonic()
+                stopping = self._stopping.is_set()
+                quiet = now - self._last_kept >= self.hold_idle
+                held, self._held = self._held, []
+                for upload in held:
+                    if stopping or quiet or upload.urgent or upload.cancelled or now - upload.kept_at >= self.hold_max:
+                        self._pool.submit(self._work, upload)
+                    else:
+                        self._held.append(upload)
+                if stopping:
+                    self._releaser = None
+                    return
+                if not self._held:
+                    self._hold.wait()
+                else:
+                    due_at = min(self._last_kept + self.hold_idle, self._held[0].kept_at + self.hold_max)
+                    self._hold.wait(max(0.001, due_at - now))
 
     def _work(self, upload: Upload) -> None:
         while not self._give_up:
@@ -580,6 +635,11 @@ class WriteBack:
             except (TimeoutError, FsError) as exc:
                 log.warning("unmount: write commands not committed before the uploads drain: %s", exc)
         self._stopping.set()
+        releaser = self._releaser
+        with self._hold:  # held uploads go to the pool now
+            self._hold.notify()
+        if releaser is not None:
+            releaser.join()
         while (self.pending or self._sending) and not self._give_up and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.pending:

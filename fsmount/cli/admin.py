@@ -13,7 +13,7 @@ from core.service import database_url, open_database
 from core.storage import embedded_pg, schema
 from core.storage.db import connect
 
-from ..mount import filestore_mounts
+from ..mounts import filestore_mounts
 from . import emit_json, main, one_line_errors, settings
 
 

@@ -13,7 +13,7 @@ from core.model import Principal
 from core.repair import drift
 from core.service import open_database
 
-from ..mount import filestore_mounts
+from ..mounts import filestore_mounts
 from . import emit_json, main, one_line_errors, settings
 from .progress import Progress
 

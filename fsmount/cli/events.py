@@ -18,7 +18,7 @@ from core.journal import history as journal_history
 from core.journal.history import split_target
 from core.service import open_database
 
-from ..mount import filestore_mounts
+from ..mounts import filestore_mounts
 from . import emit_json, main, one_line_errors, settings
 
 

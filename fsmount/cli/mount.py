@@ -8,7 +8,6 @@ import click
 
 from core.service import open_database
 
-from .. import mount as mounting
 from . import main, one_line_errors, settings
 
 
@@ -32,6 +31,8 @@ def mount(mountpoint: str, foreground: bool, plain_dir_sizes: bool, xattrs: bool
         os.environ["FILESTORE_DIR_SIZES"] = "plain"  # the detached server reads it too
     if xattrs is not None:
         os.environ["FILESTORE_XATTRS"] = "on" if xattrs else "off"
+    # pyfuse3 and trio: only the commands that mount or unmount load them (admin commands start faster)
+    from .. import mount as mounting
     conf = settings()
     if foreground:
         mounting.serve(conf, mountpoint)
@@ -50,6 +51,7 @@ def umount(mountpoint: str) -> None:
 
     Example: filestore umount /mnt/filestore
     """
+    from .. import mount as mounting
     mounting.unmount(mountpoint, settings())
     click.echo(f"unmounted {mountpoint}")
 

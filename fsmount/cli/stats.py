@@ -13,7 +13,7 @@ from core.rollups import counters, folder, totals
 from core.service import open_database
 from core.storage.queue import JobQueue
 
-from ..mount import filestore_mounts
+from ..mounts import filestore_mounts
 from . import emit_json, main, one_line_errors, settings
 from .progress import Progress
 

@@ -17,7 +17,7 @@ from core.journal import chain, timetravel
 from core.journal import history as journal_queries
 from core.service import open_database
 
-from ..mount import filestore_mounts
+from ..mounts import filestore_mounts
 from . import admin, emit_json, fail, main, one_line_errors, settings
 
 _TIME_HELP = "ISO 8601, an age (2h, 3d) or @JOURNAL_ID"

@@ -7,7 +7,7 @@ from core.journal import history as journal_queries
 from core.rollups import watches
 from core.service import open_database
 
-from ..mount import filestore_mounts
+from ..mounts import filestore_mounts
 from . import emit_json, main, one_line_errors, settings
 
 

@@ -120,7 +120,10 @@ class Executor(Protocol):
     - `moves_objects_one_by_one`: a directory rename copies what is below it entry by entry and
       can be cut off midway (`PartlyDone`); `finish_rename` completes it;
     - `writes_back`: content can be kept locally and uploaded after close (the `WriteBackStore`
-      methods below).
+      methods below);
+    - `stamps_ctime`: the backend keeps a change time of its own, so an attribute change that
+      changes no value still reaches it (chmod to the same mode moves a local file's ctime);
+      without it (S3 metadata holds none) such a change is only recorded.
     """
 
     kind: str
@@ -128,6 +131,7 @@ class Executor(Protocol):
     owns_files: bool
     moves_objects_one_by_one: bool
     writes_back: bool
+    stamps_ctime: bool
 
     def close(self) -> None: ...
     def probe(self) -> None:
@@ -166,7 +170,10 @@ class Executor(Protocol):
                noreplace: bool = False, exchange: bool = False) -> None: ...
     def finish_rename(self, src_rel: bytes, dst_rel: bytes) -> int: ...
     def set_attrs(self, rel: bytes, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
-                  size: int | None = None, times_ns: tuple[int, int] | None = None) -> Stat: ...
+                  size: int | None = None, times_ns: tuple[int, int] | None = None,
+                  known: Stat | None = None) -> Stat:
+        """`known`: the entry's attributes as the caller recorded them, which an executor may use
+        instead of reading them first (S3 rewrites a directory's marker without a HEAD)."""
     def set_xattr(self, rel: bytes, name: bytes, value: bytes) -> Stat:
         """Keep a user xattr on the backend's copy too; Unsupported or NoSpace where it cannot."""
     def remove_xattr(self, rel: bytes, name: bytes) -> Stat: ...

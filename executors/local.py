@@ -97,6 +97,7 @@ class LocalExecutor:
 
     kind = "local"
     in_place = True  # files are written through descriptors onto them (see core.commands.files)
+    stamps_ctime = True
     moves_objects_one_by_one = False  # rename(2) moves a directory whole
     writes_back = False
 
@@ -401,7 +402,7 @@ class LocalExecutor:
 
     def set_attrs(self, rel: bytes, *, mode: int | None = None, uid: int | None = None,
                   gid: int | None = None, size: int | None = None,
-                  times_ns: tuple[int, int] | None = None) -> Stat:
+                  times_ns: tuple[int, int] | None = None, known: Stat | None = None) -> Stat:
         parent, name = self._split(rel)
         if not name:  # the backend root itself, reached through its trusted absolute path
             parent, name = b"", self.root

@@ -81,6 +81,7 @@ class S3Executor(ContentTransfers):
     kind = "s3"
     in_place = False  # no descriptor onto an object: changes to a file go through a spool copy
     owns_files = True  # owner and mode are object metadata, whoever the daemon runs as
+    stamps_ctime = False  # metadata holds mode, owner, atime and mtime: rewriting the same values is a no-op
     moves_objects_one_by_one = True  # a directory rename copies and deletes object by object
     writes_back = True  # content kept in a local pending file at close, uploaded after
 
@@ -505,13 +506,14 @@ class S3Executor(ContentTransfers):
 
     def set_attrs(self, rel: bytes, *, mode: int | None = None, uid: int | None = None,
                   gid: int | None = None, size: int | None = None,
-                  times_ns: tuple[int, int] | None = None) -> Stat:
-        """Metadata is rewritten by copying the object onto itself (a marker for a directory);
-        a size change rewrites the content."""
+                  times_ns: tuple[int, int] | None = None, known: Stat | None = None) -> Stat:
+        """Metadata is rewritten by copying the object onto itself; a directory's marker is put
+        again (from `known` when the caller knows it is a directory: the marker holds nothing
+        else, so there is no HEAD first); a size change rewrites the content."""
         if size is not None:
             self.check_size(size)
         rel = rel.strip(b"/")
-        current = self.stat(rel)
+        current = known if known is not None and known.kind == "dir" else self.stat(rel)
         is_dir = current.kind == "dir"
         key = self._dir_key(rel) if is_dir else self._key(rel)
         new_mode = current.mode if mode is None else mode

@@ -700,3 +700,29 @@ def test_changes_made_directly_in_the_bucket_are_audited_and_reconciled(tmp_path
         assert t.cli("rollups", "verify", "s3:/", check=False).returncode == 0
     finally:
         stop_and_check(t, s3)
+
+
+def test_a_chmod_or_chown_to_what_a_directory_has_sends_nothing_a_real_change_rewrites_its_marker(
+        s3_proxied, s3, fault_proxy):
+    """`tar -x` ends every directory with a chmod and a chown to the values it has: S3 metadata
+    holds no ctime, so those are journaled and nothing is sent; a change of value still
+    rewrites the directory's marker."""
+    t = s3_proxied
+    (t.path / "d").mkdir(0o755)
+    st = os.stat(t.path / "d")
+    marker = s3.head_object(Bucket=t.bucket, Key="data/d/")["Metadata"]
+    t.settle()
+    puts = fault_proxy.counts["PUT"]  # a marker is rewritten by a PUT (other requests: the health probe)
+    os.chmod(t.path / "d", 0o755)
+    os.chown(t.path / "d", st.st_uid, st.st_gid)
+    t.settle()
+    assert fault_proxy.counts["PUT"] == puts
+    same = [j for j in t.journal() if j["command"] == "setattr" and j["path"] == "d"]
+    assert [j["args"].get("object") for j in same] == ["unchanged", "unchanged"]
+    assert os.stat(t.path / "d").st_ctime_ns >= st.st_ctime_ns
+    os.chmod(t.path / "d", 0o700)
+    os.utime(t.path / "d", ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
+    assert fault_proxy.counts["PUT"] == puts + 2
+    after = s3.head_object(Bucket=t.bucket, Key="data/d/")["Metadata"]
+    assert int(after["mode"]) & 0o7777 == 0o700 and after["mtime"] != marker["mtime"]
+    assert os.stat(t.path / "d").st_mode & 0o7777 == 0o700

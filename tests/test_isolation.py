@@ -105,8 +105,12 @@ def shm_dir(tmp_path):
 
 
 def ready(db) -> tuple[int, dict]:
-    port = db.execute("SELECT (info->>'http_port')::int FROM filestore.processes WHERE role = 'mount'"
-                      " AND stopped_at IS NULL ORDER BY started_at DESC LIMIT 1").fetchone()[0]
+    """The mount's /ready. The mount registers its HTTP port once it serves, a moment after its
+    mount point appears (CI once asked in between)."""
+    query = ("SELECT (info->>'http_port')::int FROM filestore.processes WHERE role = 'mount'"
+             " AND stopped_at IS NULL ORDER BY started_at DESC LIMIT 1")
+    wait_until(lambda: db.execute(query).fetchone() is not None, timeout=20, message="the mount to register")
+    port = db.execute(query).fetchone()[0]
     code, body = http_get(port, "/ready")
     return code, json.loads(body)
 

@@ -374,10 +374,20 @@ class S3Executor(ContentTransfers):
                 raise NotFound(key)
             etag, size = _etag(head["ETag"]), head["ContentLength"]
 
-        def fetch(start: int, end: int) -> bytes:
+        def fetch(start: int, end: int) -> Iterator[bytes]:
+            """The range's bytes as they arrive, a chunk at a time (the last one maybe shorter)."""
             with _s3_errors(f"GET {key}"):
-                return self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}",
-                                              IfMatch=f'"{etag}"')["Body"].read()
+                body = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}",
+                                              IfMatch=f'"{etag}"')["Body"]
+            try:
+                for offset in range(start, end + 1, self.chunk_size):
+                    with _s3_errors(f"GET {key}"):
+                        piece = body.read(min(self.chunk_size, end + 1 - offset))
+                    if len(piece) != min(self.chunk_size, end + 1 - offset):
+                        raise RetriesExhausted(f"GET {key}: the range ended early")
+                    yield piece
+            finally:
+                body.close()
 
         cache = self.cache if cache_key else None
         return Reader(fetch, size, cache, cache_key or "", self._reader_pool, self.chunk_size, self.readahead)

@@ -169,7 +169,8 @@ class FaultProxy:
     """A fake, on purpose: a thin HTTP proxy in front of the real S3 endpoint that answers a
     share of requests with 500 InternalError, 503 SlowDown or 503 ServiceUnavailable instead of
     forwarding them. The real endpoint cannot fail on demand; AWS does so under load.
-    `fail_rate` can be changed while it runs; `counts` tallies what was forwarded by method, `bytes_in` the bodies sent.
+    `fail_rate` can be changed while it runs; `counts` tallies what was forwarded by method, `bytes_in` the bodies sent, `bytes_out` the bodies
+    answered to GETs.
     `fail_when(method, path)` fails the requests it picks, every time; `hold_when(method, path)`
     holds them (as a request stuck on the network would be) until `release()`, then fails them;
     `mangle_when(method, path)` flips a bit in the middle of the bodies it picks (corrupted on the
@@ -186,6 +187,7 @@ class FaultProxy:
         self.counts: collections.Counter = collections.Counter()
         self.failed = 0
         self.bytes_in = 0  # request bodies forwarded: what clients uploaded
+        self.bytes_out = 0  # GET answers' bodies: what clients downloaded
         self.fail_when = None
         self.hold_when = None
         self.mangle_when = None
@@ -251,6 +253,9 @@ class FaultProxy:
                     data = resp.read()
                 finally:
                     conn.close()
+                if self.command == "GET":
+                    with proxy.lock:
+                        proxy.bytes_out += len(data)
                 self.send_response(resp.status)
                 for key, value in resp.getheaders():
                     if key.lower() in ("transfer-encoding", "content-length", "connection", "server", "date") or \

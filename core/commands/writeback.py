@@ -27,6 +27,11 @@ Content changes (open for writing, truncate, fsync) of a pending file, and other
 reads and commands, still wait for its upload (bounded, `FILESTORE_S3_WAIT_SECONDS`, then
 EIO); this mount reads the spool file instead. A crash leaves row and spool file: the next
 start of the same home uploads them (`resume`), to the key of the node's name then.
+
+A committed upload is not sent at once while the mount keeps closing files (D55): the
+`upload-hold` thread hands it to the pool after `FILESTORE_S3_WRITEBACK_IDLE_MS` without a kept
+close, or `FILESTORE_S3_WRITEBACK_HOLD_SECONDS` after its own close, or as soon as somebody waits
+for it (`wait`: fsync, a change of its content; `drain`: the unmount releases them all).
 """
 from __future__ import annotations
 

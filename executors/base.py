@@ -206,6 +206,8 @@ class WriteBackStore(Protocol):
     def can_keep(self, staging_id: str) -> bool: ...
     def keep(self, staging_id: str, fd: int, *, sync: bool = True) -> str:
         """Move a spool file to `pending`; with `sync`, durable first (else: `sync_pending`)."""
+    def keep_empty(self, staging_id: str) -> str:
+        """A pending id for empty content: no file at all (nothing to write, sync or remove)."""
     def sync_pending(self, pending_ids: list[str]) -> None:
         """Make kept files (content and names) durable, in one batch."""
     def pending_ids(self) -> list[str]: ...

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import stat as stat_mod
 import threading
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ MAX_OBJECT = 5 << 40  # S3's largest object: 5 TiB
 # does that in Python: 1.1-1.4 s of a 256 MiB upload's 2.8 s, measured (boto3's `upload_file`
 # sends CRC32 parts, and completed in 0.65 s).
 PART_CHECKSUM = "CRC32"
+_EMPTY = ".empty"  # the suffix of a pending id that stands for empty content, with no file (keep_empty)
 
 
 def _part(number: int, result: dict) -> dict:
@@ -361,6 +363,12 @@ class ContentTransfers:
 
     _pending_made = False
 
+    def keep_empty(self, staging_id: str) -> str:
+        """The pending id of an empty file's content (D58): a name only, with no file behind it;
+        its upload row alone makes it durable. `touch` and `open(O_CREAT)`+`close` of new files
+        cost a spool file's create, rename, fsync and unlink on the local disk before."""
+        return staging_id + _EMPTY
+
     @staticmethod
     def _fsync_dir(path) -> None:
         dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -374,6 +382,7 @@ class ContentTransfers:
         filesystem's journal commits together) and their names (one fsync of `pending`). A
         file already gone (uploaded, or dropped) needs nothing."""
         pending = self.pending_dir
+        pending_ids = [p for p in pending_ids if not p.endswith(_EMPTY)]
         if not pending_ids or not pending.is_dir():
             return
 
@@ -402,6 +411,8 @@ class ContentTransfers:
             return []
 
     def pending_stat(self, pending_id: str) -> os.stat_result | None:
+        if pending_id.endswith(_EMPTY):
+            return os.stat_result((stat_mod.S_IFREG | 0o600, 0, 0, 1, os.getuid(), os.getgid(), 0, 0, 0, 0))
         try:
             return os.stat(self.pending_dir / pending_id)
         except FileNotFoundError:
@@ -409,7 +420,9 @@ class ContentTransfers:
 
     def open_pending(self, pending_id: str) -> int | None:
         """A descriptor onto a pending spool file (reads of content not uploaded yet), or None
-        once it is gone (uploaded)."""
+        once it is gone (uploaded); for empty content, an empty file in memory."""
+        if pending_id.endswith(_EMPTY):
+            return os.memfd_create("filestore-empty", os.MFD_CLOEXEC)
         try:
             return os.open(self.pending_dir / pending_id, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -423,9 +436,11 @@ class ContentTransfers:
         in between uploads it again instead of losing track of it."""
         key = self._key(rel)
         try:
-            fd = os.open(self.pending_dir / pending_id, os.O_RDONLY | os.O_CLOEXEC)
+            fd = self.open_pending(pending_id)
         except OSError as exc:
             raise from_os_error(exc) from exc
+        if fd is None:
+            raise NotFound(f"pending spool file {pending_id}")
         try:
             st = os.fstat(fd)
             atime, mtime = times_ns if times_ns is not None else (st.st_atime_ns, st.st_mtime_ns)
@@ -436,6 +451,8 @@ class ContentTransfers:
         return Stat("file", st.st_size, mode & 0o7777, uid, gid, 0, atime, mtime, now_ns(), checksum=etag)
 
     def drop_pending(self, pending_id: str) -> None:
+        if pending_id.endswith(_EMPTY):
+            return
         try:
             os.unlink(self.pending_dir / pending_id)
         except FileNotFoundError:

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from core.commands.content import PendingCreate
 from core.commands.template import write_args
-from core.errors import translated
 from core.faults import crash_point
 from core.model import Backend, Principal, new_request_id
 from core.view.namespace import Namespace
@@ -117,22 +116,21 @@ class ContentCommits:
         node = self.ns.node(of.node_id)
         request_id = of.request_id or new_request_id()
         written = of.staging_id is not None
-        if not written and not durable and self._writes_back_new(of.backend):
-            # An empty new file written back (D48): an empty spool file is kept and
-            # uploaded like any content, so its close waits for no PUT (it was one synchronous
-            # PUT with If-None-Match, on the serving thread).
-            staging_id = f"{os.getpid()}.{request_id}"
-            with translated():
-                of.fd = executor.stage(staging_id)
-            of.staging_id = staging_id
+        # An empty new file written back (D48, D58): uploaded like any content, so its close
+        # waits for no PUT (it was one synchronous PUT with If-None-Match, on the serving thread),
+        # and kept without a spool file (its content is known).
+        empty_kept = not written and not durable and self._writes_back_new(of.backend)
         staging_id = of.staging_id
-        write_back = self._writes_back(of.backend, staging_id, durable)
+        write_back = empty_kept or self._writes_back(of.backend, staging_id, durable)
         kept = []
 
         def land(parent_rel: bytes, name: bytes) -> Stat:
-            if write_back:  # fsynced locally and recorded as pending; uploaded in the background
+            if write_back:  # recorded as pending (its file fsynced before the commit); uploaded in the background
                 rel = parent_rel + b"/" + name if parent_rel else name
-                upload, st = self.writeback.keep(of.backend, node, staging_id, of.fd, rel, request_id)
+                if empty_kept:
+                    upload, st = self.writeback.keep_empty(of.backend, node, rel, request_id)
+                else:
+                    upload, st = self.writeback.keep(of.backend, node, staging_id, of.fd, rel, request_id)
                 kept.append(upload)
                 return st
             rel = parent_rel + b"/" + name if parent_rel else name

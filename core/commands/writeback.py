@@ -181,13 +181,22 @@ class WriteBack:
         # it records them (`before_commit`); close waits for neither (D48).
         pending_id = backend.executor.keep(staging_id, fd, sync=False)
         st = os.fstat(fd)
-        upload = Upload(node.id, backend, pending_id, rel, st.st_size, st.st_mtime_ns, request_id, self.owner)
+        return self._kept_as(backend, node, pending_id, rel, request_id, st.st_size, st.st_atime_ns, st.st_mtime_ns)
+
+    def keep_empty(self, backend: Backend, node: Node, rel: bytes, request_id: uuid.UUID) -> tuple[Upload, Stat]:
+        """`keep` for a new file closed empty: its content needs no spool file (D58)."""
+        pending_id = backend.executor.keep_empty(f"{os.getpid()}.{request_id}")
+        return self._kept_as(backend, node, pending_id, rel, request_id, 0, node.atime_ns, node.mtime_ns)
+
+    def _kept_as(self, backend: Backend, node: Node, pending_id: str, rel: bytes, request_id: uuid.UUID,
+                 size: int, atime_ns: int, mtime_ns: int) -> tuple[Upload, Stat]:
+        upload = Upload(node.id, backend, pending_id, rel, size, mtime_ns, request_id, self.owner)
         self._last_kept = upload.kept_at
         with self._lock:  # reads in this mount come from the spool file from now on
             self.pending[node.id] = upload
             self._kept[(node.id, pending_id)] = upload
-        return upload, Stat("file", st.st_size, node.mode, node.uid, node.gid, 0, st.st_atime_ns,
-                            st.st_mtime_ns, time.time_ns(), checksum=None)
+        return upload, Stat("file", size, node.mode, node.uid, node.gid, 0, atime_ns, mtime_ns, time.time_ns(),
+                            checksum=None)
 
     def before_commit(self, group: list) -> None:
         """The committer is about to record these entries: the spool files their upload rows

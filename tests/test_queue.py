@@ -132,3 +132,27 @@ def test_finishing_a_batch_keeps_the_jobs_that_got_new_events(queue, db):
     queue.enqueue(RECONCILE, "b", {"later": True})
     queue.finish_many(jobs)
     assert [(key, state) for key, state, *_ in rows(db)] == [("b", "queued")]
+
+
+def test_threads_asking_a_new_database_for_its_pool_at_once_share_one(database_url):
+    """The pool is made at first use; workers starting together (as above) each made one, and
+    the ones dropped were never closed: their connections stayed open until the garbage
+    collector, in one case running in such a pool's own worker thread ("cannot join current
+    thread", seen in CI)."""
+    database = Database(database_url, pool_size=2)
+    start = threading.Barrier(8)
+    pools = []
+
+    def first_use() -> None:
+        start.wait()
+        pools.append(database.pool)
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        database.close()
+    assert len(pools) == 8 and len({id(p) for p in pools}) == 1

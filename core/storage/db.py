@@ -72,6 +72,7 @@ class Database:
         self.url = url
         self._pool: ConnectionPool | None = None
         self._pool_size = pool_size
+        self._pool_lock = threading.Lock()  # threads asking for the first time make ONE pool
         # Command connections, each used by one thread at a time (the pipeline's committer,
         # uploaders, the reconciler): short transactions with synchronous_commit off.
         self._idle_commands: list[psycopg.Connection] = []
@@ -83,14 +84,16 @@ class Database:
     @property
     def pool(self) -> ConnectionPool:
         if self._pool is None:
-            # check: a connection broken by a server restart is replaced at checkout instead of
-            # failing the first query after the restart (a round trip, on a path that is rare).
-            self._pool = ConnectionPool(
-                self.url, min_size=1, max_size=self._pool_size, open=True,
-                # timeout: how long a reader waits for a connection; while the server is away a
-                # request that needs one fails after this (PoolTimeout), it does not hang the mount.
-                kwargs={"autocommit": True}, timeout=5, check=ConnectionPool.check_connection,
-            )
+            with self._pool_lock:
+                if self._pool is None:
+                    # check: a connection broken by a server restart is replaced at checkout instead of
+                    # failing the first query after the restart (a round trip, on a path that is rare).
+                    self._pool = ConnectionPool(
+                        self.url, min_size=1, max_size=self._pool_size, open=True,
+                        # timeout: how long a reader waits for a connection; while the server is away a
+                        # request that needs one fails after this (PoolTimeout), it does not hang the mount.
+                        kwargs={"autocommit": True}, timeout=5, check=ConnectionPool.check_connection,
+                    )
         return self._pool
 
     @contextlib.contextmanager

@@ -290,11 +290,7 @@ $$;
 CREATE OR REPLACE FUNCTION filestore.record_commands(p_commands jsonb, p_atimes jsonb DEFAULT '[]',
                                                      p_sync boolean DEFAULT false)
 RETURNS TABLE (request_id uuid, journal_id bigint)
--- Its plans are made once per connection, at the first calls: a mount that starts on a new
--- database plans while the tables are nearly empty, where reading a whole table costs less than
--- an index probe, and kept those plans as the tables grew (each group then read all of nodes).
--- No statement here wants a whole table: they touch the rows of one group (schema 14, D59).
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     v_item jsonb;
     v_pos bigint;
@@ -311,22 +307,16 @@ DECLARE
     v_missing bigint;
     v_adopted record;
     v_marks boolean;
-    v_removes boolean;
 BEGIN
     IF p_sync THEN
         PERFORM set_config('synchronous_commit', 'on', true);
         PERFORM pg_current_xact_id();
     END IF;
-    -- Every join of the payload with a table also names the rows it wants by key (= ANY(ARRAY(...))):
-    -- PostgreSQL guesses 100 rows for a jsonb_array_elements, and against a table of thousands of
-    -- nodes a hash join over a sequential scan then costs less than 100 index probes, so each
-    -- group read the whole nodes table, twice (schema 14, D59). A group names a few rows.
     IF jsonb_array_length(p_atimes) > 0 THEN
         UPDATE filestore.nodes n SET atime_ns = a.t
           FROM (SELECT (e->>0)::bigint AS id, max((e->>1)::bigint) AS t FROM jsonb_array_elements(p_atimes) e
                  GROUP BY 1) AS a
-         WHERE n.id = ANY(ARRAY(SELECT (e->>0)::bigint FROM jsonb_array_elements(p_atimes) e))
-           AND n.id = a.id AND n.atime_ns < a.t;
+         WHERE n.id = a.id AND n.atime_ns < a.t;
     END IF;
     IF jsonb_array_length(p_commands) = 0 THEN
         RETURN;
@@ -347,22 +337,15 @@ BEGIN
         END IF;
     END IF;
     SELECT bool_or(c ? 'n'), bool_or(c ? 'm'), bool_or(c ? 't'), bool_or(c ? 'd'),
-           bool_or(c ? 'x' OR c ? 'up' OR c ? 'upd'), bool_or(c ? 'an'), bool_or(c ? 'ul')
-      INTO v_nodes, v_in_order, v_touches, v_deltas_any, v_ordered, v_marks, v_removes
-      FROM jsonb_array_elements(p_commands) AS c;
-    -- Command by command only when one may depend on another: a name both removed and added
-    -- (or removed twice) in the group, a directory moved, a node changed twice, xattrs,
-    -- write-back rows. Otherwise (creates, writes and removals of different names: the common
-    -- groups, rm -r's included, schema 14) each kind of change is one statement for the group.
+           bool_or(c ? 'ul' OR c ? 'x' OR c ? 'up' OR c ? 'upd'), bool_or(c ? 'an')
+      INTO v_nodes, v_in_order, v_touches, v_deltas_any, v_ordered, v_marks FROM jsonb_array_elements(p_commands) AS c;
+    -- Command by command only when one may depend on another: entries removed (a later one may
+    -- add the name again), a directory moved, a node changed twice, xattrs, write-back rows.
+    -- Otherwise (creates and writes of different files: the common group) each kind of change
+    -- is one statement for the group.
     v_ordered := v_ordered OR v_in_order OR (
         SELECT count(*) <> count(DISTINCT u->'node'->>'id')
           FROM jsonb_array_elements(p_commands) AS c, jsonb_array_elements(c->'u') AS u WHERE c ? 'u');
-    IF v_removes AND NOT v_ordered THEN
-        v_ordered := (SELECT count(*) <> count(DISTINCT (x->>'parent_id', x->>'name'))
-                        FROM jsonb_array_elements(p_commands) AS c,
-                             jsonb_array_elements(coalesce(c->'ul', '[]'::jsonb) || coalesce(c->'l', '[]'::jsonb)) AS x
-                       WHERE c ? 'ul' OR c ? 'l');
-    END IF;
 
     -- New nodes, all at once: no command refers to a node that a later one creates.
     IF v_nodes THEN
@@ -390,30 +373,13 @@ BEGIN
             UPDATE filestore.nodes d SET size = e.size, mode = e.mode, uid = e.uid, gid = e.gid, rdev = e.rdev,
                    atime_ns = e.atime_ns, mtime_ns = e.mtime_ns, ctime_ns = e.ctime_ns, checksum = e.checksum,
                    state = e.state, version = e.version, updated_at = now()
-              FROM expected e WHERE d.id = ANY(ARRAY(SELECT id FROM expected)) AND d.id = e.id AND d.version = e.expected
+              FROM expected e WHERE d.id = e.id AND d.version = e.expected
             RETURNING d.id
         )
         SELECT (SELECT count(*) FROM expected) - (SELECT count(*) FROM changed) INTO v_missing;
         IF v_missing > 0 THEN
             RAISE EXCEPTION 'filestore conflict: % node(s) changed since the version expected', v_missing
                 USING ERRCODE = 'FS409';
-        END IF;
-        IF v_removes THEN  -- no name here is added in the group too: before the additions, as in order
-            WITH removed AS (
-                SELECT (x->>'parent_id')::bigint AS parent_id, decode(x->>'name', 'hex') AS name,
-                       (x->>'node_id')::bigint AS node_id
-                  FROM jsonb_array_elements(p_commands) AS c, jsonb_array_elements(c->'ul') AS x WHERE c ? 'ul'
-            ), gone AS (
-                DELETE FROM filestore.entries e USING removed r
-                 WHERE e.node_id = ANY(ARRAY(SELECT node_id FROM removed))
-                   AND e.parent_id = r.parent_id AND e.name = r.name AND e.node_id = r.node_id
-                RETURNING e.id
-            )
-            SELECT (SELECT count(*) FROM removed) - (SELECT count(*) FROM gone) INTO v_missing;
-            IF v_missing > 0 THEN
-                RAISE EXCEPTION 'filestore conflict: % entr(ies) changed since removed', v_missing
-                    USING ERRCODE = 'FS409';
-            END IF;
         END IF;
         INSERT INTO filestore.entries (id, parent_id, name, node_id, is_dir)
         SELECT coalesce((x->>'entry_id')::bigint, nextval('filestore.entry_ids')), (x->>'parent_id')::bigint,
@@ -476,8 +442,7 @@ BEGIN
         END IF;
         IF v_item ? 'x' THEN
             DELETE FROM filestore.xattrs x USING jsonb_array_elements(v_item->'x') AS v
-             WHERE x.node_id = ANY(ARRAY(SELECT (y->>'node_id')::bigint FROM jsonb_array_elements(v_item->'x') AS y))
-               AND v->>'value' IS NULL AND x.node_id = (v->>'node_id')::bigint AND x.name = decode(v->>'name', 'hex');
+             WHERE v->>'value' IS NULL AND x.node_id = (v->>'node_id')::bigint AND x.name = decode(v->>'name', 'hex');
             INSERT INTO filestore.xattrs (node_id, name, value)
             SELECT (v->>'node_id')::bigint, decode(v->>'name', 'hex'), decode(v->>'value', 'hex')
               FROM jsonb_array_elements(v_item->'x') AS v WHERE v->>'value' IS NOT NULL
@@ -527,10 +492,7 @@ BEGIN
                                jsonb_array_elements(c.cmd->'t') AS e(value)
                          WHERE c.cmd ? 't') AS touches
                  ORDER BY id, pos DESC) AS t
-         WHERE d.id = ANY(ARRAY(SELECT (e.value->>'id')::bigint
-                                  FROM jsonb_array_elements(p_commands) AS c(cmd), jsonb_array_elements(c.cmd->'t') AS e(value)
-                                 WHERE c.cmd ? 't'))
-           AND d.id = t.id
+         WHERE d.id = t.id
            AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_commands) WITH ORDINALITY AS c(cmd, pos),
                                          jsonb_array_elements(c.cmd->'u') AS u(value)
                             WHERE c.pos > t.pos AND c.cmd ? 'u' AND (u.value->'node'->>'id')::bigint = t.id);

@@ -7,13 +7,12 @@ import psycopg
 
 from core.errors import ConfigError
 
-SCHEMA_VERSION = 14  # 6: filestore.uploads (S3 write-back, D34); 7: record_commands (group commit, D36);
+SCHEMA_VERSION = 13  # 6: filestore.uploads (S3 write-back, D34); 7: record_commands (group commit, D36);
 # 8: counters by directory node id, snapshot-window folds, drift index (D40); 9: name_adoptions (D43);
 # 10: access_rules and access_version (policies: principals, scopes, path allow-lists, D42);
 # 11: the journal hash chain (chain_prev, hash, its triggers and lock) and the time-travel indexes (D41);
 # 12: the chain's row hash functions STABLE, so that the row trigger inlines them;
-# 13: entries.is_dir and its partial index (directory link counts without probing every child);
-# 14: record_commands removes a group's entries in one statement when no name repeats (rm -r, D59)
+# 13: entries.is_dir and its partial index (directory link counts without probing every child)
 _LOCK_KEY = 0x46494C45  # "FILE": serialises concurrent starts
 
 
